@@ -1,0 +1,1 @@
+"""Actors, transport and scheduling: the machinery behind the public API."""

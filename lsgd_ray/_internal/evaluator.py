@@ -1,0 +1,45 @@
+"""Evaluator: holds the test split and a model, and scores weights handed to it by reference.
+
+It runs beside the workers, so in asynchronous mode evaluating the leader never stops training.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lsgd_ray.flat import FlatState
+
+
+class Evaluator:
+    def __init__(self, model_factory: Any, dataset_factory: Any, batch_size: int, use_gpu: bool = False) -> None:
+        torch.set_num_threads(1)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = model_factory().to(self.device)
+        self.state = FlatState(self.model)
+        data = dataset_factory()
+        self.x, self.y = data.x_test.to(self.device), data.y_test.to(self.device)
+        self.batch_size = batch_size
+
+    def ready(self) -> int:
+        return len(self.y)
+
+    def evaluate(self, weights: np.ndarray) -> dict[str, Any]:
+        """Test loss and accuracy of the flat ``weights`` (BatchNorm in eval mode, its own statistics)."""
+        start = time.perf_counter()
+        self.state.load(weights)
+        self.model.eval()
+        total_loss, correct = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.y), self.batch_size):
+                logits = self.model(self.x[i : i + self.batch_size])
+                target = self.y[i : i + self.batch_size]
+                total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+                correct += int((logits.argmax(1) == target).sum())
+        n = len(self.y)
+        loss = total_loss / n
+        return {"test_loss": loss, "test_accuracy": correct / n, "eval_s": time.perf_counter() - start}

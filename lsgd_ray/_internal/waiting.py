@@ -1,0 +1,25 @@
+"""Waiting on many actors at once, with a timeout that names the ones that did not answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+
+class ActorTimeoutError(TimeoutError):
+    """Some actors did not answer in time; the message names them."""
+
+
+def get_all(refs: Sequence[ray.ObjectRef], timeout_s: float, names: Sequence[str], hint: str = "") -> list[Any]:
+    """``ray.get`` of all ``refs`` (started beforehand), or an error naming the slow ones."""
+    if not refs:
+        return []
+    done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        slow = [name for ref, name in zip(refs, names) if ref in set(pending)]
+        raise ActorTimeoutError(
+            f"no answer within {timeout_s:g}s from {', '.join(slow)}" + (f": {hint}" if hint else "")
+        )
+    return ray.get(list(refs))

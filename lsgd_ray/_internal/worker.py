@@ -1,0 +1,310 @@
+"""Worker: one model replica with its optimizer, data shard and flat weight buffer.
+
+A plain class, made remote where it is spawned (by its LocalLeader), so tests can swap it.
+It runs with ``max_concurrency > 1``: in asynchronous mode its training loop occupies one thread
+while pulls, weight requests and ``stop`` arrive on others. Only the training thread touches
+the weights then: pulls are queued and weight snapshots requested, and it serves both between
+two steps, so no step sees half-pulled weights and no request waits longer than one step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lsgd_ray.algorithms.lsgd import LossWindow, pull_toward
+from lsgd_ray.config import LSGDConfig, OptimizerConfig
+from lsgd_ray.data import BatchStream, DatasetFactory, shard_indices, worker_seed
+from lsgd_ray.flat import FlatState, as_tensor
+from lsgd_ray.models import ModelFactory
+from lsgd_ray.optim import OptimizerFactory, build_optimizer
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to know about the run (built once by the trainer)."""
+
+    num_workers: int
+    batch_size: int
+    seed: int
+    lsgd: LSGDConfig
+    optimizer: OptimizerConfig
+    cpus: float = 1.0
+    gpus: float = 0.0
+    step_delay_s: dict[int, float] = field(default_factory=dict)
+
+
+def node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+class Worker:
+    def __init__(
+        self,
+        rank: int,
+        group: int,
+        index: int,
+        model_factory: ModelFactory,
+        dataset_factory: DatasetFactory,
+        spec: WorkerSpec,
+        optimizer_factory: OptimizerFactory | None = None,
+    ) -> None:
+        self.rank, self.group, self.index, self.spec = rank, group, index, spec
+        torch.set_num_threads(max(1, round(spec.cpus)))
+        if spec.gpus > 0 and not torch.cuda.is_available():
+            raise RuntimeError(f"worker {rank} was given GPUs but torch.cuda is not available in its process")
+        self.device = torch.device("cuda" if spec.gpus > 0 else "cpu")
+        torch.manual_seed(spec.seed)  # every worker starts from the same initial weights
+        self.model = model_factory().to(self.device)
+        self.state = FlatState(self.model)
+        self.optimizer = (optimizer_factory or (lambda p: build_optimizer(p, spec.optimizer)))(self.model.parameters())
+        data = dataset_factory()
+        shard = shard_indices(len(data.y_train), spec.num_workers, rank, spec.seed)
+        self.x = data.x_train[shard].to(self.device)
+        self.y = data.y_train[shard].to(self.device)
+        self.stream = BatchStream(len(shard), spec.batch_size, worker_seed(spec.seed, rank))
+        self.val: tuple[torch.Tensor, torch.Tensor] | None = None
+        if spec.lsgd.leader_estimate == "val_batch":
+            # The same batch for every worker: a fixed seeded draw from the training set.
+            pick = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(spec.seed))
+            pick = pick[: spec.lsgd.val_batch_size]
+            self.val = (data.x_train[pick].to(self.device), data.y_train[pick].to(self.device))
+        del data
+        self.window = LossWindow(spec.lsgd.loss_window)
+        self._recent: list[torch.Tensor] = []
+        self.delay = spec.step_delay_s.get(rank, 0.0)
+        self.steps = 0
+        self.compute_s = 0.0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.pulls = 0
+        self.last_loss = math.inf
+        self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
+        self._pending: list[tuple[np.ndarray, float]] = []
+        self._snapshot_requests: list[dict[str, Any]] = []
+        self._async = False
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ information
+
+    def ready(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "group": self.group,
+            "node_id": node_id(),
+            "pid": os.getpid(),
+            "num_params": self.state.num_params,
+            "nbytes": self.state.nbytes,
+            "shard_size": len(self.y),
+            "device": str(self.device),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "steps": self.steps,
+            "samples": self.steps * self.spec.batch_size,
+            "compute_s": self.compute_s,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "pulls": self.pulls,
+            "estimate": self.window.mean() if self._async else self.estimate(),
+            "last_loss": self.last_loss,
+        }
+
+    # ------------------------------------------------------------------ training
+
+    def _step(self) -> None:
+        index = self.stream.next().to(self.device)
+        loss = F.cross_entropy(self.model(self.x[index]), self.y[index])
+        self.state.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self._recent.append(loss.detach())
+        self.steps += 1
+        if self.delay:
+            time.sleep(self.delay)
+
+    def _flush_losses(self) -> None:
+        """Move this round's losses into the window: one device sync per round, not per step."""
+        if self._recent:
+            for value in torch.stack(self._recent).tolist():
+                self.window.add(value)
+            self.last_loss = value
+            self._recent.clear()
+
+    def estimate(self) -> float:
+        """This worker's leader-selection estimate (lower is better; never NaN)."""
+        self._flush_losses()
+        if self.val is None:
+            return self.window.mean()
+        self.model.eval()
+        with torch.no_grad():
+            value = F.cross_entropy(self.model(self.val[0]), self.val[1]).item()
+        self.model.train()
+        return value if math.isfinite(value) else math.inf
+
+    def train(
+        self,
+        num_steps: int,
+        local: np.ndarray | None = None,
+        local_strength: float = 0.0,
+        global_: np.ndarray | None = None,
+        global_strength: float = 0.0,
+    ) -> dict[str, Any]:
+        """Synchronous mode: apply the previous round's pulls (local, then global), then take
+        ``num_steps`` local steps and return the loss estimate.
+
+        The leader arrays arrive as top-level arguments, so Ray resolves them before the call
+        runs: zero-copy views of the object store, and the leader's own snapshot is taken
+        before its next step (a leader gets its own reference with strength 0).
+        """
+        start = time.perf_counter()
+        self.apply_pulls(local, local_strength, global_, global_strength)
+        self.model.train()
+        for _ in range(num_steps):
+            self._step()
+        estimate = self.estimate()
+        self.bytes_sent += 8  # the estimate travels to the LocalLeader
+        elapsed = time.perf_counter() - start
+        self.compute_s += elapsed
+        return {"rank": self.rank, "estimate": estimate, "compute_s": elapsed}
+
+    # ------------------------------------------------------------------ leader weights
+
+    def get_weights(self) -> np.ndarray:
+        """This worker's flat weights, to be stored once in the object store as the leader's.
+
+        Ray serialises the returned array into shared memory; the caller owns the object.
+        While the asynchronous loop runs, a consistent snapshot is taken between steps.
+        """
+        self.bytes_sent += self.state.nbytes
+        with self._lock:
+            if self._async:  # the training thread takes the snapshot between two steps
+                request: dict[str, Any] = {"done": threading.Event()}
+                self._snapshot_requests.append(request)
+            else:
+                return self.state.to_numpy()
+        request["done"].wait()
+        return request["weights"]
+
+    def _serve_snapshots(self) -> None:
+        """Training thread, between steps: one copy of the weights for all waiting requests."""
+        with self._lock:
+            requests, self._snapshot_requests = self._snapshot_requests, []
+        if requests:
+            weights = self.state.to_numpy(copy=True)
+            for request in requests:
+                request["weights"] = weights
+                request["done"].set()
+
+    def pull(self, leader: np.ndarray, strength: float, inspect: bool = False) -> dict[str, Any] | None:
+        """``x ← x − strength·(x − leader)``; ``leader`` is a read-only view of the object store.
+
+        With ``inspect`` it also says where that array lives (for the zero-copy tests).
+        """
+        self.bytes_received += leader.nbytes
+        where = memory_region(leader) if inspect else None
+        with self._lock:
+            if self._async:
+                self._pending.append((leader, strength))
+            else:
+                self._apply_pull(leader, strength)
+        return where
+
+    def apply_pulls(
+        self,
+        local: np.ndarray | None,
+        local_strength: float,
+        global_: np.ndarray | None = None,
+        global_strength: float = 0.0,
+    ) -> None:
+        """Synchronous mode: the local pull, then the global one, in one call (order matters:
+        two pulls do not commute, and separate calls to this threaded actor may overlap)."""
+        with self._lock:
+            for leader, strength in ((local, local_strength), (global_, global_strength)):
+                if leader is not None and strength > 0:
+                    self.bytes_received += leader.nbytes
+                    self._apply_pull(leader, strength)
+
+    def _apply_pull(self, leader: np.ndarray, strength: float) -> None:
+        source = as_tensor(leader)
+        if source.device != self.device:
+            source = source.to(self.device, non_blocking=False)  # one host-to-device copy
+        pull_toward(self.state.flat, source, strength)
+        self.pulls += 1
+
+    def load_weights(self, weights: np.ndarray) -> None:
+        with self._lock:
+            self.state.load(weights)
+
+    # ------------------------------------------------------------------ asynchronous mode
+
+    def run_async(self, local_leader: Any, report_every: int, max_steps: int | None) -> dict[str, Any]:
+        """Train at this worker's own speed until ``stop()`` or ``max_steps``.
+
+        Every ``report_every`` steps it tells its LocalLeader how many steps it took and its
+        estimate (fire and forget: it never waits on anyone).
+        """
+        self._async, since_report = True, 0
+        self._stop.clear()
+        self.model.train()
+        start = time.perf_counter()
+        try:
+            while not self._stop.is_set() and (max_steps is None or self.steps < max_steps):
+                self._apply_pending_pulls()
+                self._serve_snapshots()
+                self._step()
+                since_report += 1
+                if since_report == report_every:
+                    self._report(local_leader, since_report)
+                    since_report = 0
+            if since_report:
+                self._report(local_leader, since_report)
+        finally:
+            self.compute_s += time.perf_counter() - start
+            with self._lock:
+                self._async = False  # from now on pulls and snapshots are served directly
+            self._apply_pending_pulls()
+            self._serve_snapshots()
+        return self.stats()
+
+    def _apply_pending_pulls(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for leader, strength in pending:
+            self._apply_pull(leader, strength)
+
+    def _report(self, local_leader: Any, steps: int) -> None:
+        self.bytes_sent += 16  # step count and estimate
+        local_leader.report.remote(self.index, steps, self.estimate())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def memory_region(array: np.ndarray) -> dict[str, Any]:
+    """The ``/proc/self/maps`` line holding ``array``'s data, and whether it is writeable.
+
+    A zero-copy object-store array lies in a ``/dev/shm/plasma*`` mapping shared by the node.
+    """
+    pointer = array.ctypes.data
+    mapping = ""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= pointer < high:
+                mapping = fields[5].strip() if len(fields) > 5 else "[anonymous]"
+                break
+    return {"writeable": bool(array.flags.writeable), "mapping": mapping, "nbytes": int(array.nbytes)}

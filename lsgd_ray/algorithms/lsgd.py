@@ -1,0 +1,103 @@
+"""Leader SGD: the pull toward a leader, leader selection and the communication schedule.
+
+    x ← x − λ (x − x̃^j)   every τ steps   (local pull, toward the group's leader)
+    x ← x − λ_G (x − x̃)   every τ_G steps (global pull, toward the best worker overall)
+
+The local pull comes before the global one when both fall on the same step, as in the
+reference code. With a single group only the global pull acts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+
+def pull_toward(x: torch.Tensor, leader: torch.Tensor, strength: float) -> torch.Tensor:
+    """``x ← x − strength·(x − leader)`` in place: one pass over memory, no temporaries."""
+    if strength:
+        x.lerp_(leader, strength)
+    return x
+
+
+def select_leader(estimates: Sequence[float]) -> int:
+    """Index of the lowest loss estimate; ties go to the lowest index.
+
+    A NaN or infinite estimate never leads. Returns -1 when no estimate is finite.
+    """
+    best, best_value = -1, math.inf
+    for index, value in enumerate(estimates):
+        if math.isfinite(value) and value < best_value:
+            best, best_value = index, value
+    return best
+
+
+class LossWindow:
+    """Mean training loss over the last ``k`` batches: the reference code's leader estimate."""
+
+    def __init__(self, k: int) -> None:
+        self._values: deque[float] = deque(maxlen=k)
+
+    def add(self, loss: float) -> None:
+        self._values.append(float(loss))
+
+    def mean(self) -> float:
+        """``inf`` before the first batch, and while any loss in the window is not finite."""
+        if not self._values:
+            return math.inf
+        mean = sum(self._values) / len(self._values)
+        return mean if math.isfinite(mean) else math.inf
+
+
+def pulls_due(step: int, tau: int, tau_global: int, num_groups: int) -> tuple[bool, bool]:
+    """(local, global) pulls due after a worker's ``step``-th step in synchronous mode."""
+    local = num_groups > 1 and step % tau == 0
+    return local, step % tau_global == 0
+
+
+def next_pull_step(step: int, tau: int, tau_global: int, num_groups: int) -> int:
+    """The first step after ``step`` at which any pull is due."""
+    periods = (tau, tau_global) if num_groups > 1 else (tau_global,)
+    return min((step // p + 1) * p for p in periods)
+
+
+def crossed(before: int, after: int, period: int) -> bool:
+    """Whether a running total moved past a multiple of ``period`` (asynchronous schedule)."""
+    return after // period > before // period
+
+
+def sync_round(
+    groups: list[list[torch.Tensor]],
+    estimates: list[list[float]],
+    lam: float,
+    lam_global: float,
+    local: bool,
+    global_: bool,
+) -> tuple[list[int], tuple[int, int]]:
+    """The pulls of one synchronous round on flat tensors, in a single process.
+
+    ``groups[j][i]`` is worker (j, i)'s flat parameters, updated in place; ``estimates``
+    their loss estimates. Returns each group's leader index and the global leader (j, i).
+    This is the reference the Ray transport is tested against.
+    """
+    local_leaders = [select_leader(group_estimates) for group_estimates in estimates]
+    best_group = select_leader(
+        [group[leader] if leader >= 0 else math.inf for group, leader in zip(estimates, local_leaders)]
+    )
+    global_leader = (best_group, local_leaders[best_group]) if best_group >= 0 else (-1, -1)
+    if local:
+        for group, leader in zip(groups, local_leaders):
+            if leader >= 0:
+                leader_x = group[leader].clone()
+                for i, x in enumerate(group):
+                    if i != leader:
+                        pull_toward(x, leader_x, lam)
+    if global_ and best_group >= 0:
+        leader_x = groups[best_group][local_leaders[best_group]].clone()
+        for group in groups:
+            for x in group:
+                pull_toward(x, leader_x, lam_global)
+    return local_leaders, global_leader

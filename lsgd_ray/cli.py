@@ -1,0 +1,130 @@
+"""Command line: ``lsgd-ray train ...`` / ``python -m lsgd_ray ...``.
+
+With no arguments it trains LSGD with 2 groups x 2 workers on scikit-learn's bundled digits
+dataset on an embedded local Ray: the offline main job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lsgd_ray.algorithms import ALGORITHMS
+from lsgd_ray.config import LEADER_ESTIMATES, MODES, OPTIMIZERS, ConfigError, LSGDConfig, OptimizerConfig, TrainConfig
+from lsgd_ray.data import DATASETS, DatasetNotFoundError, dataset_factory
+from lsgd_ray.models import MODELS, model_factory
+from lsgd_ray.topology import PlacementError
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train with LSGD (the default command)")
+    a = p.add_argument
+    a("--algorithm", default="lsgd", choices=sorted(ALGORITHMS))
+    a("--dataset", default="digits", choices=sorted(DATASETS), help="default: digits (offline, bundled)")
+    a("--data-dir", default=None, help="where torchvision datasets live (mnist, fashion-mnist, cifar10)")
+    a("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
+    a("--model", default="mlp", choices=sorted(MODELS))
+    a("--groups", type=int, default=2, help="groups (LocalLeaders); 0 = one per Ray node")
+    a("--workers-per-group", type=int, default=2, help="workers per group; 0 = as many as fit on the node")
+    a("--cpus-per-worker", type=float, default=1.0)
+    a("--gpus-per-worker", type=float, default=0.0)
+    a("--mode", default="sync", choices=MODES)
+    a("--tau", type=int, default=4, help="local communication period τ (steps)")
+    a("--tau-global", type=int, default=16, help="global communication period τ_G (steps)")
+    a("--lam", type=float, default=0.1, help="local pulling strength λ in [0, 1]")
+    a("--lam-global", type=float, default=0.1, help="global pulling strength λ_G in [0, 1]")
+    a("--leader-estimate", default="train_loss", choices=LEADER_ESTIMATES)
+    a("--loss-window", type=int, default=10, help="batches averaged for the train_loss estimate")
+    a("--optimizer", default="sgd", choices=OPTIMIZERS)
+    a("--lr", type=float, default=0.05)
+    a("--momentum", type=float, default=0.9)
+    a("--no-nesterov", action="store_true")
+    a("--weight-decay", type=float, default=1e-4)
+    a("--batch-size", type=int, default=None, help="per worker; default: the dataset's (32 digits, 128 others)")
+    a("--epochs", type=float, default=None, help="passes over each worker's shard (default 20 with no budget)")
+    a("--max-steps", type=int, default=None, help="steps per worker")
+    a("--time-budget", type=float, default=None, help="training seconds (evaluation excluded)")
+    a("--eval-every", type=float, default=2.0, help="evaluate the leader every N training seconds")
+    a("--seed", type=int, default=0)
+    a("--output-dir", default=None, help="default: runs/<algorithm>-<dataset>-<time>")
+    a("--address", default=None, help="Ray cluster address ('auto' for the running one); default: embedded")
+    a("--quiet", action="store_true", help="only the final summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lsgd-ray", description="Leader SGD on Ray")
+    sub = parser.add_subparsers(dest="command")
+    _train_parser(sub)
+    d = sub.add_parser("download", help="download a torchvision dataset (needs internet)")
+    d.add_argument("dataset", choices=[n for n, s in DATASETS.items() if s.needs_data_dir])
+    d.add_argument("--data-dir", required=True)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    spec = DATASETS[args.dataset]
+    budget_given = any(v is not None for v in (args.epochs, args.max_steps, args.time_budget))
+    return TrainConfig(
+        algorithm=args.algorithm,
+        lsgd=LSGDConfig(
+            lam=args.lam,
+            lam_global=args.lam_global,
+            tau=args.tau,
+            tau_global=args.tau_global,
+            mode=args.mode,
+            leader_estimate=args.leader_estimate,
+            loss_window=args.loss_window,
+        ),
+        optimizer=OptimizerConfig(
+            name=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            nesterov=not args.no_nesterov and args.optimizer == "sgd" and args.momentum > 0,
+            weight_decay=args.weight_decay,
+        ),
+        num_groups=args.groups or None,
+        workers_per_group=args.workers_per_group or None,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        batch_size=args.batch_size or spec.default_batch_size,
+        epochs=args.epochs if budget_given else 20.0,
+        max_steps=args.max_steps,
+        time_budget_s=args.time_budget,
+        eval_every_s=args.eval_every,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        address=args.address,
+        quiet=args.quiet,
+    )
+
+
+def _download(args: argparse.Namespace) -> int:
+    try:
+        dataset_factory(args.dataset, args.data_dir, download=True)()
+    except Exception as exc:  # no network, bad directory...
+        print(f"error: could not download {args.dataset} into {args.data_dir}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.dataset} is in {args.data_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["train", *argv]
+    args = build_parser().parse_args(argv)
+    if args.command == "download":
+        return _download(args)
+    from lsgd_ray.trainer import fit
+
+    try:
+        config = config_from_args(args)
+        spec = DATASETS[args.dataset]
+        data = dataset_factory(args.dataset, args.data_dir, download=args.download)
+        model = model_factory(args.model, spec.input_shape, spec.num_classes)
+        result = fit(model, data, config, run_name=f"{args.algorithm}-{args.dataset}")
+    except (ConfigError, PlacementError, DatasetNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if result.status == "completed" else 1

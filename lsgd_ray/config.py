@@ -1,0 +1,170 @@
+"""Frozen, self-validating configuration dataclasses.
+
+Every check runs in ``__post_init__`` so a bad value is refused where it is written, long
+before any Ray actor starts, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+MODES = ("sync", "async")
+LEADER_ESTIMATES = ("train_loss", "val_batch")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which and why."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_choice(kind: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
+    """Refuse an unknown name, listing the valid ones."""
+    _check(value in valid, f"unknown {kind} {value!r}; choose one of: {', '.join(valid)}")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    _check(
+        isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
+        f"{name} must be in [0, 1] (it is the fraction of the distance to the leader "
+        f"covered by one pull), got {value!r}",
+    )
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{name} must be a positive integer, got {value!r}",
+    )
+
+
+@dataclass(frozen=True)
+class LSGDConfig:
+    """Leader SGD: every ``tau`` steps pull toward the group's leader with strength ``lam``,
+    every ``tau_global`` steps toward the global leader with ``lam_global``.
+
+    In ``async`` mode the periods count steps summed over workers (Algorithm 1 of the paper):
+    a local pull happens each time the group's workers together take ``l * tau`` steps, a
+    global pull each time all workers together take ``n * l * tau_global`` steps.
+    """
+
+    lam: float = 0.1
+    lam_global: float = 0.1
+    tau: int = 4
+    tau_global: int = 16
+    mode: Literal["sync", "async"] = "sync"
+    leader_estimate: Literal["train_loss", "val_batch"] = "train_loss"
+    loss_window: int = 10
+    val_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check_fraction("lam (local pulling strength λ)", self.lam)
+        _check_fraction("lam_global (global pulling strength λ_G)", self.lam_global)
+        _check_positive_int("tau (local communication period τ, in steps)", self.tau)
+        _check_positive_int("tau_global (global communication period τ_G)", self.tau_global)
+        check_choice("mode", self.mode, MODES)
+        check_choice("leader_estimate", self.leader_estimate, LEADER_ESTIMATES)
+        _check_positive_int("loss_window (batches averaged for the leader estimate)", self.loss_window)
+        _check_positive_int("val_batch_size", self.val_batch_size)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The workers' local optimizer; defaults are the reference code's (Nesterov SGD)."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer", self.name, OPTIMIZERS)
+        _check(
+            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+            f"lr must be a positive number, got {self.lr!r}",
+        )
+        _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum!r}")
+        _check(
+            not (self.nesterov and self.name == "sgd" and self.momentum == 0),
+            "nesterov=True needs momentum > 0 (torch.optim.SGD refuses it); set nesterov=False or give a momentum",
+        )
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about one run except the model and the data.
+
+    Topology: by default one group per Ray node with one worker per GPU (``gpus_per_worker > 0``)
+    or per ``cpus_per_worker`` CPUs. ``num_groups`` / ``workers_per_group`` override it (for
+    example 4 groups x 4 workers on one machine).
+
+    Budget: ``epochs`` (passes over each worker's shard), ``max_steps`` (steps per worker) and
+    ``time_budget_s`` (training wall-clock seconds, evaluation excluded); the run ends at the
+    first one reached. At least one must be set.
+    """
+
+    algorithm: str = "lsgd"
+    lsgd: LSGDConfig = field(default_factory=LSGDConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    num_groups: int | None = None
+    workers_per_group: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    batch_size: int = 128
+    epochs: float | None = None
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    eval_every_s: float = 5.0
+    eval_batch_size: int = 1024
+    seed: int = 0
+    output_dir: str | None = None
+    address: str | None = None
+    actor_timeout_s: float = 120.0
+    # Extra seconds of sleep per step for chosen global worker ranks: simulates a
+    # heterogeneous cluster (stragglers), e.g. {0: 0.05}.
+    straggler_delay_s: dict[int, float] = field(default_factory=dict)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        from lsgd_ray.algorithms import ALGORITHMS
+
+        check_choice("algorithm", self.algorithm, sorted(ALGORITHMS))
+        _check(isinstance(self.lsgd, LSGDConfig), "lsgd must be an LSGDConfig")
+        _check(isinstance(self.optimizer, OptimizerConfig), "optimizer must be an OptimizerConfig")
+        for name in ("num_groups", "workers_per_group", "max_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive_int(name, value)
+        _check(self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        _check(self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
+        _check_positive_int("batch_size", self.batch_size)
+        _check_positive_int("eval_batch_size", self.eval_batch_size)
+        _check(
+            self.epochs is not None or self.max_steps is not None or self.time_budget_s is not None,
+            "set a budget: epochs, max_steps or time_budget_s (any combination; the first reached ends the run)",
+        )
+        if self.epochs is not None:
+            _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
+        if self.time_budget_s is not None:
+            _check(self.time_budget_s > 0, f"time_budget_s must be > 0, got {self.time_budget_s!r}")
+        _check(self.eval_every_s > 0, f"eval_every_s must be > 0, got {self.eval_every_s!r}")
+        _check(self.actor_timeout_s > 0, f"actor_timeout_s must be > 0, got {self.actor_timeout_s!r}")
+        _check(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        for rank, delay in self.straggler_delay_s.items():
+            _check(
+                isinstance(rank, int) and rank >= 0 and delay >= 0,
+                f"straggler_delay_s maps worker rank -> seconds >= 0, got {rank!r}: {delay!r}",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["straggler_delay_s"] = {str(k): v for k, v in self.straggler_delay_s.items()}
+        return data

@@ -1,0 +1,99 @@
+"""What a run leaves behind: ``result.json``, TensorBoard event files and the leader's weights.
+
+TensorBoard tags (x-axis: samples seen by all workers, unless noted):
+  leader/test_accuracy, leader/test_error, leader/test_loss, leader/rank
+  leader_by_time/test_error      x-axis: training milliseconds (evaluation excluded)
+  worker/<rank>/loss_estimate    each worker's leader-selection estimate
+  comm/bytes_per_worker_step     weights and estimates moved, per worker and step
+  timing/eval_s                  seconds spent in each evaluation
+Every leader/* event's wall time is the run's start plus its *training* time, so TensorBoard's
+"relative" axis shows training time with evaluation excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf/NaN: such values are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass
+class FitResult:
+    """The outcome of a run; also written to ``<output_dir>/result.json``."""
+
+    output_dir: str
+    status: str
+    final_test_accuracy: float | None
+    final_test_loss: float | None
+    leader: int
+    steps_per_worker: int
+    samples: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    communication: dict[str, Any] = field(default_factory=dict)
+    leader_counts: list[int] = field(default_factory=list)
+    leader_changes: list[tuple[int, int]] = field(default_factory=list)
+    topology: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+    @property
+    def weights_path(self) -> str:
+        return os.path.join(self.output_dir, "leader_state_dict.pt")
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """TensorBoard events for one run, written from the driver."""
+
+    def __init__(self, output_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"))
+        self.start_wall = time.time()
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        step, wall = record["samples"], self.start_wall + record["train_s"]
+        add = self.writer.add_scalar
+        add("leader/test_accuracy", record["test_accuracy"], step, walltime=wall)
+        add("leader/test_error", 1.0 - record["test_accuracy"], step, walltime=wall)
+        add("leader/test_loss", record["test_loss"], step, walltime=wall)
+        add("leader/rank", record["leader"], step, walltime=wall)
+        add("leader_by_time/test_error", 1.0 - record["test_accuracy"], round(record["train_s"] * 1000), walltime=wall)
+        add("timing/eval_s", record["eval_s"], step, walltime=wall)
+        self.writer.flush()
+
+    def log_workers(self, estimates: list[float], samples: int, bytes_per_worker_step: float) -> None:
+        for rank, value in enumerate(estimates):
+            if math.isfinite(value):
+                self.writer.add_scalar(f"worker/{rank}/loss_estimate", value, samples)
+        self.writer.add_scalar("comm/bytes_per_worker_step", bytes_per_worker_step, samples)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

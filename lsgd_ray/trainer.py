@@ -1,0 +1,397 @@
+"""The driver side of a run: connect to Ray, place the actors, drive training, evaluate, record.
+
+``fit`` is the one-call API; ``Trainer`` exposes the same run step by step (start, rounds,
+worker weights, evaluation) for notebooks and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from lsgd_ray._internal.evaluator import Evaluator
+from lsgd_ray._internal.global_leader import GlobalLeader
+from lsgd_ray._internal.local_leader import LocalLeader
+from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.worker import Worker, WorkerSpec
+from lsgd_ray.config import TrainConfig
+from lsgd_ray.data import DatasetFactory
+from lsgd_ray.flat import load_flat
+from lsgd_ray.models import ModelFactory
+from lsgd_ray.optim import OptimizerFactory
+from lsgd_ray.results import FitResult, RunLogger, write_json
+from lsgd_ray.topology import Topology, check_available, nodes_from_ray, plan_topology
+
+COORDINATOR_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
+
+
+class Trainer:
+    """One LSGD run on Ray.
+
+    ``model_factory`` and ``dataset_factory`` are picklable zero-argument callables; they run
+    inside every worker (and the evaluator). ``optimizer_factory(params)`` overrides the
+    optimizer described by ``config.optimizer`` (any ``torch.optim`` optimizer).
+    """
+
+    def __init__(
+        self,
+        model_factory: ModelFactory,
+        dataset_factory: DatasetFactory,
+        config: TrainConfig,
+        *,
+        optimizer_factory: OptimizerFactory | None = None,
+        run_name: str = "lsgd",
+        worker_cls: type = Worker,
+    ) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.model_factory, self.dataset_factory, self.config = model_factory, dataset_factory, config
+        self.optimizer_factory, self.worker_cls = optimizer_factory, worker_cls
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.output_dir = config.output_dir or os.path.join("runs", f"{run_name}-{stamp}")
+        self.topology: Topology | None = None
+        self.history: list[dict[str, Any]] = []
+        self.train_s = self.eval_s = self.startup_s = 0.0
+        self._owns_ray = False
+        self._started = False
+        self._logger: RunLogger | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def __enter__(self) -> Trainer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def _say(self, message: str) -> None:
+        if not self.config.quiet:
+            print(message, flush=True)
+
+    def _connect(self) -> None:
+        cfg = self.config
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        if cfg.address:
+            ray.init(address=cfg.address, logging_level="WARNING")
+        else:
+            # An embedded single-node Ray sized for the requested workers: logical CPUs may
+            # exceed physical cores; each worker then runs torch with one thread.
+            wanted = (cfg.num_groups or 1) * (cfg.workers_per_group or 1) * cfg.cpus_per_worker
+            num_cpus = max(os.cpu_count() or 1, math.ceil(wanted))
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+        self._owns_ray = True
+
+    def start(self) -> None:
+        """Connect to Ray, check the placement, create and wait for every actor."""
+        if self._started:
+            return
+        cfg, begin = self.config, time.perf_counter()
+        self._connect()
+        self.topology = plan_topology(
+            nodes_from_ray(ray.nodes()),
+            num_groups=cfg.num_groups,
+            workers_per_group=cfg.workers_per_group,
+            cpus_per_worker=cfg.cpus_per_worker,
+            gpus_per_worker=cfg.gpus_per_worker,
+        )
+        try:
+            from ray._private.state import available_resources_per_node
+        except ImportError:  # a private API: without it, the actors' ready() timeout still applies
+            available_resources_per_node = None
+        if available_resources_per_node is not None:
+            check_available(self.topology, available_resources_per_node())
+        topo = self.topology
+        self._say(
+            f"lsgd-ray: {len(topo.groups)} group(s) x {topo.group_sizes} worker(s), {cfg.lsgd.mode} mode, "
+            f"tau={cfg.lsgd.tau} tau_G={cfg.lsgd.tau_global} lam={cfg.lsgd.lam} lam_G={cfg.lsgd.lam_global}"
+        )
+        os.makedirs(self.output_dir, exist_ok=True)
+        write_json(os.path.join(self.output_dir, "config.json"), cfg.to_dict())
+        spec = WorkerSpec(
+            num_workers=topo.num_workers,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            lsgd=cfg.lsgd,
+            optimizer=cfg.optimizer,
+            cpus=cfg.cpus_per_worker,
+            gpus=cfg.gpus_per_worker,
+            step_delay_s=dict(cfg.straggler_delay_s),
+        )
+        here = ray.get_runtime_context().get_node_id()
+        self.local_leaders = [
+            ray.remote(
+                num_cpus=0,
+                max_concurrency=COORDINATOR_CONCURRENCY,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(plan.node_id, soft=False),
+            )(LocalLeader).remote(
+                plan,
+                spec,
+                self.model_factory,
+                self.dataset_factory,
+                self.optimizer_factory,
+                self.worker_cls,
+                cfg.actor_timeout_s,
+            )
+            for plan in topo.groups
+        ]
+        near_driver = NodeAffinitySchedulingStrategy(here, soft=True)
+        self.global_leader = ray.remote(
+            num_cpus=0, max_concurrency=COORDINATOR_CONCURRENCY, scheduling_strategy=near_driver
+        )(GlobalLeader).remote(self.local_leaders, topo.group_sizes, cfg.lsgd, cfg.actor_timeout_s)
+        self.evaluator = ray.remote(num_cpus=0, scheduling_strategy=near_driver)(Evaluator).remote(
+            self.model_factory, self.dataset_factory, cfg.eval_batch_size, cfg.gpus_per_worker > 0
+        )
+        names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
+        infos = get_all(
+            [ll.ready.remote() for ll in self.local_leaders] + [self.evaluator.ready.remote()],
+            cfg.actor_timeout_s + 30,
+            names,
+            hint="actors could not be placed or failed to start",
+        )
+        self.group_infos = infos[:-1]
+        self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
+        worker_infos = [w for g in self.group_infos for w in g["workers"]]
+        self.weight_bytes = worker_infos[0]["nbytes"]
+        shard = min(w["shard_size"] for w in worker_infos)
+        limits = [cfg.max_steps or math.inf]
+        if cfg.epochs is not None:
+            limits.append(math.ceil(cfg.epochs * shard / cfg.batch_size))
+        self.max_step = min(limits)
+        self.steps_per_epoch = shard / cfg.batch_size
+        self._logger = RunLogger(self.output_dir)
+        self.startup_s = time.perf_counter() - begin
+        self._started = True
+        self._say(
+            f"lsgd-ray: {topo.num_workers} workers ready in {self.startup_s:.1f}s "
+            f"({infos[0]['workers'][0]['num_params']:,} parameters, {shard} samples per worker shard)"
+        )
+
+    # ------------------------------------------------------------------ step-by-step API
+
+    def run_rounds(self, seconds: float = math.inf, max_step: int | None = None) -> dict[str, Any]:
+        """Synchronous mode: run rounds for ``seconds`` or until workers reach ``max_step``."""
+        self.start()
+        limit = self.max_step if max_step is None else max_step
+        limit = limit if math.isfinite(limit) else 2**62
+        begin = time.perf_counter()
+        status = ray.get(self.global_leader.run_rounds.remote(seconds, limit))
+        self.train_s += time.perf_counter() - begin
+        return status
+
+    def worker_weights(self) -> list[np.ndarray]:
+        """Every worker's flat weights (parameters then float buffers), by global rank."""
+        return ray.get([w.get_weights.remote() for w in self.workers])
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return ray.get([w.stats.remote() for w in self.workers])
+
+    def status(self) -> dict[str, Any]:
+        return ray.get(self.global_leader.status.remote())
+
+    def leader_weights_ref(self) -> ray.ObjectRef:
+        return ray.get(self.global_leader.leader_weights.remote())[0]
+
+    def evaluate_leader(self) -> dict[str, Any]:
+        """Test loss and accuracy of the current leader, recorded in the history."""
+        status = self.status()
+        result = ray.get(self.evaluator.evaluate.remote(self.leader_weights_ref()))
+        samples = status["total_steps"] * self.config.batch_size
+        record = {
+            "train_s": self.train_s,
+            "samples": samples,
+            "step": status["step"],
+            "leader": status["leader"],
+            **result,
+        }
+        self.eval_s += result["eval_s"]
+        self.history.append(record)
+        if self._logger:
+            self._logger.log_eval(record)
+            self._logger.log_workers(status["estimates"], samples, self._bytes_per_worker_step())
+        self._progress(record)
+        return record
+
+    def _bytes_per_worker_step(self) -> float:
+        stats = self.worker_stats()
+        steps = sum(s["steps"] for s in stats)
+        return sum(s["bytes_sent"] + s["bytes_received"] for s in stats) / max(steps, 1)
+
+    def _progress(self, record: dict[str, Any]) -> None:
+        rate = record["samples"] / self.train_s if self.train_s else 0.0
+        line = (
+            f"[step {record['step']:>6} | {self.train_s:7.1f}s] leader=worker {record['leader']} "
+            f"test_acc={record['test_accuracy']:.4f} test_loss={record['test_loss']:.4f} "
+            f"samples={record['samples']:,} ({rate:,.0f}/s)"
+        )
+        budget = self._budget_fraction(record["step"])
+        if 0 < budget < 1:
+            line += f" eta {self.train_s * (1 - budget) / budget:.0f}s"
+        self._say(line)
+
+    def _budget_fraction(self, step: int) -> float:
+        fractions = []
+        if math.isfinite(self.max_step):
+            fractions.append(step / self.max_step)
+        if self.config.time_budget_s:
+            fractions.append(self.train_s / self.config.time_budget_s)
+        return max(fractions, default=0.0)
+
+    # ------------------------------------------------------------------ whole runs
+
+    def fit(self) -> FitResult:
+        """Train to the budget, evaluating the leader every ``eval_every_s`` training seconds."""
+        begin = time.perf_counter()
+        error = None
+        try:
+            self.start()
+            if self.config.lsgd.mode == "sync":
+                self._fit_sync()
+            else:
+                self._fit_async()
+            self.evaluate_leader()
+        except BaseException as exc:  # keep what we have, then re-raise
+            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self._write_result(begin, error)
+            raise
+        return self._write_result(begin, error)
+
+    def _time_left(self) -> float:
+        budget = self.config.time_budget_s
+        return math.inf if budget is None else budget - self.train_s
+
+    def _fit_sync(self) -> None:
+        while True:
+            status = self.run_rounds(min(self.config.eval_every_s, self._time_left()))
+            if status["step"] >= self.max_step or self._time_left() <= 0:
+                return
+            self.evaluate_leader()
+
+    def _fit_async(self) -> None:
+        cfg = self.config.lsgd
+        report_every = max(1, min(cfg.tau, cfg.tau_global))
+        max_steps = None if not math.isfinite(self.max_step) else int(self.max_step)
+        begin = time.perf_counter()
+        loops = ray.get(self.global_leader.start_async.remote(report_every, max_steps))
+        while True:
+            wait = min(self.config.eval_every_s, max(self._time_left(), 0.0))
+            _, pending = ray.wait(loops, num_returns=len(loops), timeout=wait)
+            self.train_s = time.perf_counter() - begin
+            if not pending:
+                break
+            if self._time_left() <= 0:
+                for worker in self.workers:
+                    worker.stop.remote()
+                get_all(loops, self.config.actor_timeout_s, [f"worker {r}" for r in range(len(loops))])
+                self.train_s = time.perf_counter() - begin
+                break
+            self.evaluate_leader()  # the workers keep training meanwhile
+
+    def _write_result(self, begin: float, error: str | None) -> FitResult:
+        status, stats, final = {}, [], self.history[-1] if self.history else {}
+        try:
+            status, stats = self.status(), self.worker_stats()
+            if error is None:
+                self._save_leader_weights()
+        except Exception as exc:  # the cluster may be gone: write what we know
+            error = error or f"could not collect the final state: {exc}"
+        steps = sum(s["steps"] for s in stats)
+        communication = {
+            "weight_bytes": getattr(self, "weight_bytes", 0),
+            "per_worker": [
+                {k: s[k] for k in ("rank", "steps", "bytes_sent", "bytes_received", "pulls")} for s in stats
+            ],
+            "bytes_per_worker_step": sum(s["bytes_sent"] + s["bytes_received"] for s in stats) / max(steps, 1),
+            "bytes_received_per_worker_step": sum(s["bytes_received"] for s in stats) / max(steps, 1),
+        }
+        timings = {
+            "startup_s": self.startup_s,
+            "train_s": self.train_s,
+            "eval_s": self.eval_s,
+            "total_s": time.perf_counter() - begin,
+            "round_wall_s": status.get("round_wall_s", 0.0),
+            "round_compute_s": status.get("round_compute_s", 0.0),
+            "worker_compute_s": [s["compute_s"] for s in stats],
+        }
+        result = FitResult(
+            output_dir=os.path.abspath(self.output_dir),
+            status="failed" if error else "completed",
+            final_test_accuracy=final.get("test_accuracy"),
+            final_test_loss=final.get("test_loss"),
+            leader=final.get("leader", status.get("leader", -1)),
+            steps_per_worker=max((s["steps"] for s in stats), default=0),
+            samples=steps * self.config.batch_size,
+            history=self.history,
+            timings=timings,
+            communication=communication,
+            leader_counts=status.get("leader_counts", []),
+            leader_changes=status.get("leader_changes", []),
+            topology=[
+                {"group": g["group"], "node_id": g["node_id"], "workers": g["workers"]}
+                for g in getattr(self, "group_infos", [])
+            ],
+            config=self.config.to_dict(),
+            error=error,
+        )
+        os.makedirs(self.output_dir, exist_ok=True)
+        write_json(os.path.join(self.output_dir, "result.json"), result.to_dict())
+        if error is None:
+            self._say(
+                f"lsgd-ray: done. leader (worker {result.leader}) test accuracy "
+                f"{result.final_test_accuracy:.4f}; training {self.train_s:.1f}s, evaluation {self.eval_s:.1f}s, "
+                f"start-up {self.startup_s:.1f}s\n"
+                f"  results:     {os.path.join(result.output_dir, 'result.json')}\n"
+                f"  weights:     {result.weights_path}\n"
+                f"  tensorboard: tensorboard --logdir {os.path.join(result.output_dir, 'tensorboard')}"
+            )
+        return result
+
+    def _save_leader_weights(self) -> None:
+        weights = ray.get(self.leader_weights_ref())
+        model = load_flat(self.model_factory(), weights)
+        path = os.path.join(self.output_dir, "leader_state_dict.pt")
+        torch.save(model.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def shutdown(self) -> None:
+        """Stop every actor this run started (and the embedded Ray, if this run started it)."""
+        if self._logger:
+            self._logger.close()
+            self._logger = None
+        actors = [*getattr(self, "workers", []), *getattr(self, "local_leaders", [])]
+        actors += [getattr(self, "global_leader", None), getattr(self, "evaluator", None)]
+        for handle in actors:
+            if handle is not None:
+                with contextlib.suppress(Exception):  # already gone
+                    ray.kill(handle)
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._started = False
+
+
+def fit(
+    model_factory: ModelFactory,
+    dataset_factory: DatasetFactory,
+    config: TrainConfig,
+    *,
+    optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None,
+    run_name: str = "lsgd",
+) -> FitResult:
+    """Train with LSGD on Ray and return the result (also written to ``config.output_dir``)."""
+    with Trainer(
+        model_factory, dataset_factory, config, optimizer_factory=optimizer_factory, run_name=run_name
+    ) as trainer:
+        return trainer.fit()

@@ -1,0 +1,106 @@
+"""The LSGD update rules on flat tensors, without Ray."""
+
+import math
+
+import pytest
+import torch
+
+from lsgd_ray.algorithms.lsgd import (
+    LossWindow,
+    crossed,
+    next_pull_step,
+    pull_toward,
+    pulls_due,
+    select_leader,
+    sync_round,
+)
+
+
+def test_pull_toward_matches_equation():
+    x = torch.tensor([1.0, -2.0, 4.0])
+    leader = torch.tensor([0.0, 2.0, 4.0])
+    expected = x - 0.25 * (x - leader)
+    out = pull_toward(x, leader, 0.25)
+    assert out is x  # in place
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-7)
+
+
+def test_pull_strength_zero_and_one():
+    x = torch.randn(100)
+    before = x.clone()
+    leader = torch.randn(100)
+    pull_toward(x, leader, 0.0)
+    assert torch.equal(x, before)
+    pull_toward(x, leader, 1.0)
+    assert torch.equal(x, leader)
+
+
+def test_select_leader_lowest_finite_first_on_ties():
+    assert select_leader([3.0, 1.0, 2.0]) == 1
+    assert select_leader([1.0, 1.0]) == 0
+    assert select_leader([math.nan, 5.0, math.inf]) == 1  # NaN / inf never lead
+    assert select_leader([math.nan, math.inf]) == -1
+    assert select_leader([]) == -1
+
+
+def test_loss_window_mean_of_last_k():
+    w = LossWindow(3)
+    assert w.mean() == math.inf
+    for v in [10.0, 1.0, 2.0, 3.0]:
+        w.add(v)
+    assert w.mean() == pytest.approx(2.0)
+    w.add(math.nan)
+    assert w.mean() == math.inf  # a diverging worker cannot lead
+    for v in [1.0, 1.0, 1.0]:
+        w.add(v)
+    assert w.mean() == 1.0
+
+
+def test_schedule_sync():
+    # two groups: local every 4, global every 16
+    assert pulls_due(4, 4, 16, 2) == (True, False)
+    assert pulls_due(16, 4, 16, 2) == (True, True)
+    assert pulls_due(5, 4, 16, 2) == (False, False)
+    # one group: only the global leader acts
+    assert pulls_due(4, 4, 16, 1) == (False, False)
+    assert pulls_due(16, 4, 16, 1) == (False, True)
+    assert next_pull_step(0, 4, 16, 2) == 4
+    assert next_pull_step(13, 4, 16, 2) == 16
+    assert next_pull_step(0, 4, 16, 1) == 16
+    assert next_pull_step(0, 6, 4, 2) == 4  # periods need not divide each other
+    assert next_pull_step(4, 6, 4, 2) == 6
+
+
+def test_crossed():
+    assert crossed(15, 16, 16)
+    assert crossed(10, 40, 16)
+    assert not crossed(16, 31, 16)
+    assert not crossed(0, 0, 4)
+
+
+def test_sync_round_by_hand():
+    """Two groups of two workers, both pulls due: the equations of DESIGN.md, element by element."""
+    x = [[torch.tensor([0.0, 0.0]), torch.tensor([4.0, 8.0])], [torch.tensor([2.0, 2.0]), torch.tensor([-2.0, 6.0])]]
+    estimates = [[0.5, 0.9], [0.7, 0.3]]  # local leaders (0,0) and (1,1); global leader (1,1)
+    lam, lam_g = 0.5, 0.25
+    local_leaders, global_leader = sync_round(x, estimates, lam, lam_g, local=True, global_=True)
+    assert local_leaders == [0, 1] and global_leader == (1, 1)
+    g = torch.tensor([-2.0, 6.0])
+    # local pull: (0,1) toward (0,0); (1,0) toward (1,1); leaders stay put
+    x01 = torch.tensor([4.0, 8.0]) - lam * (torch.tensor([4.0, 8.0]) - torch.tensor([0.0, 0.0]))  # [2, 4]
+    x10 = torch.tensor([2.0, 2.0]) - lam * (torch.tensor([2.0, 2.0]) - g)  # [0, 4]
+    x00 = torch.tensor([0.0, 0.0])
+    # global pull: everybody toward (1,1)
+    expected = [[v - lam_g * (v - g) for v in (x00, x01)], [x10 - lam_g * (x10 - g), g]]
+    for group, group_expected in zip(x, expected):
+        for got, want in zip(group, group_expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x[0][0], torch.tensor([-0.5, 1.5]))
+    torch.testing.assert_close(x[0][1], torch.tensor([1.0, 4.5]))
+
+
+def test_sync_round_nan_worker_never_leads():
+    x = [[torch.zeros(2), torch.ones(2)]]
+    local_leaders, global_leader = sync_round(x, [[math.nan, 2.0]], 0.5, 0.5, local=False, global_=True)
+    assert global_leader == (0, 1)
+    torch.testing.assert_close(x[0][0], torch.full((2,), 0.5))

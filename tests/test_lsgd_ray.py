@@ -1,0 +1,238 @@
+"""LSGD on one local Ray instance shared by the whole module."""
+
+import functools
+import json
+import math
+import re
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from lsgd_ray import LSGDConfig, OptimizerConfig, PlacementError, TrainConfig, Trainer, fit
+from lsgd_ray.algorithms.lsgd import sync_round
+from lsgd_ray.data import synthetic
+from lsgd_ray.models import mlp
+from tests.helpers import plain_loop
+
+MODEL = functools.partial(mlp, (16,), 4, hidden=32)
+DATA = functools.partial(synthetic, n_train=1024, n_test=512)
+PLAIN_SGD = OptimizerConfig(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path, **kw):
+    lsgd = kw.pop("lsgd", LSGDConfig())
+    defaults = dict(num_groups=2, workers_per_group=2, batch_size=32, eval_every_s=1.0, quiet=True)
+    defaults.update(kw)
+    return TrainConfig(lsgd=lsgd, output_dir=str(tmp_path / "run"), **defaults)
+
+
+@pytest.mark.timeout(240)
+def test_fit_end_to_end_writes_results(tmp_path):
+    cfg = config(tmp_path, epochs=6, lsgd=LSGDConfig(tau=2, tau_global=4))
+    result = fit(MODEL, DATA, cfg)
+    assert result.status == "completed"
+    assert result.final_test_accuracy > 0.7  # 4 classes: chance is 0.25
+    out = tmp_path / "run"
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["final_test_accuracy"] == pytest.approx(result.final_test_accuracy)
+    assert saved["config"]["lsgd"]["tau"] == 2
+    assert saved["steps_per_worker"] == 6 * 256 // 32  # 6 epochs of a 256-sample shard
+    assert saved["samples"] == 4 * saved["steps_per_worker"] * 32
+    for record in saved["history"]:
+        assert {"train_s", "samples", "leader", "test_accuracy", "test_loss", "eval_s"} <= set(record)
+    assert sum(saved["leader_counts"]) == saved["steps_per_worker"] // 2  # one leader per round
+    assert saved["timings"]["train_s"] > 0 and saved["timings"]["eval_s"] > 0
+    # only leaders' weights travel: every worker receives S per local pull and per global pull
+    comm = saved["communication"]
+    size = comm["weight_bytes"]
+    assert size == sum(p.numel() for p in MODEL().parameters()) * 4
+    steps = saved["steps_per_worker"]
+    received = sum(w["bytes_received"] for w in comm["per_worker"]) / (4 * steps)
+    assert received <= size / 2 + size / 4 + 1e-9  # S/τ + S/τ_G at most (leaders skip their own pull)
+    assert received >= 0.5 * (size / 2 + size / 4)
+    # the leader's weights load without executing code
+    state = torch.load(out / "leader_state_dict.pt", weights_only=True)
+    model = MODEL()
+    model.load_state_dict(state)
+    # TensorBoard events read back with tensorboard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"leader/test_accuracy", "leader/test_error", "leader/rank", "leader_by_time/test_error"} <= tags
+    assert any(t.startswith("worker/") for t in tags)
+    accuracy = events.Scalars("leader/test_accuracy")
+    assert accuracy[-1].value == pytest.approx(result.final_test_accuracy, abs=1e-6)
+
+
+def _worker_steps_equal_plain(tmp_path, groups, per_group, lsgd):
+    cfg = config(tmp_path, num_groups=groups, workers_per_group=per_group, max_steps=12, lsgd=lsgd)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        trainer.run_rounds()
+        weights = trainer.worker_weights()
+    n = groups * per_group
+    for rank in range(n):
+        expected, _ = plain_loop(rank, n, 12, cfg, MODEL, DATA)
+        assert torch.equal(torch.from_numpy(weights[rank].copy()), expected), f"worker {rank} differs"
+
+
+@pytest.mark.timeout(180)
+def test_zero_pull_strength_is_exactly_independent_sgd(tmp_path):
+    _worker_steps_equal_plain(tmp_path, 2, 2, LSGDConfig(lam=0.0, lam_global=0.0, tau=2, tau_global=4))
+
+
+@pytest.mark.timeout(120)
+def test_one_worker_is_exactly_a_plain_pytorch_loop(tmp_path):
+    _worker_steps_equal_plain(tmp_path, 1, 1, LSGDConfig(tau=2, tau_global=4))
+
+
+@pytest.fixture(scope="class")
+def round_trainer(tmp_path_factory):
+    """2 groups x 2 workers, plain SGD, both pulls due after 4 steps."""
+    cfg = config(
+        tmp_path_factory.mktemp("round"),
+        optimizer=PLAIN_SGD,
+        max_steps=400,
+        lsgd=LSGDConfig(lam=0.3, lam_global=0.2, tau=4, tau_global=4, loss_window=10),
+    )
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        yield trainer
+
+
+class TestOneRound:
+    """Tests sharing one 2x2 trainer (released after the class, freeing its CPUs)."""
+
+    @pytest.mark.timeout(120)
+    def test_sync_round_matches_single_process_reference(self, round_trainer):
+        _check_one_round(round_trainer)
+
+    @pytest.mark.timeout(60)
+    def test_busy_cluster_is_refused_within_seconds(self, round_trainer, tmp_path):
+        # round_trainer holds 4 of the 8 CPUs: 6 more cannot be placed now
+        cfg = config(tmp_path, num_groups=2, workers_per_group=3, epochs=1)
+        begin = time.perf_counter()
+        with pytest.raises(PlacementError, match="in use .*missing 2"):
+            Trainer(MODEL, DATA, cfg).start()
+        assert time.perf_counter() - begin < 10
+
+
+def _check_one_round(round_trainer):
+    cfg = round_trainer.config
+    status = round_trainer.run_rounds(max_step=4)
+    assert status["step"] == 4 and status["rounds"] == 1
+    flats, estimates = [], []
+    for rank in range(4):
+        flat, losses = plain_loop(rank, 4, 4, cfg, MODEL, DATA)
+        flats.append(flat)
+        estimates.append(sum(losses) / len(losses))
+    groups = [[flats[0], flats[1]], [flats[2], flats[3]]]
+    _, (g, i) = sync_round(groups, [estimates[:2], estimates[2:]], 0.3, 0.2, local=True, global_=True)
+    assert status["leader"] == 2 * g + i
+    got = round_trainer.worker_weights()
+    for rank in range(4):
+        torch.testing.assert_close(torch.from_numpy(got[rank].copy()), groups[rank // 2][rank % 2], rtol=0, atol=2e-6)
+
+
+def _plasma_usage():
+    """(MiB, objects) in the object store, once frees have settled (Ray frees asynchronously)."""
+    from ray._private.internal_api import memory_summary
+
+    previous = None
+    for _ in range(20):
+        match = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", memory_summary(stats_only=True))
+        usage = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+        if usage == previous:
+            return usage
+        previous = usage
+        time.sleep(0.5)
+    return usage
+
+
+@pytest.fixture(scope="class")
+def big_trainer(tmp_path_factory):
+    """~1.1 MB of weights: above Ray's 100 KB inline limit, so leader weights live in plasma."""
+    big = functools.partial(mlp, (16,), 4, hidden=512)
+    cfg = config(tmp_path_factory.mktemp("big"), max_steps=10_000, lsgd=LSGDConfig(tau=1, tau_global=2))
+    with Trainer(big, DATA, cfg) as trainer:
+        yield trainer
+
+
+class TestObjectStore:
+    @pytest.mark.timeout(60)
+    def test_leader_weights_reach_workers_zero_copy(self, big_trainer):
+        _check_zero_copy(big_trainer)
+
+    @pytest.mark.timeout(240)
+    def test_object_store_stays_flat_over_many_rounds(self, big_trainer):
+        _check_flat(big_trainer)
+
+
+def _check_zero_copy(big_trainer):
+    leader, follower = big_trainer.workers[0], big_trainer.workers[1]
+    ref = leader.get_weights.remote()
+    where = ray.get(follower.pull.remote(ref, 0.0, True))
+    assert "plasma" in where["mapping"], where  # the node's shared-memory object store
+    assert where["writeable"] is False  # nobody can write into the shared object
+    assert where["nbytes"] == big_trainer.weight_bytes
+
+
+def _check_flat(big_trainer):
+    big_trainer.run_rounds(max_step=50)
+    early = _plasma_usage()
+    status = big_trainer.run_rounds(max_step=400)
+    late = _plasma_usage()
+    assert status["rounds"] == 400 and status["global_pulls"] == 200
+    assert late[1] <= early[1] + 2, (early, late)  # objects released when superseded
+    assert late[0] <= early[0] + 3, (early, late)
+
+
+@pytest.mark.timeout(240)
+def test_async_mode_straggler_never_stalls_the_others(tmp_path):
+    cfg = config(
+        tmp_path,
+        time_budget_s=8.0,
+        eval_every_s=2.0,
+        straggler_delay_s={0: 0.1},
+        lsgd=LSGDConfig(mode="async", tau=2, tau_global=4),
+    )
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        result = trainer.fit()
+        stats = trainer.worker_stats()
+    steps = [s["steps"] for s in stats]
+    assert result.status == "completed"
+    assert min(steps[1:]) >= 4 * steps[0], steps  # the others ran at their own speed
+    assert all(s["pulls"] > 0 for s in stats[1:])
+    assert result.final_test_accuracy > 0.5
+    assert len(result.history) >= 2  # evaluations happened while training ran
+    assert result.timings["train_s"] < 8.0 + 5.0
+
+
+@pytest.mark.timeout(60)
+def test_unplaceable_topology_is_refused_within_seconds(tmp_path):
+    cfg = config(tmp_path, num_groups=2, workers_per_group=50, epochs=1)
+    begin = time.perf_counter()
+    with pytest.raises(PlacementError, match="missing|Missing"):
+        Trainer(MODEL, DATA, cfg).start()
+    assert time.perf_counter() - begin < 10
+    names = [a for a in ray.util.list_named_actors()] if hasattr(ray.util, "list_named_actors") else []
+    assert names == []
+
+
+@pytest.mark.timeout(180)
+def test_validation_batch_leader_estimate(tmp_path):
+    cfg = config(tmp_path, epochs=3, lsgd=LSGDConfig(leader_estimate="val_batch", val_batch_size=128))
+    result = fit(MODEL, DATA, cfg)
+    assert result.status == "completed" and result.final_test_accuracy > 0.6
+    assert all(math.isfinite(r["test_loss"]) for r in result.history)
+    assert not np.isnan(result.final_test_loss)

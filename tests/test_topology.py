@@ -1,0 +1,78 @@
+"""Topology as a pure function of fake node lists."""
+
+import pytest
+
+from lsgd_ray.topology import NodeInfo, PlacementError, check_available, nodes_from_ray, plan_topology
+
+
+def node(name, cpu=0, gpu=0, head=False):
+    res = {"CPU": cpu}
+    if gpu:
+        res["GPU"] = gpu
+    if head:
+        res["node:__internal_head__"] = 1.0
+    return NodeInfo(node_id=name, resources=res)
+
+
+def test_default_one_group_per_node_one_worker_per_gpu():
+    nodes = [node("a", cpu=16, gpu=4), node("b", cpu=16, gpu=2)]
+    topo = plan_topology(nodes, gpus_per_worker=1)
+    assert [(g.node_id, g.num_workers, g.first_rank) for g in topo.groups] == [("a", 4, 0), ("b", 2, 4)]
+    assert topo.worker_resources == {"CPU": 1.0, "GPU": 1.0}
+    assert topo.group_of(5) == (1, 1)
+
+
+def test_default_cpu_only_uses_cpu_slots_and_skips_empty_head():
+    nodes = [node("head", cpu=0, head=True), node("a", cpu=8), node("b", cpu=6)]
+    topo = plan_topology(nodes, cpus_per_worker=2)
+    assert [(g.node_id, g.num_workers) for g in topo.groups] == [("a", 4), ("b", 3)]
+
+
+def test_override_packs_groups_round_robin():
+    nodes = [node("a", cpu=8), node("b", cpu=8)]
+    topo = plan_topology(nodes, num_groups=4, workers_per_group=4)
+    assert [g.node_id for g in topo.groups] == ["a", "b", "a", "b"]
+    assert topo.num_workers == 16
+    assert [list(g.ranks) for g in topo.groups][3] == [12, 13, 14, 15]
+
+
+def test_override_on_one_node():
+    topo = plan_topology([node("a", cpu=8)], num_groups=2, workers_per_group=2)
+    assert [(g.node_id, g.num_workers) for g in topo.groups] == [("a", 2), ("a", 2)]
+
+
+def test_workers_per_group_only_uses_nodes_that_fit():
+    nodes = [node("a", cpu=4), node("b", cpu=2), node("c", cpu=8)]
+    topo = plan_topology(nodes, workers_per_group=4)
+    assert [g.node_id for g in topo.groups] == ["a", "c"]
+
+
+def test_num_groups_only():
+    nodes = [node("a", cpu=4), node("b", cpu=6)]
+    topo = plan_topology(nodes, num_groups=2)
+    assert topo.group_sizes == [4, 4]
+
+
+def test_cannot_place_names_missing_resources():
+    nodes = [node("a", cpu=2), node("b", cpu=2)]
+    with pytest.raises(PlacementError) as err:
+        plan_topology(nodes, num_groups=2, workers_per_group=4)
+    assert "CPU=4" in str(err.value) and "2 group(s) x 4 worker(s)" in str(err.value)
+    with pytest.raises(PlacementError, match="GPU"):
+        plan_topology([node("a", cpu=8)], gpus_per_worker=1)
+
+
+def test_nodes_from_ray_keeps_alive_head_first():
+    raw = [
+        {"NodeID": "zz", "Alive": True, "Resources": {"CPU": 2.0, "node:__internal_head__": 1.0}},
+        {"NodeID": "aa", "Alive": True, "Resources": {"CPU": 4.0}},
+        {"NodeID": "dead", "Alive": False, "Resources": {"CPU": 4.0}},
+    ]
+    assert [n.node_id for n in nodes_from_ray(raw)] == ["zz", "aa"]
+
+
+def test_busy_resources_are_named():
+    topo = plan_topology([node("a", cpu=8), node("b", cpu=8)], num_groups=2, workers_per_group=4)
+    check_available(topo, {"a": {"CPU": 8.0}, "b": {"CPU": 4.0}})
+    with pytest.raises(PlacementError, match="node b needs CPU=4 for 4 worker.* has 1 free .missing 3"):
+        check_available(topo, {"a": {"CPU": 8.0}, "b": {"CPU": 1.0}})
