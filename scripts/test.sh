@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Lint, then the whole test suite (pure, local-Ray, multi-node and CLI tests). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m ruff check lsgd_ray tests scripts
+.venv/bin/python -m ruff format --check lsgd_ray tests scripts
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,67 @@
+"""The command line as a user runs it: a real process with its own embedded Ray."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lsgd_ray.cli import build_parser, config_from_args, main
+
+
+def run_cli(*args, timeout=240, cwd=None):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "lsgd_ray", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
+
+
+@pytest.mark.timeout(300)
+def test_main_job_trains_and_reports(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--dataset", "synthetic", "--epochs", "4", "--eval-every", "0.5", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 group(s) x [2, 2] worker(s)" in proc.stdout
+    assert "[step" in proc.stdout  # progress lines
+    assert "leader (worker" in proc.stdout and "test accuracy" in proc.stdout
+    assert str(out / "result.json") in proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "completed" and result["final_test_accuracy"] > 0.6
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--lam", "1.5"], "lam (local pulling strength λ) must be in [0, 1]"),
+        (["--tau", "0"], "tau (local communication period τ, in steps) must be a positive integer"),
+        (["--dataset", "mnist"], "needs a data directory"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent"], "MNIST not found: /nonexistent/MNIST/raw"),
+    ],
+)
+def test_bad_input_exits_with_a_message_before_any_actor(args, message, capsys):
+    code = main(args)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_names_list_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["--dataset", "imagenet9"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'imagenet9'" in err and "digits" in err
+
+
+def test_defaults_are_the_offline_main_job():
+    args = build_parser().parse_args(["train"])
+    cfg = config_from_args(args)
+    assert (cfg.num_groups, cfg.workers_per_group) == (2, 2)
+    assert args.dataset == "digits" and cfg.batch_size == 32 and cfg.epochs == 20.0
+    assert cfg.optimizer.nesterov and cfg.lsgd.mode == "sync"
+
+
+def test_download_offline_fails_clearly(tmp_path, capsys):
+    code = main(["download", "mnist", "--data-dir", str(tmp_path)])
+    assert code == 1
+    assert "could not download mnist" in capsys.readouterr().err
