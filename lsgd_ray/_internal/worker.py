@@ -88,6 +88,7 @@ class Worker:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.pulls = 0
+        self.pull_s = 0.0  # time in the pull arithmetic itself
         self.last_loss = math.inf
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
         self._pending: list[tuple[np.ndarray, float]] = []
@@ -118,6 +119,7 @@ class Worker:
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "pulls": self.pulls,
+            "pull_s": self.pull_s,
             "estimate": self.window.mean() if self._async else self.estimate(),
             "last_loss": self.last_loss,
         }
@@ -241,7 +243,9 @@ class Worker:
         source = as_tensor(leader)
         if source.device != self.device:
             source = source.to(self.device, non_blocking=False)  # one host-to-device copy
+        start = time.perf_counter()
         pull_toward(self.state.flat, source, strength)
+        self.pull_s += time.perf_counter() - start
         self.pulls += 1
 
     def load_weights(self, weights: np.ndarray) -> None:
