@@ -65,9 +65,7 @@ model = model_factory(args.model, spec.input_shape, spec.num_classes)
 base = TrainConfig(
     num_groups=args.groups,
     workers_per_group=args.workers_per_group,
-    lsgd=LSGDConfig(
-        lam=args.lam, lam_global=args.lam_global, tau=args.tau, tau_global=args.tau_global, mode=args.mode
-    ),
+    lsgd=LSGDConfig(lam=args.lam, lam_global=args.lam_global, tau=args.tau, tau_global=args.tau_global, mode=args.mode),
     batch_size=args.batch_size or spec.default_batch_size,
     epochs=args.epochs if (args.epochs or args.time_budget) else 20.0,
     time_budget_s=args.time_budget,

@@ -156,3 +156,17 @@ def test_missing_dataset_says_where_and_how(tmp_path):
     assert str(tmp_path / "FashionMNIST" / "raw") in message and "download" in message
     with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py"):
         dataset_factory("cifar10", str(tmp_path))
+
+
+def test_coordinator_modules_do_not_import_torch():
+    """The GlobalLeader's process stays small: configs and update rules load without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lsgd_ray, lsgd_ray.config, lsgd_ray.algorithms.lsgd, lsgd_ray._internal.global_leader\n"
+        "lsgd_ray.config.LSGDConfig(); lsgd_ray.config.TrainConfig(epochs=1)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

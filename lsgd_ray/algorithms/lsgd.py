@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # no torch at run time: the GlobalLeader imports this module
+    import torch
 
 
 def pull_toward(x: torch.Tensor, leader: torch.Tensor, strength: float) -> torch.Tensor:
