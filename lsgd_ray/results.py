@@ -60,6 +60,29 @@ class FitResult:
         return os.path.join(self.output_dir, "leader_state_dict.pt")
 
 
+def communication_summary(stats: list[dict[str, Any]], weight_bytes: int) -> dict[str, Any]:
+    """Bytes each worker sent and received (weights, estimates), in total and per worker-step."""
+    steps = max(sum(s["steps"] for s in stats), 1)
+    return {
+        "weight_bytes": weight_bytes,
+        "per_worker": [{k: s[k] for k in ("rank", "steps", "bytes_sent", "bytes_received", "pulls")} for s in stats],
+        "bytes_per_worker_step": sum(s["bytes_sent"] + s["bytes_received"] for s in stats) / steps,
+        "bytes_received_per_worker_step": sum(s["bytes_received"] for s in stats) / steps,
+    }
+
+
+def summary_lines(result: FitResult) -> str:
+    """The closing lines a run prints: the leader's accuracy and where everything is."""
+    t = result.timings
+    return (
+        f"lsgd-ray: done. leader (worker {result.leader}) test accuracy {result.final_test_accuracy:.4f}; "
+        f"training {t['train_s']:.1f}s, evaluation {t['eval_s']:.1f}s, start-up {t['startup_s']:.1f}s\n"
+        f"  results:     {os.path.join(result.output_dir, 'result.json')}\n"
+        f"  weights:     {result.weights_path}\n"
+        f"  tensorboard: tensorboard --logdir {os.path.join(result.output_dir, 'tensorboard')}"
+    )
+
+
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write never leaves a truncated file."""
     path = Path(path)

@@ -30,7 +30,7 @@ from lsgd_ray.data import DatasetFactory
 from lsgd_ray.flat import load_flat
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory
-from lsgd_ray.results import FitResult, RunLogger, write_json
+from lsgd_ray.results import FitResult, RunLogger, communication_summary, summary_lines, write_json
 from lsgd_ray.topology import Topology, check_available, nodes_from_ray, plan_topology
 
 COORDINATOR_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
@@ -65,6 +65,7 @@ class Trainer:
         self.train_s = self.eval_s = self.startup_s = 0.0
         self._owns_ray = False
         self._started = False
+        self._begin = 0.0  # when start() was first called: total_s counts from here
         self._logger: RunLogger | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -100,6 +101,7 @@ class Trainer:
         if self._started:
             return
         cfg, begin = self.config, time.perf_counter()
+        self._begin = self._begin or begin
         self._connect()
         self.topology = plan_topology(
             nodes_from_ray(ray.nodes()),
@@ -221,14 +223,10 @@ class Trainer:
         self.history.append(record)
         if self._logger:
             self._logger.log_eval(record)
-            self._logger.log_workers(status["estimates"], samples, self._bytes_per_worker_step())
+            comm = communication_summary(self.worker_stats(), self.weight_bytes)
+            self._logger.log_workers(status["estimates"], samples, comm["bytes_per_worker_step"])
         self._progress(record)
         return record
-
-    def _bytes_per_worker_step(self) -> float:
-        stats = self.worker_stats()
-        steps = sum(s["steps"] for s in stats)
-        return sum(s["bytes_sent"] + s["bytes_received"] for s in stats) / max(steps, 1)
 
     def _progress(self, record: dict[str, Any]) -> None:
         rate = record["samples"] / self.train_s if self.train_s else 0.0
@@ -254,7 +252,6 @@ class Trainer:
 
     def fit(self) -> FitResult:
         """Train to the budget, evaluating the leader every ``eval_every_s`` training seconds."""
-        begin = time.perf_counter()
         error = None
         try:
             self.start()
@@ -265,9 +262,9 @@ class Trainer:
             self.evaluate_leader()
         except BaseException as exc:  # keep what we have, then re-raise
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            self._write_result(begin, error)
+            self._write_result(error)
             raise
-        return self._write_result(begin, error)
+        return self._write_result(error)
 
     def _time_left(self) -> float:
         budget = self.config.time_budget_s
@@ -300,7 +297,7 @@ class Trainer:
                 break
             self.evaluate_leader()  # the workers keep training meanwhile
 
-    def _write_result(self, begin: float, error: str | None) -> FitResult:
+    def _write_result(self, error: str | None) -> FitResult:
         status, stats, final = {}, [], self.history[-1] if self.history else {}
         try:
             status, stats = self.status(), self.worker_stats()
@@ -308,20 +305,11 @@ class Trainer:
                 self._save_leader_weights()
         except Exception as exc:  # the cluster may be gone: write what we know
             error = error or f"could not collect the final state: {exc}"
-        steps = sum(s["steps"] for s in stats)
-        communication = {
-            "weight_bytes": getattr(self, "weight_bytes", 0),
-            "per_worker": [
-                {k: s[k] for k in ("rank", "steps", "bytes_sent", "bytes_received", "pulls")} for s in stats
-            ],
-            "bytes_per_worker_step": sum(s["bytes_sent"] + s["bytes_received"] for s in stats) / max(steps, 1),
-            "bytes_received_per_worker_step": sum(s["bytes_received"] for s in stats) / max(steps, 1),
-        }
         timings = {
             "startup_s": self.startup_s,
             "train_s": self.train_s,
             "eval_s": self.eval_s,
-            "total_s": time.perf_counter() - begin,
+            "total_s": time.perf_counter() - self._begin if self._begin else 0.0,
             "round_wall_s": status.get("round_wall_s", 0.0),
             "round_compute_s": status.get("round_compute_s", 0.0),
             "worker_compute_s": [s["compute_s"] for s in stats],
@@ -333,10 +321,10 @@ class Trainer:
             final_test_loss=final.get("test_loss"),
             leader=final.get("leader", status.get("leader", -1)),
             steps_per_worker=max((s["steps"] for s in stats), default=0),
-            samples=steps * self.config.batch_size,
+            samples=sum(s["steps"] for s in stats) * self.config.batch_size,
             history=self.history,
             timings=timings,
-            communication=communication,
+            communication=communication_summary(stats, getattr(self, "weight_bytes", 0)),
             leader_counts=status.get("leader_counts", []),
             leader_changes=status.get("leader_changes", []),
             topology=[
@@ -349,14 +337,7 @@ class Trainer:
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, "result.json"), result.to_dict())
         if error is None:
-            self._say(
-                f"lsgd-ray: done. leader (worker {result.leader}) test accuracy "
-                f"{result.final_test_accuracy:.4f}; training {self.train_s:.1f}s, evaluation {self.eval_s:.1f}s, "
-                f"start-up {self.startup_s:.1f}s\n"
-                f"  results:     {os.path.join(result.output_dir, 'result.json')}\n"
-                f"  weights:     {result.weights_path}\n"
-                f"  tensorboard: tensorboard --logdir {os.path.join(result.output_dir, 'tensorboard')}"
-            )
+            self._say(summary_lines(result))
         return result
 
     def _save_leader_weights(self) -> None:
