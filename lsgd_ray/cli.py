@@ -42,10 +42,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--no-nesterov", action="store_true")
     a("--weight-decay", type=float, default=1e-4)
     a("--batch-size", type=int, default=None, help="per worker; default: the dataset's (32 digits, 128 others)")
-    a("--epochs", type=float, default=None, help="passes over each worker's shard (default 20 with no budget)")
+    a("--epochs", type=float, default=None, help="passes over each worker's shard (default 50 with no budget)")
     a("--max-steps", type=int, default=None, help="steps per worker")
     a("--time-budget", type=float, default=None, help="training seconds (evaluation excluded)")
-    a("--eval-every", type=float, default=2.0, help="evaluate the leader every N training seconds")
+    a("--eval-every", type=float, default=1.0, help="evaluate the leader every N training seconds")
     a("--seed", type=int, default=0)
     a("--output-dir", default=None, help="default: runs/<algorithm>-<dataset>-<time>")
     a("--address", default=None, help="Ray cluster address ('auto' for the running one); default: embedded")
@@ -88,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
         batch_size=args.batch_size or spec.default_batch_size,
-        epochs=args.epochs if budget_given else 20.0,
+        epochs=args.epochs if budget_given else 50.0,
         max_steps=args.max_steps,
         time_budget_s=args.time_budget,
         eval_every_s=args.eval_every,

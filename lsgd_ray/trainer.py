@@ -155,7 +155,11 @@ class Trainer:
             num_cpus=0, max_concurrency=COORDINATOR_CONCURRENCY, scheduling_strategy=near_driver
         )(GlobalLeader).remote(self.local_leaders, topo.group_sizes, cfg.lsgd, cfg.actor_timeout_s)
         self.evaluator = ray.remote(num_cpus=0, scheduling_strategy=near_driver)(Evaluator).remote(
-            self.model_factory, self.dataset_factory, cfg.eval_batch_size, cfg.gpus_per_worker > 0
+            self.model_factory,
+            self.dataset_factory,
+            cfg.eval_batch_size,
+            cfg.gpus_per_worker > 0,
+            cfg.lsgd.mode == "sync",
         )
         names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
         infos = get_all(

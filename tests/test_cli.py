@@ -57,7 +57,7 @@ def test_defaults_are_the_offline_main_job():
     args = build_parser().parse_args(["train"])
     cfg = config_from_args(args)
     assert (cfg.num_groups, cfg.workers_per_group) == (2, 2)
-    assert args.dataset == "digits" and cfg.batch_size == 32 and cfg.epochs == 20.0
+    assert args.dataset == "digits" and cfg.batch_size == 32 and cfg.epochs == 50.0
     assert cfg.optimizer.nesterov and cfg.lsgd.mode == "sync"
 
 

@@ -5,6 +5,7 @@ It runs beside the workers, so in asynchronous mode evaluating the leader never 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -16,8 +17,12 @@ from lsgd_ray.flat import FlatState
 
 
 class Evaluator:
-    def __init__(self, model_factory: Any, dataset_factory: Any, batch_size: int, use_gpu: bool = False) -> None:
-        torch.set_num_threads(1)
+    def __init__(
+        self, model_factory: Any, dataset_factory: Any, batch_size: int, use_gpu: bool = False, all_cores: bool = False
+    ) -> None:
+        # Synchronous runs pause training while it evaluates, so it may use the whole node;
+        # asynchronous ones keep training, so it takes one thread.
+        torch.set_num_threads(max(1, os.cpu_count() or 1) if all_cores else 1)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = model_factory().to(self.device)
         self.state = FlatState(self.model)
