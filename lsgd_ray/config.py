@@ -131,7 +131,7 @@ class TrainConfig:
     # Extra seconds of sleep per step for chosen global worker ranks: simulates a
     # heterogeneous cluster (stragglers), e.g. {0: 0.05}.
     straggler_delay_s: dict[int, float] = field(default_factory=dict)
-    quiet: bool = False
+    quiet: bool = False  # no progress lines; the closing summary still prints
 
     def __post_init__(self) -> None:
         from lsgd_ray.algorithms import ALGORITHMS

@@ -341,7 +341,7 @@ class Trainer:
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, "result.json"), result.to_dict())
         if error is None:
-            self._say(summary_lines(result))
+            print(summary_lines(result), flush=True)  # even when quiet: it says where the results are
         return result
 
     def _save_leader_weights(self) -> None:
