@@ -93,7 +93,9 @@ class Trainer:
             # exceed physical cores; each worker then runs torch with one thread.
             wanted = (cfg.num_groups or 1) * (cfg.workers_per_group or 1) * cfg.cpus_per_worker
             num_cpus = max(os.cpu_count() or 1, math.ceil(wanted))
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+            # address="local": a new instance even if `ray start` left a cluster address behind
+            # (plain ray.init() would try to join it, and refuses num_cpus then).
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
         self._owns_ray = True
 
     def start(self) -> None:

@@ -254,7 +254,7 @@ def main() -> None:
 
     data_fn = dataset_factory("fashion-mnist", args.data_dir) if args.data_dir else random_images
     model_fn = functools.partial(small_cnn, (1, 28, 28), 10)
-    ray.init(num_cpus=max(8, 2 * max(args.workers)), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=max(8, 2 * max(args.workers)), include_dashboard=False, logging_level="WARNING")
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "numpy": np.__version__},

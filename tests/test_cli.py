@@ -10,8 +10,8 @@ import pytest
 from lsgd_ray.cli import build_parser, config_from_args, main
 
 
-def run_cli(*args, timeout=240, cwd=None):
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+def run_cli(*args, timeout=240, cwd=None, **env_extra):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", **env_extra)
     return subprocess.run(
         [sys.executable, "-m", "lsgd_ray", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
     )
@@ -20,7 +20,18 @@ def run_cli(*args, timeout=240, cwd=None):
 @pytest.mark.timeout(300)
 def test_main_job_trains_and_reports(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("--dataset", "synthetic", "--epochs", "4", "--eval-every", "0.5", "--output-dir", str(out))
+    # A cluster address left behind by an earlier `ray start` must not stop the embedded Ray.
+    proc = run_cli(
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "4",
+        "--eval-every",
+        "0.5",
+        "--output-dir",
+        str(out),
+        RAY_ADDRESS="127.0.0.1:1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 group(s) x [2, 2] worker(s)" in proc.stdout
     assert "[step" in proc.stdout  # progress lines

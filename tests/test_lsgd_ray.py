@@ -24,7 +24,7 @@ PLAIN_SGD = OptimizerConfig(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
