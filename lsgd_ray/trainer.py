@@ -31,9 +31,10 @@ from lsgd_ray.flat import load_flat
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory
 from lsgd_ray.results import FitResult, RunLogger, communication_summary, summary_lines, write_json
-from lsgd_ray.topology import Topology, check_available, nodes_from_ray, plan_topology
+from lsgd_ray.topology import PlacementError, Topology, check_available, nodes_from_ray, plan_topology
 
 COORDINATOR_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
+AVAILABILITY_GRACE_S = 5.0  # how long busy resources may take to free up before placement is refused
 
 
 class Trainer:
@@ -117,7 +118,16 @@ class Trainer:
         except ImportError:  # a private API: without it, the actors' ready() timeout still applies
             available_resources_per_node = None
         if available_resources_per_node is not None:
-            check_available(self.topology, available_resources_per_node())
+            # A run that just ended frees its resources a moment after ray.kill: wait briefly.
+            deadline = time.perf_counter() + AVAILABILITY_GRACE_S
+            while True:
+                try:
+                    check_available(self.topology, available_resources_per_node())
+                    break
+                except PlacementError:
+                    if time.perf_counter() > deadline:
+                        raise
+                    time.sleep(0.25)
         topo = self.topology
         self._say(
             f"lsgd-ray: {len(topo.groups)} group(s) x {topo.group_sizes} worker(s), {cfg.lsgd.mode} mode, "
