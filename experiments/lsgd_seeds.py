@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+
+import ray
 
 from lsgd_ray import DATASETS, LSGDConfig, TrainConfig, dataset_factory, fit, model_factory
 
@@ -55,6 +58,7 @@ parser.add_argument("--epochs", type=float, default=None)
 parser.add_argument("--time-budget", type=float, default=None)
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 parser.add_argument("--out", default=None)
+parser.add_argument("--address", default=None, help="Ray cluster address; default: a local instance")
 args = parser.parse_args()
 
 spec = DATASETS[args.dataset]
@@ -73,7 +77,12 @@ base = TrainConfig(
 )
 base = replace(base, optimizer=replace(base.optimizer, lr=args.lr))
 
-# One run per seed.
+# One run per seed, all on one Ray instance (started here unless --address names a cluster).
+ray.init(
+    address=args.address or "local",
+    **({} if args.address else {"num_cpus": max(os.cpu_count() or 1, args.groups * args.workers_per_group)}),
+    logging_level="WARNING",
+)
 results = []
 for seed in args.seeds:
     print(f"--- seed {seed}", flush=True)
@@ -106,6 +115,7 @@ summary = {
     "config": base.to_dict(),
 }
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
+ray.shutdown()
 print(
     f"median final leader accuracy {summary['final_test_accuracy']['median']:.4f} "
     f"(min {min(accuracies):.4f}, max {max(accuracies):.4f}) over seeds {args.seeds}; written to {out}"

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m ruff check lsgd_ray tests scripts
-.venv/bin/python -m ruff format --check lsgd_ray tests scripts
+.venv/bin/python -m ruff check lsgd_ray tests scripts experiments
+.venv/bin/python -m ruff format --check lsgd_ray tests scripts experiments
 exec .venv/bin/python -m pytest "$@"

@@ -88,7 +88,7 @@ class Worker:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.pulls = 0
-        self.pull_s = 0.0  # time in the pull arithmetic itself
+        self.pull_s = 0.0  # time in the pull arithmetic (on a GPU: launch time only, no sync)
         self.last_loss = math.inf
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
         self._pending: list[tuple[np.ndarray, float]] = []
