@@ -16,6 +16,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ConfigError": "lsgd_ray.config",
     "LSGDConfig": "lsgd_ray.config",
+    "EASGDConfig": "lsgd_ray.config",
+    "DownpourConfig": "lsgd_ray.config",
+    "LocalSGDConfig": "lsgd_ray.config",
+    "GossipConfig": "lsgd_ray.config",
+    "ALGORITHMS": "lsgd_ray.algorithms",
     "OptimizerConfig": "lsgd_ray.config",
     "TrainConfig": "lsgd_ray.config",
     "DATASETS": "lsgd_ray.data",
@@ -44,7 +49,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from lsgd_ray.config import ConfigError, LSGDConfig, OptimizerConfig, TrainConfig  # noqa: F401
+    from lsgd_ray.algorithms import ALGORITHMS  # noqa: F401
+    from lsgd_ray.config import (  # noqa: F401
+        ConfigError,
+        DownpourConfig,
+        EASGDConfig,
+        GossipConfig,
+        LocalSGDConfig,
+        LSGDConfig,
+        OptimizerConfig,
+        TrainConfig,
+    )
     from lsgd_ray.data import DATASETS, Dataset, DatasetNotFoundError, dataset_factory  # noqa: F401
     from lsgd_ray.models import MODELS, model_factory  # noqa: F401
     from lsgd_ray.results import FitResult  # noqa: F401

@@ -11,16 +11,29 @@ import sys
 from collections.abc import Sequence
 
 from lsgd_ray.algorithms import ALGORITHMS
-from lsgd_ray.config import LEADER_ESTIMATES, MODES, OPTIMIZERS, ConfigError, LSGDConfig, OptimizerConfig, TrainConfig
+from lsgd_ray.algorithms.gossip import GRAPHS, ROTATIONS
+from lsgd_ray.config import (
+    LEADER_ESTIMATES,
+    MODES,
+    OPTIMIZERS,
+    ConfigError,
+    DownpourConfig,
+    EASGDConfig,
+    GossipConfig,
+    LocalSGDConfig,
+    LSGDConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
 from lsgd_ray.data import DATASETS, DatasetNotFoundError, dataset_factory
 from lsgd_ray.models import MODELS, model_factory
 from lsgd_ray.topology import PlacementError
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train with LSGD (the default command)")
+    p = sub.add_parser("train", help="train with LSGD or a peer (the default command)")
     a = p.add_argument
-    a("--algorithm", default="lsgd", choices=sorted(ALGORITHMS))
+    a("--algorithm", default="lsgd", choices=sorted(ALGORITHMS), help="default: lsgd")
     a("--dataset", default="digits", choices=sorted(DATASETS), help="default: digits (offline, bundled)")
     a("--data-dir", default=None, help="where torchvision datasets live (mnist, fashion-mnist, cifar10)")
     a("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
@@ -29,13 +42,23 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--workers-per-group", type=int, default=2, help="workers per group; 0 = as many as fit on the node")
     a("--cpus-per-worker", type=float, default=1.0)
     a("--gpus-per-worker", type=float, default=0.0)
-    a("--mode", default="sync", choices=MODES)
-    a("--tau", type=int, default=4, help="local communication period τ (steps)")
-    a("--tau-global", type=int, default=16, help="global communication period τ_G (steps)")
+    a("--mode", default="sync", choices=MODES, help="lsgd and easgd (downpour is always async)")
+    a("--tau", type=int, default=None, help="communication period τ in steps (lsgd/local_sgd/easgd: 4, gossip: 1)")
+    a("--tau-global", type=int, default=16, help="global period τ_G (lsgd, local_sgd)")
     a("--lam", type=float, default=0.1, help="local pulling strength λ in [0, 1]")
     a("--lam-global", type=float, default=0.1, help="global pulling strength λ_G in [0, 1]")
+    a("--proximal", type=float, default=0.0, help="lsgd: per-step pull toward the last leaders (p/τ); 0 = off")
     a("--leader-estimate", default="train_loss", choices=LEADER_ESTIMATES)
     a("--loss-window", type=int, default=10, help="batches averaged for the train_loss estimate")
+    a("--beta", type=float, default=0.9, help="easgd: moving rate α = β/p")
+    a("--alpha", type=float, default=None, help="easgd: moving rate α (overrides --beta)")
+    a("--n-push", type=int, default=4, help="downpour: push period (steps)")
+    a("--n-fetch", type=int, default=4, help="downpour: fetch period (steps)")
+    a("--graph", default="ring", choices=GRAPHS, help="dpsgd/aldsgd: base communication graph")
+    a("--degree", type=int, default=3, help="dpsgd/aldsgd: degree of the random_regular graph")
+    a("--rotation", default="matchings", choices=ROTATIONS, help="dpsgd/aldsgd: one matching per round, or none")
+    for name, default in (("c1", 0.3), ("c2", 0.1), ("p1", 0.2), ("p2", 0.2)):
+        a(f"--{name}", type=float, default=default, help=f"aldsgd: corrective coefficient {name}")
     a("--optimizer", default="sgd", choices=OPTIMIZERS)
     a("--lr", type=float, default=0.05)
     a("--momentum", type=float, default=0.9)
@@ -65,16 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     spec = DATASETS[args.dataset]
     budget_given = any(v is not None for v in (args.epochs, args.max_steps, args.time_budget))
+    tau = 4 if args.tau is None else args.tau
     return TrainConfig(
         algorithm=args.algorithm,
         lsgd=LSGDConfig(
             lam=args.lam,
             lam_global=args.lam_global,
-            tau=args.tau,
+            tau=tau,
             tau_global=args.tau_global,
             mode=args.mode,
             leader_estimate=args.leader_estimate,
             loss_window=args.loss_window,
+            proximal=args.proximal,
+        ),
+        easgd=EASGDConfig(beta=args.beta, alpha=args.alpha, tau=tau, mode=args.mode),
+        downpour=DownpourConfig(n_push=args.n_push, n_fetch=args.n_fetch),
+        local_sgd=LocalSGDConfig(tau=tau, tau_global=args.tau_global),
+        gossip=GossipConfig(
+            graph=args.graph,
+            degree=args.degree,
+            rotation=args.rotation,
+            tau=1 if args.tau is None else args.tau,
+            c1=args.c1,
+            c2=args.c2,
+            p1=args.p1,
+            p2=args.p2,
         ),
         optimizer=OptimizerConfig(
             name=args.optimizer,

@@ -62,6 +62,9 @@ class LSGDConfig:
     leader_estimate: Literal["train_loss", "val_batch"] = "train_loss"
     loss_window: int = 10
     val_batch_size: int = 256
+    # The reference's later version: after every local step, a small pull toward the last known
+    # local and global leaders with strength proximal/τ and proximal/τ_G. 0 turns it off.
+    proximal: float = 0.0
 
     def __post_init__(self) -> None:
         _check_fraction("lam (local pulling strength λ)", self.lam)
@@ -72,6 +75,89 @@ class LSGDConfig:
         check_choice("leader_estimate", self.leader_estimate, LEADER_ESTIMATES)
         _check_positive_int("loss_window (batches averaged for the leader estimate)", self.loss_window)
         _check_positive_int("val_batch_size", self.val_batch_size)
+        _check_fraction("proximal (per-period strength of the per-step pull toward the last leaders)", self.proximal)
+
+
+@dataclass(frozen=True)
+class EASGDConfig:
+    """Elastic averaging: every ``tau`` steps each worker and the center pull toward each other
+    with moving rate α = ``beta``/p (or ``alpha`` when given). ``async``: each worker exchanges
+    with the center on its own schedule."""
+
+    beta: float = 0.9
+    alpha: float | None = None
+    tau: int = 4
+    mode: Literal["sync", "async"] = "sync"
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0,
+            f"beta (EASGD's total elastic rate, α = β/p) must be in [0, 1], got {self.beta!r}",
+        )
+        if self.alpha is not None:
+            _check_fraction("alpha (EASGD moving rate)", self.alpha)
+        _check_positive_int("tau (EASGD communication period, in steps)", self.tau)
+        check_choice("mode", self.mode, MODES)
+
+    def moving_rate(self, num_workers: int) -> float:
+        return self.alpha if self.alpha is not None else self.beta / num_workers
+
+
+@dataclass(frozen=True)
+class DownpourConfig:
+    """Asynchronous parameter server: push the accumulated update every ``n_push`` steps, fetch
+    the server's weights every ``n_fetch`` steps. Always asynchronous."""
+
+    n_push: int = 4
+    n_fetch: int = 4
+
+    def __post_init__(self) -> None:
+        _check_positive_int("n_push (DOWNPOUR push period, in steps)", self.n_push)
+        _check_positive_int("n_fetch (DOWNPOUR fetch period, in steps)", self.n_fetch)
+
+
+@dataclass(frozen=True)
+class LocalSGDConfig:
+    """Hierarchical model averaging: average within each group every ``tau`` steps and over all
+    workers every ``tau_global`` steps (torch's HierarchicalModelAverager)."""
+
+    tau: int = 4
+    tau_global: int = 16
+
+    def __post_init__(self) -> None:
+        _check_positive_int("tau (local averaging period, in steps)", self.tau)
+        _check_positive_int("tau_global (global averaging period, in steps)", self.tau_global)
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """D-PSGD / AL-DSGD: every ``tau`` steps each worker mixes with its neighbours on ``graph``
+    (``degree`` for random_regular). ``rotation="matchings"`` activates one matching of the base
+    graph per round (dynamic graphs), ``"none"`` the whole graph. AL-DSGD adds the corrective
+    pulls c1, c2 (mix) and p1, p2 (pull) toward the best and the max-degree neighbour; D-PSGD
+    ignores them. Defaults are the AL-DSGD reference's."""
+
+    graph: str = "ring"
+    degree: int = 3
+    rotation: str = "matchings"
+    tau: int = 1
+    c1: float = 0.3
+    c2: float = 0.1
+    p1: float = 0.2
+    p2: float = 0.2
+    graph_seed: int = 0
+
+    def __post_init__(self) -> None:
+        from lsgd_ray.algorithms.gossip import GRAPHS, ROTATIONS
+
+        check_choice("graph", self.graph, GRAPHS)
+        check_choice("rotation", self.rotation, ROTATIONS)
+        _check_positive_int("degree (of the random regular graph)", self.degree)
+        _check_positive_int("tau (gossip period, in steps)", self.tau)
+        for name in ("c1", "c2", "p1", "p2"):
+            _check_fraction(f"{name} (AL-DSGD corrective coefficient)", getattr(self, name))
+        _check(self.c1 + self.c2 <= 1.0, f"c1 + c2 must be <= 1, got {self.c1 + self.c2:g}")
+        _check(self.p1 + self.p2 <= 1.0, f"p1 + p2 must be <= 1, got {self.p1 + self.p2:g}")
 
 
 @dataclass(frozen=True)
@@ -113,6 +199,10 @@ class TrainConfig:
 
     algorithm: str = "lsgd"
     lsgd: LSGDConfig = field(default_factory=LSGDConfig)
+    easgd: EASGDConfig = field(default_factory=EASGDConfig)
+    downpour: DownpourConfig = field(default_factory=DownpourConfig)
+    local_sgd: LocalSGDConfig = field(default_factory=LocalSGDConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)  # dpsgd and aldsgd
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     num_groups: int | None = None
     workers_per_group: int | None = None
@@ -137,7 +227,14 @@ class TrainConfig:
         from lsgd_ray.algorithms import ALGORITHMS
 
         check_choice("algorithm", self.algorithm, sorted(ALGORITHMS))
-        _check(isinstance(self.lsgd, LSGDConfig), "lsgd must be an LSGDConfig")
+        for name, kind in (
+            ("lsgd", LSGDConfig),
+            ("easgd", EASGDConfig),
+            ("downpour", DownpourConfig),
+            ("local_sgd", LocalSGDConfig),
+            ("gossip", GossipConfig),
+        ):
+            _check(isinstance(getattr(self, name), kind), f"{name} must be a {kind.__name__}")
         _check(isinstance(self.optimizer, OptimizerConfig), "optimizer must be an OptimizerConfig")
         for name in ("num_groups", "workers_per_group", "max_steps"):
             value = getattr(self, name)
@@ -163,6 +260,15 @@ class TrainConfig:
                 isinstance(rank, int) and rank >= 0 and delay >= 0,
                 f"straggler_delay_s maps worker rank -> seconds >= 0, got {rank!r}: {delay!r}",
             )
+
+    @property
+    def mode(self) -> str:
+        """``sync`` (rounds driven by the coordinator) or ``async`` (workers at their own speed)."""
+        if self.algorithm == "lsgd":
+            return self.lsgd.mode
+        if self.algorithm == "easgd":
+            return self.easgd.mode
+        return "async" if self.algorithm == "downpour" else "sync"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

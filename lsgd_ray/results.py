@@ -1,10 +1,14 @@
 """What a run leaves behind: ``result.json``, TensorBoard event files and the leader's weights.
 
-TensorBoard tags (x-axis: samples seen by all workers, unless noted):
-  leader/test_accuracy, leader/test_error, leader/test_loss, leader/rank
+TensorBoard tags (x-axis: samples seen by all workers, unless noted). ``leader/*`` is the model
+the algorithm evaluates: LSGD's leader, EASGD's center, DOWNPOUR's server, data-parallel's
+(shared) weights, the workers' average for local SGD, D-PSGD and AL-DSGD.
+  leader/test_accuracy, leader/test_error, leader/test_loss, leader/rank (-1: not a worker)
   leader_by_time/test_error      x-axis: training milliseconds (evaluation excluded)
   worker/<rank>/loss_estimate    each worker's leader-selection estimate
-  comm/bytes_per_worker_step     weights and estimates moved, per worker and step
+  worker/<rank>/bytes_sent_per_step, worker/<rank>/bytes_received_per_step
+  comm/bytes_per_worker_step     weights, gradients and estimates moved (sent + received)
+  comm/bytes_sent_per_worker_step, comm/bytes_received_per_worker_step
   timing/eval_s                  seconds spent in each evaluation
 Every leader/* event's wall time is the run's start plus its *training* time, so TensorBoard's
 "relative" axis shows training time with evaluation excluded.
@@ -38,6 +42,8 @@ class FitResult:
 
     output_dir: str
     status: str
+    algorithm: str
+    evaluated: str  # which model the accuracies are of: "leader (worker 3)", "center", ...
     final_test_accuracy: float | None
     final_test_loss: float | None
     leader: int
@@ -61,12 +67,21 @@ class FitResult:
 
 
 def communication_summary(stats: list[dict[str, Any]], weight_bytes: int) -> dict[str, Any]:
-    """Bytes each worker sent and received (weights, estimates), in total and per worker-step."""
+    """Bytes each worker sent and received (weights, gradients, estimates), in total and per
+    worker-step. "Sent" counts what a worker puts into the object store or pushes through a
+    collective; "received" what it reads from other workers, leaders or servers."""
     steps = max(sum(s["steps"] for s in stats), 1)
+    per_worker = []
+    for s in stats:
+        row = {k: s.get(k, 0) for k in ("rank", "steps", "bytes_sent", "bytes_received", "pulls", "exchanges")}
+        row["bytes_sent_per_step"] = s["bytes_sent"] / max(s["steps"], 1)
+        row["bytes_received_per_step"] = s["bytes_received"] / max(s["steps"], 1)
+        per_worker.append(row)
     return {
         "weight_bytes": weight_bytes,
-        "per_worker": [{k: s[k] for k in ("rank", "steps", "bytes_sent", "bytes_received", "pulls")} for s in stats],
+        "per_worker": per_worker,
         "bytes_per_worker_step": sum(s["bytes_sent"] + s["bytes_received"] for s in stats) / steps,
+        "bytes_sent_per_worker_step": sum(s["bytes_sent"] for s in stats) / steps,
         "bytes_received_per_worker_step": sum(s["bytes_received"] for s in stats) / steps,
     }
 
@@ -75,7 +90,7 @@ def summary_lines(result: FitResult) -> str:
     """The closing lines a run prints: the leader's accuracy and where everything is."""
     t = result.timings
     return (
-        f"lsgd-ray: done. leader (worker {result.leader}) test accuracy {result.final_test_accuracy:.4f}; "
+        f"lsgd-ray: done ({result.algorithm}). {result.evaluated} test accuracy {result.final_test_accuracy:.4f}; "
         f"training {t['train_s']:.1f}s, evaluation {t['eval_s']:.1f}s, start-up {t['startup_s']:.1f}s\n"
         f"  results:     {os.path.join(result.output_dir, 'result.json')}\n"
         f"  weights:     {result.weights_path}\n"
@@ -111,11 +126,16 @@ class RunLogger:
         add("timing/eval_s", record["eval_s"], step, walltime=wall)
         self.writer.flush()
 
-    def log_workers(self, estimates: list[float], samples: int, bytes_per_worker_step: float) -> None:
+    def log_workers(self, estimates: list[float], samples: int, comm: dict[str, Any]) -> None:
+        add = self.writer.add_scalar
         for rank, value in enumerate(estimates):
             if math.isfinite(value):
-                self.writer.add_scalar(f"worker/{rank}/loss_estimate", value, samples)
-        self.writer.add_scalar("comm/bytes_per_worker_step", bytes_per_worker_step, samples)
+                add(f"worker/{rank}/loss_estimate", value, samples)
+        for row in comm["per_worker"]:
+            add(f"worker/{row['rank']}/bytes_sent_per_step", row["bytes_sent_per_step"], samples)
+            add(f"worker/{row['rank']}/bytes_received_per_step", row["bytes_received_per_step"], samples)
+        for key in ("bytes_per_worker_step", "bytes_sent_per_worker_step", "bytes_received_per_worker_step"):
+            add(f"comm/{key}", comm[key], samples)
 
     def close(self) -> None:
         self.writer.flush()

@@ -23,9 +23,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.global_leader import GlobalLeader
 from lsgd_ray._internal.local_leader import LocalLeader
+from lsgd_ray._internal.peer_coordinators import COORDINATORS
 from lsgd_ray._internal.waiting import get_all
 from lsgd_ray._internal.worker import Worker, WorkerSpec
-from lsgd_ray.config import TrainConfig
+from lsgd_ray.algorithms.gossip import base_graph
+from lsgd_ray.config import ConfigError, TrainConfig
 from lsgd_ray.data import DatasetFactory
 from lsgd_ray.flat import load_flat
 from lsgd_ray.models import ModelFactory
@@ -129,9 +131,15 @@ class Trainer:
                         raise
                     time.sleep(0.25)
         topo = self.topology
+        if cfg.algorithm in ("dpsgd", "aldsgd"):  # the graph depends on the number of workers
+            g = cfg.gossip
+            try:
+                base_graph(g.graph, topo.num_workers, g.degree, g.graph_seed)
+            except ValueError as exc:
+                raise ConfigError(f"gossip graph for {topo.num_workers} workers: {exc}") from None
         self._say(
-            f"lsgd-ray: {len(topo.groups)} group(s) x {topo.group_sizes} worker(s), {cfg.lsgd.mode} mode, "
-            f"tau={cfg.lsgd.tau} tau_G={cfg.lsgd.tau_global} lam={cfg.lsgd.lam} lam_G={cfg.lsgd.lam_global}"
+            f"lsgd-ray: {cfg.algorithm}, {len(topo.groups)} group(s) x {topo.group_sizes} worker(s), "
+            f"{cfg.mode} mode, {algorithm_summary(cfg)}"
         )
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, "config.json"), cfg.to_dict())
@@ -144,6 +152,8 @@ class Trainer:
             cpus=cfg.cpus_per_worker,
             gpus=cfg.gpus_per_worker,
             step_delay_s=dict(cfg.straggler_delay_s),
+            num_groups=len(topo.groups),
+            collective_timeout_s=cfg.actor_timeout_s,
         )
         here = ray.get_runtime_context().get_node_id()
         self.local_leaders = [
@@ -163,15 +173,21 @@ class Trainer:
             for plan in topo.groups
         ]
         near_driver = NodeAffinitySchedulingStrategy(here, soft=True)
-        self.global_leader = ray.remote(
-            num_cpus=0, max_concurrency=COORDINATOR_CONCURRENCY, scheduling_strategy=near_driver
-        )(GlobalLeader).remote(self.local_leaders, topo.group_sizes, cfg.lsgd, cfg.actor_timeout_s)
+        coordinator = ray.remote(num_cpus=0, max_concurrency=COORDINATOR_CONCURRENCY, scheduling_strategy=near_driver)
+        if cfg.algorithm == "lsgd":
+            self.global_leader = coordinator(GlobalLeader).remote(
+                self.local_leaders, topo.group_sizes, cfg.lsgd, cfg.actor_timeout_s
+            )
+        else:  # the peers' coordinators play the GlobalLeader's role
+            self.global_leader = coordinator(COORDINATORS[cfg.algorithm]).remote(
+                self.local_leaders, topo.group_sizes, cfg, cfg.actor_timeout_s
+            )
         self.evaluator = ray.remote(num_cpus=0, scheduling_strategy=near_driver)(Evaluator).remote(
             self.model_factory,
             self.dataset_factory,
             cfg.eval_batch_size,
             cfg.gpus_per_worker > 0,
-            cfg.lsgd.mode == "sync",
+            cfg.mode == "sync",
         )
         names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
         infos = get_all(
@@ -182,6 +198,7 @@ class Trainer:
         )
         self.group_infos = infos[:-1]
         self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
+        get_all([self.global_leader.setup.remote()], cfg.actor_timeout_s + 30, [f"{cfg.algorithm} coordinator"])
         worker_infos = [w for g in self.group_infos for w in g["workers"]]
         self.weight_bytes = worker_infos[0]["nbytes"]
         shard = min(w["shard_size"] for w in worker_infos)
@@ -212,7 +229,7 @@ class Trainer:
 
     def worker_weights(self) -> list[np.ndarray]:
         """Every worker's flat weights (parameters then float buffers), by global rank."""
-        return ray.get([w.get_weights.remote() for w in self.workers])
+        return ray.get([w.get_weights.remote(False) for w in self.workers])
 
     def worker_stats(self) -> list[dict[str, Any]]:
         return ray.get([w.stats.remote() for w in self.workers])
@@ -233,6 +250,7 @@ class Trainer:
             "samples": samples,
             "step": status["step"],
             "leader": status["leader"],
+            "evaluated": status["evaluated"],
             **result,
         }
         self.eval_s += result["eval_s"]
@@ -240,14 +258,14 @@ class Trainer:
         if self._logger:
             self._logger.log_eval(record)
             comm = communication_summary(self.worker_stats(), self.weight_bytes)
-            self._logger.log_workers(status["estimates"], samples, comm["bytes_per_worker_step"])
+            self._logger.log_workers(status["estimates"], samples, comm)
         self._progress(record)
         return record
 
     def _progress(self, record: dict[str, Any]) -> None:
         rate = record["samples"] / self.train_s if self.train_s else 0.0
         line = (
-            f"[step {record['step']:>6} | {self.train_s:7.1f}s] leader=worker {record['leader']} "
+            f"[step {record['step']:>6} | {self.train_s:7.1f}s] {record['evaluated']}: "
             f"test_acc={record['test_accuracy']:.4f} test_loss={record['test_loss']:.4f} "
             f"samples={record['samples']:,} ({rate:,.0f}/s)"
         )
@@ -271,7 +289,7 @@ class Trainer:
         error = None
         try:
             self.start()
-            if self.config.lsgd.mode == "sync":
+            if self.config.mode == "sync":
                 self._fit_sync()
             else:
                 self._fit_async()
@@ -294,8 +312,7 @@ class Trainer:
             self.evaluate_leader()
 
     def _fit_async(self) -> None:
-        cfg = self.config.lsgd
-        report_every = max(1, min(cfg.tau, cfg.tau_global))
+        report_every = async_report_period(self.config)
         max_steps = None if not math.isfinite(self.max_step) else int(self.max_step)
         begin = time.perf_counter()
         loops = ray.get(self.global_leader.start_async.remote(report_every, max_steps))
@@ -333,6 +350,8 @@ class Trainer:
         result = FitResult(
             output_dir=os.path.abspath(self.output_dir),
             status="failed" if error else "completed",
+            algorithm=self.config.algorithm,
+            evaluated=final.get("evaluated", status.get("evaluated", "")),
             final_test_accuracy=final.get("test_accuracy"),
             final_test_loss=final.get("test_loss"),
             leader=final.get("leader", status.get("leader", -1)),
@@ -379,6 +398,33 @@ class Trainer:
         self._started = False
 
 
+def algorithm_summary(cfg: TrainConfig) -> str:
+    """The algorithm's settings, for the start-up line."""
+    if cfg.algorithm == "lsgd":
+        c = cfg.lsgd
+        return f"tau={c.tau} tau_G={c.tau_global} lam={c.lam} lam_G={c.lam_global}"
+    if cfg.algorithm == "easgd":
+        return f"tau={cfg.easgd.tau} beta={cfg.easgd.beta} alpha={cfg.easgd.alpha or 'beta/p'}"
+    if cfg.algorithm == "downpour":
+        return f"n_push={cfg.downpour.n_push} n_fetch={cfg.downpour.n_fetch}"
+    if cfg.algorithm == "local_sgd":
+        return f"tau={cfg.local_sgd.tau} tau_G={cfg.local_sgd.tau_global}"
+    if cfg.algorithm in ("dpsgd", "aldsgd"):
+        g = cfg.gossip
+        extra = f" c1={g.c1} c2={g.c2} p1={g.p1} p2={g.p2}" if cfg.algorithm == "aldsgd" else ""
+        return f"graph={g.graph} rotation={g.rotation} tau={g.tau}{extra}"
+    return "gradients all-reduced every step"
+
+
+def async_report_period(cfg: TrainConfig) -> int:
+    """How often (in its own steps) an asynchronous worker reports its progress."""
+    if cfg.algorithm == "easgd":
+        return cfg.easgd.tau
+    if cfg.algorithm == "downpour":
+        return min(cfg.downpour.n_push, cfg.downpour.n_fetch)
+    return max(1, min(cfg.lsgd.tau, cfg.lsgd.tau_global))
+
+
 def fit(
     model_factory: ModelFactory,
     dataset_factory: DatasetFactory,
@@ -387,7 +433,7 @@ def fit(
     optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None,
     run_name: str = "lsgd",
 ) -> FitResult:
-    """Train with LSGD on Ray and return the result (also written to ``config.output_dir``)."""
+    """Train with ``config.algorithm`` (LSGD by default) on Ray and return the result (also written to ``config.output_dir``)."""
     with Trainer(
         model_factory, dataset_factory, config, optimizer_factory=optimizer_factory, run_name=run_name
     ) as trainer:

@@ -34,3 +34,62 @@ def plain_loop(rank: int, num_workers: int, steps: int, cfg: TrainConfig, model_
         return flatten_state(model), losses
     finally:
         torch.set_num_threads(threads)
+
+
+def big_batch_loop(num_workers: int, steps: int, cfg: TrainConfig, model_fn, data_fn):
+    """One process taking, at every step, the union of what the ``num_workers`` workers draw."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(cfg.seed)
+        model = model_fn()
+        optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+        data = data_fn()
+        shards = [shard_indices(len(data.y_train), num_workers, r, cfg.seed) for r in range(num_workers)]
+        streams = [BatchStream(len(s), cfg.batch_size, worker_seed(cfg.seed, r)) for r, s in enumerate(shards)]
+        for _ in range(steps):
+            index = torch.cat([shard[stream.next()] for shard, stream in zip(shards, streams)])
+            loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return flatten_state(model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class StepLoop:
+    """Worker ``rank``'s plain loop, one step at a time (for references that interleave pulls)."""
+
+    def __init__(self, rank: int, num_workers: int, cfg: TrainConfig, model_fn, data_fn) -> None:
+        torch.manual_seed(cfg.seed)
+        self.model = model_fn()
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
+        data = data_fn()
+        shard = shard_indices(len(data.y_train), num_workers, rank, cfg.seed)
+        self.x, self.y = data.x_train[shard], data.y_train[shard]
+        self.stream = BatchStream(len(shard), cfg.batch_size, worker_seed(cfg.seed, rank))
+        self.losses: list[float] = []
+
+    def step(self) -> None:
+        index = self.stream.next()
+        loss = F.cross_entropy(self.model(self.x[index]), self.y[index])
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(loss.item())
+
+    def params(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    def flat(self) -> torch.Tensor:
+        return flatten_state(self.model)
+
+    def lerp_(self, target: torch.Tensor, strength: float) -> None:
+        """``x ← x − strength·(x − target)`` on the model's flat parameters."""
+        with torch.no_grad():
+            offset = 0
+            for p in self.params():
+                n = p.numel()
+                p.lerp_(target[offset : offset + n].view_as(p), strength)
+                offset += n

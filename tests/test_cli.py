@@ -76,3 +76,16 @@ def test_download_offline_fails_clearly(tmp_path, capsys):
     code = main(["download", "mnist", "--data-dir", str(tmp_path)])
     assert code == 1
     assert "could not download mnist" in capsys.readouterr().err
+
+
+def test_peer_flags_reach_their_configs():
+    parse = build_parser().parse_args
+    cfg = config_from_args(parse(["train", "--algorithm", "aldsgd", "--graph", "torus", "--c1", "0.2", "--tau", "2"]))
+    assert cfg.algorithm == "aldsgd" and cfg.mode == "sync"
+    assert (cfg.gossip.graph, cfg.gossip.c1, cfg.gossip.tau, cfg.gossip.rotation) == ("torus", 0.2, 2, "matchings")
+    assert config_from_args(parse(["train", "--algorithm", "dpsgd"])).gossip.tau == 1  # gossip's own default
+    cfg = config_from_args(parse(["train", "--algorithm", "easgd", "--mode", "async", "--beta", "0.5"]))
+    assert cfg.mode == "async" and cfg.easgd.beta == 0.5 and cfg.easgd.moving_rate(4) == 0.125
+    assert config_from_args(parse(["train", "--algorithm", "downpour"])).mode == "async"
+    cfg = config_from_args(parse(["train", "--algorithm", "local_sgd", "--tau", "8", "--tau-global", "32"]))
+    assert (cfg.local_sgd.tau, cfg.local_sgd.tau_global) == (8, 32)

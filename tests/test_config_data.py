@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from lsgd_ray.config import ConfigError, LSGDConfig, OptimizerConfig, TrainConfig
+from lsgd_ray.config import (
+    ConfigError,
+    DownpourConfig,
+    EASGDConfig,
+    GossipConfig,
+    LocalSGDConfig,
+    LSGDConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
 from lsgd_ray.data import BatchStream, DatasetNotFoundError, dataset_factory, digits, shard_indices, synthetic
 from lsgd_ray.flat import FlatState, flatten_state, load_flat
 from lsgd_ray.models import model_factory
@@ -25,7 +34,20 @@ BAD_CONFIGS = [
     (lambda: OptimizerConfig(name="lbfgs"), "unknown optimizer 'lbfgs'; choose one of"),
     (lambda: OptimizerConfig(lr=0), "lr must be a positive number"),
     (lambda: OptimizerConfig(momentum=0.0), "nesterov=True needs momentum > 0"),
-    (lambda: TrainConfig(algorithm="sgd-magic", epochs=1), "unknown algorithm 'sgd-magic'; choose one of: lsgd"),
+    (
+        lambda: TrainConfig(algorithm="sgd-magic", epochs=1),
+        "unknown algorithm 'sgd-magic'; choose one of: aldsgd, data_parallel, downpour, dpsgd, easgd, local_sgd, lsgd",
+    ),
+    (lambda: LSGDConfig(proximal=2.0), "proximal .* must be in \\[0, 1\\]"),
+    (lambda: EASGDConfig(beta=1.5), "beta .* must be in \\[0, 1\\]"),
+    (lambda: EASGDConfig(alpha=-0.1), "alpha .* must be in \\[0, 1\\]"),
+    (lambda: EASGDConfig(mode="bulk"), "unknown mode 'bulk'"),
+    (lambda: DownpourConfig(n_push=0), "n_push .* positive integer"),
+    (lambda: LocalSGDConfig(tau_global=0), "tau_global .* positive integer"),
+    (lambda: GossipConfig(graph="star"), "unknown graph 'star'; choose one of: ring, torus, random_regular, complete"),
+    (lambda: GossipConfig(rotation="spin"), "unknown rotation 'spin'; choose one of: matchings, none"),
+    (lambda: GossipConfig(c1=0.7, c2=0.5), "c1 \\+ c2 must be <= 1"),
+    (lambda: TrainConfig(epochs=1, easgd=LSGDConfig()), "easgd must be a EASGDConfig"),
     (lambda: TrainConfig(), "set a budget"),
     (lambda: TrainConfig(epochs=1, num_groups=0), "num_groups must be a positive integer"),
     (lambda: TrainConfig(epochs=1, batch_size=0), "batch_size must be a positive integer"),

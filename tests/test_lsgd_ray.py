@@ -214,7 +214,10 @@ def test_async_mode_straggler_never_stalls_the_others(tmp_path):
     steps = [s["steps"] for s in stats]
     assert result.status == "completed"
     assert min(steps[1:]) >= 4 * steps[0], steps  # the others ran at their own speed
-    assert all(s["pulls"] > 0 for s in stats[1:])
+    # Pulls kept flowing. A fast worker that led its group and the whole run at every pull is
+    # never pulled (seen once in a full-suite run), so not every one of them must have been.
+    assert stats[0]["pulls"] > 0, stats  # the straggler never leads: it is always pulled
+    assert sum(s["pulls"] > 0 for s in stats[1:]) >= 2, (stats, result.leader_counts)
     assert result.final_test_accuracy > 0.5
     assert len(result.history) >= 2  # evaluations happened while training ran
     assert result.timings["train_s"] < 8.0 + 5.0

@@ -6,7 +6,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from lsgd_ray import LSGDConfig, TrainConfig, Trainer
+from lsgd_ray import EASGDConfig, LSGDConfig, TrainConfig, Trainer
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
 
@@ -49,4 +49,31 @@ def test_each_group_runs_on_its_own_node_and_converges(cluster, tmp_path):
     assert result.final_test_accuracy > 0.7  # chance is 0.25
     assert {g["node_id"] for g in result.topology} == {n.node_id for n in nodes}
     # leader weights crossed nodes: every worker received some
+    assert all(w["bytes_received"] > 0 for w in result.communication["per_worker"])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "algorithm", ["data_parallel", "local_sgd", "easgd", "easgd_async", "downpour", "dpsgd", "aldsgd"]
+)
+def test_every_peer_trains_across_nodes(cluster, tmp_path, algorithm):
+    """Collectives across raylets, the parameter server on another node, neighbours' weights
+    read from another node's object store."""
+    c, nodes = cluster
+    name = algorithm.removesuffix("_async")
+    easgd = EASGDConfig(mode="async" if algorithm.endswith("_async") else "sync")
+    cfg = TrainConfig(
+        algorithm=name,
+        batch_size=32,
+        epochs=6,
+        eval_every_s=2.0,
+        easgd=easgd,
+        output_dir=str(tmp_path / "run"),
+        quiet=True,
+    )
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        assert sorted(g.node_id for g in trainer.topology.groups) == sorted(n.node_id for n in nodes)
+        result = trainer.fit()
+    assert result.status == "completed"
+    assert result.final_test_accuracy > 0.7  # chance is 0.25
     assert all(w["bytes_received"] > 0 for w in result.communication["per_worker"])

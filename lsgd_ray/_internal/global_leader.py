@@ -44,6 +44,9 @@ class GlobalLeader:
         self._total_steps = 0
         self._group_best: list[tuple[int, float]] = [(-1, math.inf)] * self.num_groups
 
+    def setup(self) -> None:
+        """Nothing to prepare (the peers' coordinators share this interface)."""
+
     def _handles(self) -> list[Any]:
         if self._worker_handles is None:
             per_group = get_all([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s, self._names)
@@ -116,13 +119,14 @@ class GlobalLeader:
             )
             rank = select_leader([s["estimate"] for s in estimates])
             self.leader = max(rank, 0)
-        return [self._handles()[self.leader].get_weights.remote()]
+        return [self._handles()[self.leader].get_weights.remote(False)]
 
     def status(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "rounds": self.rounds,
             "leader": self.leader,
+            "evaluated": f"leader (worker {self.leader})",
             "leader_estimate": self.leader_estimate,
             "estimates": list(self.estimates),
             "leader_counts": list(self.leader_counts),

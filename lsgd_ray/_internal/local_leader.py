@@ -142,21 +142,43 @@ class LocalLeader:
         self._pending_local = None
         get_all(calls, self.timeout_s, self._names())
 
-    def _pull_each(self, ref: ray.ObjectRef, strength: float, skip: int) -> None:
+    def _pull_each(self, ref: ray.ObjectRef, strength: float, skip: int, kind: str) -> None:
         """Asynchronous mode: every worker but ``skip`` queues a pull; nobody waits."""
         for i, w in enumerate(self.workers):
             if i != skip:
-                w.pull.remote(ref, strength)
+                w.pull.remote(ref, strength, False, kind)
+
+    # ------------------------------------------------------------------ the peers' rounds
+
+    def call_workers(self, method: str, args: list[tuple], num_returns: int = 1) -> dict[str, Any]:
+        """Call ``method`` on every worker with its own ``args`` (started together, then one
+        wait). Object references in ``args`` reach the workers as top-level arguments, so each
+        worker reads them straight from its node's object store. With ``num_returns=2`` the
+        second returns (published weights) come back as wrapped references, never fetched here."""
+        calls = [getattr(w, method).options(num_returns=num_returns).remote(*a) for w, a in zip(self.workers, args)]
+        firsts = calls if num_returns == 1 else [c[0] for c in calls]
+        results = get_all(firsts, self.timeout_s, self._names())
+        refs = [] if num_returns == 1 else [[c[1]] for c in calls]
+        return {"group": self.plan.group, "results": results, "refs": refs}
 
     # ------------------------------------------------------------------ asynchronous mode
 
-    def start_async(self, global_leader: Any, lam: float, tau: int, report_every: int, max_steps: int | None):
-        """Start every worker's own training loop; returns their result references."""
+    def start_async(
+        self,
+        global_leader: Any,
+        lam: float,
+        tau: int,
+        report_every: int,
+        max_steps: int | None,
+        exchange: Any = None,
+    ) -> list[ray.ObjectRef]:
+        """Start every worker's own training loop; returns their result references.
+        ``exchange``: a peer's per-step schedule (EASGD, DOWNPOUR), handed to every worker."""
         self._global_leader, self._lam = global_leader, lam
         self._local_period = tau * len(self.workers)  # l·τ steps summed over the group
         self._group_steps = 0
         handle = ray.get_runtime_context().current_actor
-        return [w.run_async.remote(handle, report_every, max_steps) for w in self.workers]
+        return [w.run_async.remote(handle, report_every, max_steps, exchange) for w in self.workers]
 
     def report(self, index: int, steps: int, estimate: float) -> None:
         """A worker took ``steps`` more steps; pull the group toward its leader when due."""
@@ -174,7 +196,7 @@ class LocalLeader:
             self.leader_index = leader
         if due:
             ref = self.workers[leader].get_weights.remote()
-            self._pull_each(ref, self._lam, skip=leader)
+            self._pull_each(ref, self._lam, skip=leader, kind="local")
         if self._global_leader is not None:
             self._global_leader.report.remote(
                 self.plan.group,
@@ -186,4 +208,4 @@ class LocalLeader:
     def async_pull(self, wrapped_ref: list[ray.ObjectRef], strength: float, skip_rank: int) -> None:
         """Asynchronous global pull: forward the reference without waiting on anyone."""
         skip = self.ranks.index(skip_rank) if skip_rank in self.ranks else -1
-        self._pull_each(wrapped_ref[0], strength, skip=skip)
+        self._pull_each(wrapped_ref[0], strength, skip=skip, kind="global")

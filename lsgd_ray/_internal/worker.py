@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lsgd_ray._internal.worker_peers import PeerWorkerMixin
 from lsgd_ray.algorithms.lsgd import LossWindow, pull_toward
 from lsgd_ray.config import LSGDConfig, OptimizerConfig
 from lsgd_ray.data import BatchStream, DatasetFactory, shard_indices, worker_seed
-from lsgd_ray.flat import FlatState, as_tensor
+from lsgd_ray.flat import FlatState
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory, build_optimizer
 
@@ -40,6 +41,8 @@ class WorkerSpec:
     cpus: float = 1.0
     gpus: float = 0.0
     step_delay_s: dict[int, float] = field(default_factory=dict)
+    num_groups: int = 1
+    collective_timeout_s: float = 120.0
 
 
 def node_id() -> str:
@@ -48,7 +51,7 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-class Worker:
+class Worker(PeerWorkerMixin):
     def __init__(
         self,
         rank: int,
@@ -90,8 +93,10 @@ class Worker:
         self.pulls = 0
         self.pull_s = 0.0  # time in the pull arithmetic (on a GPU: launch time only, no sync)
         self.last_loss = math.inf
+        # proximal option: the last leaders seen, pulled toward a little after every step
+        self._last_leaders: dict[str, tuple[torch.Tensor, float]] = {}
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
-        self._pending: list[tuple[np.ndarray, float]] = []
+        self._pending: list[tuple[np.ndarray, float, str]] = []
         self._snapshot_requests: list[dict[str, Any]] = []
         self._async = False
         self._stop = threading.Event()
@@ -120,6 +125,7 @@ class Worker:
             "bytes_received": self.bytes_received,
             "pulls": self.pulls,
             "pull_s": self.pull_s,
+            "exchanges": self.exchanges,
             "estimate": self.window.mean() if self._async else self.estimate(),
             "last_loss": self.last_loss,
         }
@@ -131,7 +137,10 @@ class Worker:
         loss = F.cross_entropy(self.model(self.x[index]), self.y[index])
         self.state.zero_grad()
         loss.backward()
+        self._after_backward()
         self.optimizer.step()
+        for leader, strength in self._last_leaders.values():
+            pull_toward(self.state.flat, leader, strength)
         self._recent.append(loss.detach())
         self.steps += 1
         if self.delay:
@@ -163,9 +172,11 @@ class Worker:
         local_strength: float = 0.0,
         global_: np.ndarray | None = None,
         global_strength: float = 0.0,
+        average: str | None = None,
     ) -> dict[str, Any]:
         """Synchronous mode: apply the previous round's pulls (local, then global), then take
-        ``num_steps`` local steps and return the loss estimate.
+        ``num_steps`` local steps and return the loss estimate. Local SGD: ``average`` ("local"
+        or "global") averages the weights after the steps.
 
         The leader arrays arrive as top-level arguments, so Ray resolves them before the call
         runs: zero-copy views of the object store, and the leader's own snapshot is taken
@@ -176,6 +187,7 @@ class Worker:
         self.model.train()
         for _ in range(num_steps):
             self._step()
+        self.average_weights(average)
         estimate = self.estimate()
         self.bytes_sent += 8  # the estimate travels to the LocalLeader
         elapsed = time.perf_counter() - start
@@ -184,13 +196,15 @@ class Worker:
 
     # ------------------------------------------------------------------ leader weights
 
-    def get_weights(self) -> np.ndarray:
+    def get_weights(self, count: bool = True) -> np.ndarray:
         """This worker's flat weights, to be stored once in the object store as the leader's.
 
         Ray serialises the returned array into shared memory; the caller owns the object.
         While the asynchronous loop runs, a consistent snapshot is taken between steps.
+        ``count=False`` for reads that are not the algorithm's traffic (evaluation, checks).
         """
-        self.bytes_sent += self.state.nbytes
+        if count:
+            self.bytes_sent += self.state.nbytes
         with self._lock:
             if self._async:  # the training thread takes the snapshot between two steps
                 request: dict[str, Any] = {"done": threading.Event()}
@@ -210,7 +224,9 @@ class Worker:
                 request["weights"] = weights
                 request["done"].set()
 
-    def pull(self, leader: np.ndarray, strength: float, inspect: bool = False) -> dict[str, Any] | None:
+    def pull(
+        self, leader: np.ndarray, strength: float, inspect: bool = False, kind: str = "global"
+    ) -> dict[str, Any] | None:
         """``x ← x − strength·(x − leader)``; ``leader`` is a read-only view of the object store.
 
         With ``inspect`` it also says where that array lives (for the zero-copy tests).
@@ -219,9 +235,9 @@ class Worker:
         where = memory_region(leader) if inspect else None
         with self._lock:
             if self._async:
-                self._pending.append((leader, strength))
+                self._pending.append((leader, strength, kind))
             else:
-                self._apply_pull(leader, strength)
+                self._apply_pull(leader, strength, kind)
         return where
 
     def apply_pulls(
@@ -234,19 +250,21 @@ class Worker:
         """Synchronous mode: the local pull, then the global one, in one call (order matters:
         two pulls do not commute, and separate calls to this threaded actor may overlap)."""
         with self._lock:
-            for leader, strength in ((local, local_strength), (global_, global_strength)):
+            for leader, strength, kind in ((local, local_strength, "local"), (global_, global_strength, "global")):
                 if leader is not None and strength > 0:
                     self.bytes_received += leader.nbytes
-                    self._apply_pull(leader, strength)
+                    self._apply_pull(leader, strength, kind)
 
-    def _apply_pull(self, leader: np.ndarray, strength: float) -> None:
-        source = as_tensor(leader)
-        if source.device != self.device:
-            source = source.to(self.device, non_blocking=False)  # one host-to-device copy
+    def _apply_pull(self, leader: np.ndarray, strength: float, kind: str) -> None:
+        source = self.on_device(leader)  # on a GPU: one host-to-device copy
         start = time.perf_counter()
         pull_toward(self.state.flat, source, strength)
         self.pull_s += time.perf_counter() - start
         self.pulls += 1
+        cfg = self.spec.lsgd
+        if cfg.proximal > 0:  # keep the leader (a view of the object store) for the per-step pull
+            period = cfg.tau if kind == "local" else cfg.tau_global
+            self._last_leaders[kind] = (source, cfg.proximal / period)
 
     def load_weights(self, weights: np.ndarray) -> None:
         with self._lock:
@@ -254,11 +272,14 @@ class Worker:
 
     # ------------------------------------------------------------------ asynchronous mode
 
-    def run_async(self, local_leader: Any, report_every: int, max_steps: int | None) -> dict[str, Any]:
+    def run_async(
+        self, local_leader: Any, report_every: int, max_steps: int | None, exchange: Any = None
+    ) -> dict[str, Any]:
         """Train at this worker's own speed until ``stop()`` or ``max_steps``.
 
         Every ``report_every`` steps it tells its LocalLeader how many steps it took and its
-        estimate (fire and forget: it never waits on anyone).
+        estimate (fire and forget: it never waits on anyone). ``exchange`` is a peer's own
+        schedule (EASGD's elastic exchange, DOWNPOUR's pushes and fetches), run after each step.
         """
         self._async, since_report = True, 0
         self._stop.clear()
@@ -269,6 +290,8 @@ class Worker:
                 self._apply_pending_pulls()
                 self._serve_snapshots()
                 self._step()
+                if exchange is not None:
+                    exchange.after_step(self)
                 since_report += 1
                 if since_report == report_every:
                     self._report(local_leader, since_report)
@@ -286,8 +309,8 @@ class Worker:
     def _apply_pending_pulls(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for leader, strength in pending:
-            self._apply_pull(leader, strength)
+        for leader, strength, kind in pending:
+            self._apply_pull(leader, strength, kind)
 
     def _report(self, local_leader: Any, steps: int) -> None:
         self.bytes_sent += 16  # step count and estimate

@@ -1,0 +1,285 @@
+"""Coordinators for the peer algorithms: the GlobalLeader's role for each of them.
+
+Each drives its algorithm's rounds over the LocalLeaders (who call their own workers) and has
+the GlobalLeader's interface (``run_rounds``, ``status``, ``leader_weights``, ``start_async``,
+``report``), so the Trainer, the logs and the result files are the same for every algorithm.
+None of them imports torch, and none touches weights on the training path: weights travel as
+object references (EASGD's differences go straight to the ParameterServer; gossip neighbours
+read each other's published weights), or inside the workers' own collectives.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from lsgd_ray._internal.parameter_server import ParameterServer
+from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.worker_peers import DownpourExchange, ElasticExchange
+from lsgd_ray.algorithms import gossip, local_sgd
+from lsgd_ray.config import TrainConfig
+
+ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
+
+
+class PeerCoordinator:
+    evaluated = "average of the workers"
+
+    def __init__(self, local_leaders: list[Any], group_sizes: list[int], config: TrainConfig, timeout_s: float) -> None:
+        self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
+        self.num_workers = sum(group_sizes)
+        self.step = 0
+        self.rounds = 0
+        self.estimates = [math.inf] * self.num_workers
+        self.round_wall_s = 0.0
+        self.round_compute_s = 0.0
+        self._names = [f"LocalLeader {g}" for g in range(len(local_leaders))]
+        self._worker_handles: list[Any] | None = None
+        self._lock = threading.Lock()
+        self._total_steps = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _handles(self) -> list[Any]:
+        if self._worker_handles is None:
+            per_group = get_all([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s, self._names)
+            self._worker_handles = [h for group in per_group for h in group]
+        return self._worker_handles
+
+    def _worker_names(self) -> list[str]:
+        return [f"worker {r}" for r in range(self.num_workers)]
+
+    def _call(self, method: str, args: list[tuple], num_returns: int = 1) -> tuple[list[Any], list[Any]]:
+        """``method`` on every worker (``args`` by global rank) through the LocalLeaders:
+        (results, wrapped second returns) by rank."""
+        calls, first = [], 0
+        for ll, size in zip(self.local_leaders, self.group_sizes):
+            calls.append(ll.call_workers.remote(method, args[first : first + size], num_returns))
+            first += size
+        replies = get_all(calls, self.timeout_s, self._names)
+        results = [r for reply in replies for r in reply["results"]]
+        refs = [ref for reply in replies for ref in reply["refs"]]
+        return results, refs
+
+    def setup(self) -> None:
+        """Anything the algorithm needs before its first step (collectives, the server)."""
+
+    def _setup_collective(self, allreduce_grads: bool) -> None:
+        handles = self._handles()
+        address = get_all([handles[0].collective_address.remote()], self.timeout_s, ["worker 0"])[0]
+        groups, first = [], 0
+        for size in self.group_sizes:
+            groups.append(list(range(first, first + size)))
+            first += size
+        backend = "nccl" if self.cfg.gpus_per_worker >= 1 else "gloo"
+        get_all(
+            [h.setup_collective.remote(address, self.num_workers, groups, backend, allreduce_grads) for h in handles],
+            self.timeout_s,
+            self._worker_names(),
+            hint="torch.distributed could not form its process group",
+        )
+
+    # ------------------------------------------------------------------ synchronous rounds
+
+    def run_rounds(self, max_seconds: float, max_step: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        while self.step < max_step and time.perf_counter() - start < max_seconds:
+            round_start = time.perf_counter()
+            target = min(self._next_step(self.step), max_step)
+            results = self._train(target - self.step, target)
+            self.estimates = [r["estimate"] for r in results]
+            self.step, self.rounds = target, self.rounds + 1
+            self.round_wall_s += time.perf_counter() - round_start
+            self.round_compute_s += max(r["compute_s"] for r in results)
+        finish = time.perf_counter()
+        self._finish()
+        self.round_wall_s += time.perf_counter() - finish
+        return self.status()
+
+    def _next_step(self, step: int) -> int:
+        return step + ROUND_STEPS
+
+    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
+        raise NotImplementedError(f"{type(self).__name__} has no synchronous mode")
+
+    def _finish(self) -> None:
+        """Apply whatever the last round left pending, so every worker's weights are current."""
+
+    # ------------------------------------------------------------------ what gets evaluated
+
+    def leader_weights(self) -> list[ray.ObjectRef]:
+        """The model this algorithm evaluates, by reference (wrapped): here the workers' mean."""
+        arrays = ray.get([h.get_weights.remote(False) for h in self._handles()])
+        mean = np.zeros_like(arrays[0])
+        for array in arrays:
+            mean += array
+        mean /= len(arrays)
+        return [ray.put(mean)]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "rounds": self.rounds,
+            "leader": -1,
+            "evaluated": self.evaluated,
+            "leader_estimate": min(self.estimates, default=math.inf),
+            "estimates": list(self.estimates),
+            "leader_counts": [],
+            "leader_changes": [],
+            "round_wall_s": self.round_wall_s,
+            "round_compute_s": self.round_compute_s,
+            "global_pulls": 0,
+            "local_pulls": 0,
+            "total_steps": self._total_steps or self.step * self.num_workers,
+        }
+
+    # ------------------------------------------------------------------ asynchronous mode
+
+    def _exchange(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no asynchronous mode")
+
+    def start_async(self, report_every: int, max_steps: int | None) -> list[ray.ObjectRef]:
+        handle = ray.get_runtime_context().current_actor
+        exchange = self._exchange()
+        per_group = get_all(
+            [ll.start_async.remote(handle, 0.0, 1, report_every, max_steps, exchange) for ll in self.local_leaders],
+            self.timeout_s,
+            self._names,
+        )
+        return [ref for group in per_group for ref in group]
+
+    def report(self, group: int, steps: int, best_rank: int, best_estimate: float) -> None:
+        with self._lock:
+            self._total_steps += steps
+            self.step = self._total_steps // self.num_workers
+            if best_rank >= 0:
+                self.estimates[best_rank] = best_estimate
+
+
+class DataParallel(PeerCoordinator):
+    """Gradients all-reduced every step inside the workers' own torch.distributed group."""
+
+    evaluated = "worker 0 (all workers are equal)"
+
+    def setup(self) -> None:
+        self._setup_collective(allreduce_grads=True)
+
+    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
+        return self._call("train", [(num_steps,)] * self.num_workers)[0]
+
+    def leader_weights(self) -> list[ray.ObjectRef]:
+        return [self._handles()[0].get_weights.remote(False)]
+
+
+class LocalSGD(PeerCoordinator):
+    """Average within each group every τ steps and over everyone every τ_G steps."""
+
+    def setup(self) -> None:
+        self._setup_collective(allreduce_grads=False)
+
+    def _next_step(self, step: int) -> int:
+        c = self.cfg.local_sgd
+        return local_sgd.next_averaging_step(step, c.tau, c.tau_global)
+
+    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
+        c = self.cfg.local_sgd
+        scope = local_sgd.averaging_scope(target, c.tau, c.tau_global)
+        return self._call("train", [(num_steps, None, 0.0, None, 0.0, scope)] * self.num_workers)[0]
+
+
+class EASGD(PeerCoordinator):
+    """Workers and the ParameterServer's center pull toward each other every τ steps."""
+
+    evaluated = "center"
+
+    def setup(self) -> None:
+        first = self._handles()[0].get_weights.remote(False)  # every worker starts from the same weights
+        self.server = ray.remote(num_cpus=0, max_concurrency=1)(ParameterServer).remote(first)
+        self.center_ref = self.server.get.remote()
+        self.alpha = self.cfg.easgd.moving_rate(self.num_workers)
+
+    def _next_step(self, step: int) -> int:
+        return (step // self.cfg.easgd.tau + 1) * self.cfg.easgd.tau
+
+    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
+        results, diffs = self._call(
+            "train_elastic", [(num_steps, self.alpha, self.center_ref)] * self.num_workers, num_returns=2
+        )
+        # the next round's center, computed from the differences without waiting here
+        self.center_ref = self.server.elastic_round.remote(self.alpha, *[d[0] for d in diffs])
+        return results
+
+    def leader_weights(self) -> list[ray.ObjectRef]:
+        return [self.center_ref if self.cfg.mode == "sync" else self.server.get.remote()]
+
+    def _exchange(self) -> Any:
+        return ElasticExchange(self.server, self.cfg.easgd.tau, self.alpha)
+
+
+class Downpour(EASGD):
+    """An asynchronous parameter server: workers push updates and fetch the server's weights."""
+
+    evaluated = "parameter server"
+
+    def _exchange(self) -> Any:
+        c = self.cfg.downpour
+        return DownpourExchange(self.server, c.n_push, c.n_fetch)
+
+    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
+        raise NotImplementedError("DOWNPOUR is asynchronous only")
+
+    def leader_weights(self) -> list[ray.ObjectRef]:
+        return [self.server.get.remote()]
+
+
+class Gossip(PeerCoordinator):
+    """D-PSGD and AL-DSGD: after each round every worker mixes with its active neighbours'
+    published weights; this actor only hands out references and mixing coefficients."""
+
+    def setup(self) -> None:
+        c = self.cfg.gossip
+        self.edges = gossip.base_graph(c.graph, self.num_workers, c.degree, c.graph_seed)
+        corrective = self.cfg.algorithm == "aldsgd"
+        self.coefs = {k: getattr(c, k) if corrective else 0.0 for k in ("c1", "c2", "p1", "p2")}
+        self.pending: list[tuple] | None = None
+
+    def _next_step(self, step: int) -> int:
+        return (step // self.cfg.gossip.tau + 1) * self.cfg.gossip.tau
+
+    def _mix_args(self, num_steps: int) -> list[tuple]:
+        if self.pending is None:
+            return [(num_steps, 1.0, [])] * self.num_workers
+        return [(num_steps, *p) for p in self.pending]
+
+    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
+        results, published = self._call("train_gossip", self._mix_args(num_steps), num_returns=2)
+        active = gossip.active_edges(self.rounds, self.edges, self.cfg.gossip.rotation)
+        adjacency = gossip.neighbours(active, self.num_workers)
+        alpha = gossip.gossip_alpha(adjacency)
+        estimates = [r["estimate"] for r in results]
+        self.pending = []
+        for i in range(self.num_workers):
+            weights = gossip.mixing_weights(i, adjacency, estimates, alpha, **self.coefs)
+            others = [r for r in weights if r != i]
+            self.pending.append((weights.get(i, 0.0), [weights[r] for r in others], *[published[r][0] for r in others]))
+        return results
+
+    def _finish(self) -> None:
+        if self.pending is not None:
+            self._call("train_gossip", self._mix_args(0), num_returns=2)
+            self.pending = None
+
+
+COORDINATORS: dict[str, type[PeerCoordinator]] = {
+    "data_parallel": DataParallel,
+    "local_sgd": LocalSGD,
+    "easgd": EASGD,
+    "downpour": Downpour,
+    "dpsgd": Gossip,
+    "aldsgd": Gossip,
+}

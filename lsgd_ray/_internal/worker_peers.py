@@ -1,0 +1,177 @@
+"""The peers' side of a Worker: collectives (data-parallel SGD, local SGD), the elastic exchange
+(EASGD), parameter-server pushes and fetches (DOWNPOUR) and neighbour mixing (D-PSGD, AL-DSGD).
+
+A mixin of ``Worker``: it uses the worker's flat state, step loop and byte counters. The maths
+is in ``lsgd_ray.algorithms``; this file only moves data.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lsgd_ray.algorithms import downpour, easgd
+from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
+from lsgd_ray.algorithms.gossip import mix_
+from lsgd_ray.flat import as_tensor
+
+
+def free_address() -> str:
+    """A TCP rendezvous address on this node for torch.distributed."""
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+
+@dataclass(frozen=True)
+class ElasticExchange:
+    """Asynchronous EASGD: every ``tau`` of this worker's steps, exchange with the center."""
+
+    server: Any
+    tau: int
+    alpha: float
+
+    def after_step(self, worker: Any) -> None:
+        if worker.steps % self.tau:
+            return
+        import ray
+
+        center = worker.on_device(ray.get(self.server.get.remote()))
+        diff = easgd.elastic_worker_step(worker.state.flat, center, self.alpha)
+        self.server.add.remote(diff.cpu().numpy(), self.alpha)  # fire and forget
+        worker.bytes_received += worker.state.nbytes
+        worker.bytes_sent += worker.state.nbytes
+        worker.exchanges += 1
+
+
+@dataclass(frozen=True)
+class DownpourExchange:
+    """DOWNPOUR: push the accumulated update every ``n_push`` steps, fetch every ``n_fetch``."""
+
+    server: Any
+    n_push: int
+    n_fetch: int
+
+    def after_step(self, worker: Any) -> None:
+        flat = worker.state.flat
+        if worker.base is None:
+            worker.base = flat.clone()
+        if downpour.due(worker.steps, self.n_push):
+            update = downpour.accumulated_update(flat, worker.base)
+            self.server.add.remote(update.cpu().numpy(), 1.0)
+            worker.base.copy_(flat)
+            worker.bytes_sent += worker.state.nbytes
+            worker.exchanges += 1
+        if downpour.due(worker.steps, self.n_fetch):
+            import ray
+
+            flat.copy_(worker.on_device(ray.get(self.server.get.remote())))
+            worker.base.copy_(flat)
+            worker.bytes_received += worker.state.nbytes
+
+
+class PeerWorkerMixin:
+    """Methods the peer coordinators call on a Worker."""
+
+    _dist_group: Any = None  # this worker's group's process group (local SGD)
+    _allreduce_grads = False  # data-parallel SGD
+    exchanges = 0
+    base: torch.Tensor | None = None  # DOWNPOUR: weights at the last push or fetch
+
+    # ------------------------------------------------------------------ collectives
+
+    def collective_address(self) -> str:
+        return free_address()
+
+    def setup_collective(
+        self, address: str, world_size: int, groups: list[list[int]], backend: str, allreduce_grads: bool
+    ) -> None:
+        """Join the run's torch.distributed world (every worker calls this at the same time) and
+        the process group of every group (each rank must create all of them, in order)."""
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=self.spec.collective_timeout_s)
+        dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=world_size, timeout=timeout)
+        for ranks in groups:
+            group = dist.new_group(ranks, timeout=timeout)
+            if self.rank in ranks:
+                self._dist_group, self._group_size = group, len(ranks)
+        self._world_size = world_size
+        self._allreduce_grads = allreduce_grads
+
+    def _after_backward(self) -> None:
+        """Data-parallel SGD: average the flat gradient over all workers before the step."""
+        if self._allreduce_grads and self._world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(self.state.grad)
+            self.state.grad.div_(self._world_size)
+            moved = ring_allreduce_bytes(self.state.grad.numel() * self.state.grad.element_size(), self._world_size)
+            self.bytes_sent += moved
+            self.bytes_received += moved
+
+    def average_weights(self, scope: str | None) -> None:
+        """Local SGD: replace the flat weights by their mean over the group or over everyone."""
+        if scope is None:
+            return
+        import torch.distributed as dist
+
+        size = self._world_size if scope == "global" else self._group_size
+        if size < 2:
+            return
+        group = None if scope == "global" else self._dist_group
+        dist.all_reduce(self.state.flat, group=group)
+        self.state.flat.div_(size)
+        moved = ring_allreduce_bytes(self.state.nbytes, size)
+        self.bytes_sent += moved
+        self.bytes_received += moved
+        self.exchanges += 1
+
+    def close_collective(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ EASGD (synchronous)
+
+    def train_elastic(self, num_steps: int, alpha: float, center: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+        """``num_steps`` local steps, then the elastic exchange with ``center`` (a view of the
+        object store); returns the round's result and the difference ``x − x̃`` for the center."""
+        result = self.train(num_steps)
+        diff = easgd.elastic_worker_step(self.state.flat, self.on_device(center), alpha)
+        self.bytes_received += center.nbytes
+        self.bytes_sent += self.state.nbytes
+        self.exchanges += 1
+        return result, diff.cpu().numpy()
+
+    # ------------------------------------------------------------------ D-PSGD / AL-DSGD
+
+    def train_gossip(
+        self, num_steps: int, self_weight: float, weights: list[float], *neighbours: np.ndarray
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        """Mix with the neighbours' weights published last round (``x ← self_weight·x + Σ w·x_j``),
+        take ``num_steps`` steps, and publish this worker's weights for its next neighbours."""
+        if neighbours or self_weight != 1.0:
+            mix_(self.state.flat, self_weight, [self.on_device(n) for n in neighbours], weights)
+            self.bytes_received += sum(n.nbytes for n in neighbours)
+            self.exchanges += 1
+        if not num_steps:  # the coordinator's flush: nobody reads what this call publishes
+            return {"rank": self.rank, "estimate": self.estimate(), "compute_s": 0.0}, self.state.to_numpy()
+        result = self.train(num_steps)
+        self.bytes_sent += self.state.nbytes
+        return result, self.state.to_numpy()
+
+    # ------------------------------------------------------------------ helpers
+
+    def on_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        source = as_tensor(array)
+        return source if source.device == self.device else source.to(self.device)

@@ -1,0 +1,221 @@
+"""Every peer algorithm on one local Ray: it trains, its bytes match theory, and its degenerate
+settings reproduce the simpler algorithm they reduce to."""
+
+import functools
+import json
+
+import pytest
+import ray
+import torch
+
+from lsgd_ray import (
+    ConfigError,
+    EASGDConfig,
+    GossipConfig,
+    LocalSGDConfig,
+    LSGDConfig,
+    OptimizerConfig,
+    TrainConfig,
+    Trainer,
+)
+from lsgd_ray.algorithms import gossip
+from lsgd_ray.algorithms.communication import expected_bytes
+from lsgd_ray.algorithms.lsgd import sync_round
+from lsgd_ray.data import synthetic
+from lsgd_ray.models import mlp
+from tests.helpers import StepLoop, big_batch_loop, plain_loop
+
+MODEL = functools.partial(mlp, (16,), 4, hidden=32)
+DATA = functools.partial(synthetic, n_train=1024, n_test=512)
+PLAIN_SGD = OptimizerConfig(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0)
+S = sum(p.numel() for p in MODEL().parameters()) * 4  # bytes of flat weights (the MLP has no buffers)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path, algorithm, **kw):
+    defaults = dict(num_groups=2, workers_per_group=2, batch_size=32, eval_every_s=1.0, quiet=True)
+    defaults.update(kw)
+    return TrainConfig(algorithm=algorithm, output_dir=str(tmp_path / algorithm), **defaults)
+
+
+# What each worker receives per step, in theory, for 2 groups x 2 workers with the defaults
+# (τ=4, τ_G=16; gossip τ=1 over one matching of a 4-ring per round: degree 1), by hand; the
+# library's own table (lsgd_ray.algorithms.communication) must agree.
+RECEIVED = {
+    "lsgd": S / 4 * (1 / 2) + S / 16 * (3 / 4),  # leaders skip their own pull: 1 of 2, then 3 of 4 receive
+    "data_parallel": 2 * S * 3 / 4,  # ring all-reduce of the gradient every step
+    "local_sgd": S * (1 / 4 - 1 / 16) + 2 * S * 3 / 4 / 16,  # ring of 2 (moves S) at 4, 8, 12; ring of 4 at 16
+    "easgd": S / 4,
+    "easgd_async": S / 4,
+    "downpour": S / 4,
+    "dpsgd": S * 1,
+    "aldsgd": S * 1,
+}
+
+
+def test_hand_theory_agrees_with_the_library_table():
+    for name, value in RECEIVED.items():
+        cfg = TrainConfig(algorithm=name.removesuffix("_async"), epochs=1)
+        assert expected_bytes(cfg, S, [2, 2])["received"] == pytest.approx(value), name
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", sorted(RECEIVED))
+def test_trains_and_moves_the_bytes_theory_says(tmp_path, name):
+    algorithm = name.removesuffix("_async")
+    extra = {"easgd": EASGDConfig(mode="async")} if name == "easgd_async" else {}
+    cfg = config(tmp_path, algorithm, epochs=8, lsgd=LSGDConfig(tau=4, tau_global=16), **extra)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        result = trainer.fit()
+    assert result.status == "completed" and result.algorithm == algorithm
+    assert result.final_test_accuracy > 0.7, result.history  # 4 classes: chance is 0.25
+    saved = json.loads((tmp_path / algorithm / "result.json").read_text())
+    comm = saved["communication"]
+    assert comm["weight_bytes"] == S and len(comm["per_worker"]) == 4
+    assert comm["bytes_received_per_worker_step"] == pytest.approx(RECEIVED[name], rel=0.05)
+    for row in comm["per_worker"]:
+        if algorithm != "lsgd":  # under LSGD a worker that often leads receives less
+            assert row["bytes_received_per_step"] == pytest.approx(RECEIVED[name], rel=0.05)
+    if algorithm in ("data_parallel", "local_sgd", "easgd"):  # symmetric exchanges (+ 8-byte estimates)
+        assert comm["bytes_sent_per_worker_step"] == pytest.approx(RECEIVED[name], rel=0.05)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / algorithm / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"leader/test_accuracy", "comm/bytes_received_per_worker_step", "worker/3/bytes_sent_per_step"} <= tags
+
+
+def _weights(tmp_path, algorithm, steps, groups=2, per_group=2, **kw):
+    cfg = config(tmp_path, algorithm, num_groups=groups, workers_per_group=per_group, max_steps=steps, **kw)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        status = trainer.run_rounds()
+        weights = [torch.from_numpy(w.copy()) for w in trainer.worker_weights()]
+        assert all(s["steps"] == steps for s in trainer.worker_stats())
+    return cfg, status, weights
+
+
+@pytest.mark.timeout(180)
+def test_data_parallel_equals_one_process_with_the_union_batch_and_local_sgd_tau_1(tmp_path):
+    cfg, _, dp = _weights(tmp_path, "data_parallel", 20, optimizer=PLAIN_SGD)
+    expected = big_batch_loop(4, 20, cfg, MODEL, DATA)  # batch 4·32
+    for rank, w in enumerate(dp):
+        torch.testing.assert_close(w, expected, rtol=0, atol=1e-5, msg=f"worker {rank}")
+    one = LocalSGDConfig(tau=1, tau_global=1)
+    _, _, local = _weights(tmp_path, "local_sgd", 20, optimizer=PLAIN_SGD, local_sgd=one)
+    for rank, w in enumerate(local):
+        torch.testing.assert_close(w, dp[rank], rtol=0, atol=1e-5, msg=f"worker {rank}")
+
+
+@pytest.mark.timeout(180)
+def test_easgd_with_alpha_zero_is_independent_sgd(tmp_path):
+    cfg, _, weights = _weights(tmp_path, "easgd", 12, easgd=EASGDConfig(alpha=0.0, tau=4))
+    for rank, w in enumerate(weights):
+        expected, _ = plain_loop(rank, 4, 12, cfg, MODEL, DATA)
+        assert torch.equal(w, expected), f"worker {rank} differs"
+
+
+@pytest.mark.timeout(180)
+def test_easgd_rounds_match_the_equations(tmp_path):
+    """Two synchronous rounds of 4 steps, each ending in the elastic exchange, against the rule
+    computed in one process; the evaluated model is the center."""
+    cfg = config(tmp_path, "easgd", max_steps=8, optimizer=PLAIN_SGD, easgd=EASGDConfig(tau=4, beta=0.8))
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        trainer.run_rounds()
+        got = [torch.from_numpy(w.copy()) for w in trainer.worker_weights()]
+        center_got = torch.from_numpy(ray.get(trainer.leader_weights_ref()).copy())
+    alpha = 0.8 / 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    loops = [StepLoop(r, 4, cfg, MODEL, DATA) for r in range(4)]
+    center = loops[0].flat()
+    for _ in range(2):
+        for loop in loops:
+            for _ in range(4):
+                loop.step()
+        xs = [loop.flat() for loop in loops]
+        diffs = [x - center for x in xs]  # x − x̃, both from before the exchange
+        for loop in loops:
+            loop.lerp_(center, alpha)  # x ← x − α(x − x̃)
+        center = center + alpha * sum(diffs)  # x̃ ← x̃ + α Σ (x_i − x̃)
+    torch.set_num_threads(threads)
+    for rank in range(4):
+        torch.testing.assert_close(got[rank], loops[rank].flat(), rtol=0, atol=2e-6, msg=f"worker {rank}")
+    torch.testing.assert_close(center_got, center, rtol=0, atol=2e-6)
+
+
+@pytest.mark.timeout(240)
+def test_aldsgd_with_zero_coefficients_equals_dpsgd_and_matches_the_reference_round(tmp_path):
+    zero = GossipConfig(c1=0.0, c2=0.0, p1=0.0, p2=0.0, tau=2)
+    _, _, al = _weights(tmp_path, "aldsgd", 10, gossip=zero)
+    _, _, dp = _weights(tmp_path, "dpsgd", 10, gossip=GossipConfig(tau=2))
+    for rank in range(4):
+        assert torch.equal(al[rank], dp[rank]), f"worker {rank}"
+    # one AL-DSGD round with the reference coefficients against the single-process rule
+    cfg, _, got = _weights(tmp_path / "one", "aldsgd", 3, gossip=GossipConfig(tau=3, rotation="none"))
+    xs, losses = [], []
+    for rank in range(4):
+        x, batch_losses = plain_loop(rank, 4, 3, cfg, MODEL, DATA)
+        xs.append(x)
+        losses.append(sum(batch_losses) / len(batch_losses))
+    adjacency = gossip.neighbours(gossip.base_graph("ring", 4), 4)
+    gossip.gossip_round(xs, adjacency, losses, c1=0.3, c2=0.1, p1=0.2, p2=0.2)
+    for rank in range(4):
+        torch.testing.assert_close(got[rank], xs[rank], rtol=0, atol=2e-6)
+
+
+@pytest.mark.timeout(180)
+def test_lsgd_on_one_group_is_the_single_leader_rule(tmp_path):
+    lsgd = LSGDConfig(lam=0.3, lam_global=0.25, tau=2, tau_global=4)
+    cfg, status, got = _weights(tmp_path, "lsgd", 4, groups=1, per_group=4, optimizer=PLAIN_SGD, lsgd=lsgd)
+    xs, losses = [], []
+    for rank in range(4):
+        x, batch_losses = plain_loop(rank, 4, 4, cfg, MODEL, DATA)
+        xs.append(x)
+        losses.append(sum(batch_losses) / len(batch_losses))
+    # single leader: x ← x − λ_G (x − x̃), the local pull (λ) never acts
+    _, (_, leader) = sync_round([xs], [losses], 0.3, 0.25, local=False, global_=True)
+    assert status["leader"] == leader and status["local_pulls"] == 0
+    for rank in range(4):
+        torch.testing.assert_close(got[rank], xs[rank], rtol=0, atol=2e-6)
+
+
+@pytest.mark.timeout(180)
+def test_lsgd_proximal_pull_follows_the_rule_step_by_step(tmp_path):
+    """One group of 2, plain SGD: after the pull at step 4, the follower also moves p/τ_G of the
+    way toward that leader snapshot after every step."""
+    lsgd = LSGDConfig(lam=0.0, lam_global=0.2, tau=2, tau_global=4, proximal=0.5, loss_window=4)
+    cfg, status, got = _weights(tmp_path, "lsgd", 8, groups=1, per_group=2, optimizer=PLAIN_SGD, lsgd=lsgd)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    loops = [StepLoop(r, 2, cfg, MODEL, DATA) for r in range(2)]
+    targets: list = [None, None]
+    for step in range(1, 9):
+        for r, loop in enumerate(loops):
+            loop.step()
+            if targets[r] is not None:
+                loop.lerp_(targets[r], 0.5 / 4)
+        if step % 4 == 0:
+            means = [sum(loop.losses[-4:]) / 4 for loop in loops]
+            leader = min(range(2), key=lambda r: means[r])
+            snapshot = loops[leader].flat()
+            follower = 1 - leader
+            loops[follower].lerp_(snapshot, 0.2)
+            targets[follower] = snapshot
+    torch.set_num_threads(threads)
+    assert status["leader"] == leader
+    for rank in range(2):
+        torch.testing.assert_close(got[rank], loops[rank].flat(), rtol=0, atol=2e-6, msg=f"worker {rank}")
+
+
+@pytest.mark.timeout(60)
+def test_impossible_gossip_graph_is_refused_before_any_actor(tmp_path):
+    cfg = config(tmp_path, "aldsgd", epochs=1, gossip=GossipConfig(graph="random_regular", degree=5))
+    with pytest.raises(ConfigError, match="gossip graph for 4 workers: a 5-regular graph on 4 nodes"):
+        Trainer(MODEL, DATA, cfg).start()
