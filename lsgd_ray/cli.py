@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.algorithms.gossip import GRAPHS, ROTATIONS
+from lsgd_ray.augment import AUGMENTS
 from lsgd_ray.config import (
     LEADER_ESTIMATES,
     MODES,
@@ -37,7 +38,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--dataset", default="digits", choices=sorted(DATASETS), help="default: digits (offline, bundled)")
     a("--data-dir", default=None, help="where torchvision datasets live (mnist, fashion-mnist, cifar10)")
     a("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
-    a("--model", default="mlp", choices=sorted(MODELS))
+    a("--model", default="mlp", choices=sorted(MODELS), help="cnn7/resnet20/vgg16: CIFAR-sized; resnet50: ImageNet")
+    a("--augment", default=None, choices=list(AUGMENTS), help="training augmentation (cifar10: crop28-flip)")
     a("--groups", type=int, default=2, help="groups (LocalLeaders); 0 = one per Ray node")
     a("--workers-per-group", type=int, default=2, help="workers per group; 0 = as many as fit on the node")
     a("--cpus-per-worker", type=float, default=1.0)
@@ -159,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         spec = DATASETS[args.dataset]
-        data = dataset_factory(args.dataset, args.data_dir, download=args.download)
-        model = model_factory(args.model, spec.input_shape, spec.num_classes)
+        data = dataset_factory(args.dataset, args.data_dir, download=args.download, augment=args.augment)
+        model = model_factory(args.model, spec.model_input_shape(args.augment), spec.num_classes)
         result = fit(model, data, config, run_name=f"{args.algorithm}-{args.dataset}")
     except (ConfigError, PlacementError, DatasetNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -5,7 +5,9 @@ worker (and the evaluator), so each node reads its own copy of the files. Named 
 
 - ``digits``: scikit-learn's bundled UCI handwritten digits (1,797 8x8 images): real and offline.
 - ``synthetic``: seeded Gaussian class clusters, for tests and benchmarks.
-- ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's datasets from ``data_dir``.
+- ``mnist``, ``fashion-mnist``: torchvision's readers of the idx files in ``data_dir``.
+- ``cifar10``: the python batches in ``data_dir/cifar-10-batches-py``, with the reference's
+  whole-batch crop-and-flip augmentation (``lsgd_ray.augment``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import functools
 import gzip
 import hashlib
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from lsgd_ray.augment import AUGMENTS, Augment
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -36,10 +42,13 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    augment: Augment | None = None  # applied to each training batch; its ``test`` view to the test split
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        """What the model sees (after the augmentation's crop)."""
+        shape = tuple(self.x_train.shape[1:])
+        return self.augment.output_shape(shape) if self.augment else shape
 
 
 DatasetFactory = Callable[[], Dataset]
@@ -189,30 +198,76 @@ def mnist_like(name: str, data_dir: str | os.PathLike, download: bool = False) -
     return Dataset(name, *convert(train), *convert(test), 10)
 
 
-def cifar10(data_dir: str | os.PathLike, download: bool = False) -> Dataset:
-    """CIFAR-10 through torchvision, as 3x32x32 normalised tensors (augmentation: see experiments)."""
-    from torchvision import datasets
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batches' dicts of arrays and lists, and refuses anything else: a
+    pickle can name any callable, and a data file must not run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch file: (N x 3 x 32 x 32 uint8 images, N int64 labels)."""
+    with open(path, "rb") as f:
+        batch = _ArrayUnpickler(f, encoding="bytes").load()
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def cifar10(data_dir: str | os.PathLike, download: bool = False, augment: str = "crop28-flip") -> Dataset:
+    """CIFAR-10 from its python batches (``cifar-10-batches-py``) as 3x32x32 normalised tensors.
+
+    The batches are read by our own restricted unpickler (not torchvision's, which checks the
+    files' MD5 sums and unpickles without restriction). ``augment`` names an entry of
+    ``lsgd_ray.augment.AUGMENTS``; the default is the reference's random 28x28 crop + flip.
+    """
     data_dir = Path(data_dir).expanduser()
-    if not download:
-        _require_cifar10(data_dir)
-    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    if download:
+        from torchvision import datasets
 
-    def convert(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        split = datasets.CIFAR10(str(data_dir), train=train, download=download)
-        x = torch.from_numpy(split.data).permute(0, 3, 1, 2).float() / 255.0
-        return (x - mean) / std, torch.tensor(split.targets, dtype=torch.int64)
+        datasets.CIFAR10(str(data_dir), train=True, download=True)
+    _require_cifar10(data_dir)
+    folder = data_dir / "cifar-10-batches-py"
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
 
-    return Dataset("cifar10", *convert(True), *convert(False), 10)
+    def load(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [read_cifar_batch(folder / name) for name in names]
+        x = torch.from_numpy(np.concatenate([p[0] for p in parts])).float() / 255.0
+        return (x - mean) / std, torch.from_numpy(np.concatenate([p[1] for p in parts]))
+
+    train = load([f"data_batch_{i}" for i in range(1, 6)])
+    test = load(["test_batch"])
+    return Dataset("cifar10", *train, *test, 10, augment=AUGMENTS[augment])
 
 
 def _require_cifar10(data_dir: Path) -> None:
     batches = data_dir / "cifar-10-batches-py"
-    if not batches.exists():
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not (batches / n).exists()]
+    if missing:
         raise DatasetNotFoundError(
-            f"CIFAR-10 not found: {batches} does not exist. This machine cannot download it at run "
-            f"time. Extract cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) "
+            f"CIFAR-10 not found: {batches} lacks {', '.join(missing)}. This machine cannot download "
+            f"it at run time. Extract cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar.html) "
             f"into {data_dir}, or on a machine with internet run "
             f"`python -m lsgd_ray download cifar10 --data-dir {data_dir}`."
         )
@@ -226,6 +281,12 @@ class DatasetSpec:
     num_classes: int
     needs_data_dir: bool
     default_batch_size: int
+    default_augment: str = "none"
+
+    def model_input_shape(self, augment: str | None = None) -> tuple[int, ...]:
+        """The input shape models see with ``augment`` (default: the dataset's own)."""
+        chosen = AUGMENTS[augment or self.default_augment]
+        return chosen.output_shape(self.input_shape) if chosen else self.input_shape
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -233,15 +294,26 @@ DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec((16,), 4, False, 32),
     "mnist": DatasetSpec((1, 28, 28), 10, True, 128),
     "fashion-mnist": DatasetSpec((1, 28, 28), 10, True, 128),
-    "cifar10": DatasetSpec((3, 32, 32), 10, True, 128),
+    "cifar10": DatasetSpec((3, 32, 32), 10, True, 128, "crop28-flip"),
 }
 
 
-def dataset_factory(name: str, data_dir: str | None = None, download: bool = False) -> DatasetFactory:
-    """A picklable factory for a named dataset (see ``DATASETS``)."""
+def dataset_factory(
+    name: str, data_dir: str | None = None, download: bool = False, augment: str | None = None
+) -> DatasetFactory:
+    """A picklable factory for a named dataset (see ``DATASETS``). ``augment`` (a name from
+    ``lsgd_ray.augment.AUGMENTS``) overrides the dataset's default training augmentation."""
     from lsgd_ray.config import ConfigError, check_choice
 
     check_choice("dataset", name, sorted(DATASETS))
+    if augment is not None:
+        check_choice("augment", augment, list(AUGMENTS))
+        shape, chosen = DATASETS[name].input_shape, AUGMENTS[augment]
+        if chosen is not None and len(shape) != 3:
+            raise ConfigError(f"augment {augment!r} needs image data; dataset {name!r} is not")
+        if chosen is not None and chosen.crop is not None and chosen.crop > min(shape[1:]) + 2 * chosen.padding:
+            raise ConfigError(f"augment {augment!r} crops {chosen.crop} pixels from {name!r}'s {shape[1:]} images")
+        return functools.partial(_with_augment, dataset_factory(name, data_dir, download), augment)
     if name == "digits":
         return digits
     if name == "synthetic":
@@ -258,3 +330,9 @@ def dataset_factory(name: str, data_dir: str | None = None, download: bool = Fal
     if not download:
         _mnist_root(root, _MNIST_LIKE[name][0])
     return functools.partial(mnist_like, name, data_dir, download)
+
+
+def _with_augment(factory: DatasetFactory, augment: str) -> Dataset:
+    data = factory()
+    data.augment = AUGMENTS[augment]
+    return data

@@ -89,3 +89,23 @@ def test_peer_flags_reach_their_configs():
     assert config_from_args(parse(["train", "--algorithm", "downpour"])).mode == "async"
     cfg = config_from_args(parse(["train", "--algorithm", "local_sgd", "--tau", "8", "--tau-global", "32"]))
     assert (cfg.local_sgd.tau, cfg.local_sgd.tau_global) == (8, 32)
+
+
+@pytest.mark.timeout(300)
+def test_cifar10_files_train_cnn7_with_the_reference_augmentation(tmp_path):
+    """CIFAR-10 batches in the original format, read by the real loader inside the workers, 28x28
+    random crops + flips for training, center crops for the evaluator."""
+    from tests.test_models_data import write_cifar
+
+    write_cifar(tmp_path / "data", per_batch=40)
+    out = tmp_path / "run"
+    proc = run_cli(
+        *("--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "cnn7"),
+        *("--groups", "1", "--workers-per-group", "2", "--batch-size", "16", "--max-steps", "8"),
+        *("--algorithm", "easgd", "--tau", "4", "--output-dir", str(out), "--quiet"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "completed" and result["steps_per_worker"] == 8
+    assert result["communication"]["weight_bytes"] == 351_946 * 4  # cnn7 on 28x28 crops
+    assert result["final_test_accuracy"] is not None

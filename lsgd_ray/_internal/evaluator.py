@@ -27,7 +27,8 @@ class Evaluator:
         self.model = model_factory().to(self.device)
         self.state = FlatState(self.model)
         data = dataset_factory()
-        self.x, self.y = data.x_test.to(self.device), data.y_test.to(self.device)
+        x_test = data.augment.test(data.x_test) if data.augment else data.x_test  # e.g. the center crop
+        self.x, self.y = x_test.to(self.device), data.y_test.to(self.device)
         self.batch_size = batch_size
 
     def ready(self) -> int:

@@ -76,12 +76,15 @@ class Worker(PeerWorkerMixin):
         self.x = data.x_train[shard].to(self.device)
         self.y = data.y_train[shard].to(self.device)
         self.stream = BatchStream(len(shard), spec.batch_size, worker_seed(spec.seed, rank))
+        self.augment = data.augment  # whole-batch crop/flip on the worker's device (the fast path)
+        self.augment_rng = torch.Generator().manual_seed(worker_seed(spec.seed, rank) + 1)
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
         if spec.lsgd.leader_estimate == "val_batch":
             # The same batch for every worker: a fixed seeded draw from the training set.
             pick = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(spec.seed))
             pick = pick[: spec.lsgd.val_batch_size]
-            self.val = (data.x_train[pick].to(self.device), data.y_train[pick].to(self.device))
+            val_x = data.augment.test(data.x_train[pick]) if data.augment else data.x_train[pick]
+            self.val = (val_x.to(self.device), data.y_train[pick].to(self.device))
         del data
         self.window = LossWindow(spec.lsgd.loss_window)
         self._recent: list[torch.Tensor] = []
@@ -134,7 +137,10 @@ class Worker(PeerWorkerMixin):
 
     def _step(self) -> None:
         index = self.stream.next().to(self.device)
-        loss = F.cross_entropy(self.model(self.x[index]), self.y[index])
+        x = self.x[index]
+        if self.augment is not None:
+            x = self.augment(x, self.augment_rng)
+        loss = F.cross_entropy(self.model(x), self.y[index])
         self.state.zero_grad()
         loss.backward()
         self._after_backward()
