@@ -9,6 +9,7 @@ the algorithm evaluates: LSGD's leader, EASGD's center, DOWNPOUR's server, data-
   worker/<rank>/bytes_sent_per_step, worker/<rank>/bytes_received_per_step
   comm/bytes_per_worker_step     weights, gradients and estimates moved (sent + received)
   comm/bytes_sent_per_worker_step, comm/bytes_received_per_worker_step
+  comm/pulls, comm/exchanges     LSGD pulls applied / the peers' exchanges, summed over workers
   timing/eval_s                  seconds spent in each evaluation
 Every leader/* event's wall time is the run's start plus its *training* time, so TensorBoard's
 "relative" axis shows training time with evaluation excluded.
@@ -136,6 +137,8 @@ class RunLogger:
             add(f"worker/{row['rank']}/bytes_received_per_step", row["bytes_received_per_step"], samples)
         for key in ("bytes_per_worker_step", "bytes_sent_per_worker_step", "bytes_received_per_worker_step"):
             add(f"comm/{key}", comm[key], samples)
+        add("comm/pulls", sum(row["pulls"] for row in comm["per_worker"]), samples)
+        add("comm/exchanges", sum(row["exchanges"] for row in comm["per_worker"]), samples)
 
     def close(self) -> None:
         self.writer.flush()

@@ -73,7 +73,9 @@ def test_good_config_round_trips_to_dict():
 def test_unknown_dataset_and_model_names_list_valid_ones():
     with pytest.raises(ConfigError, match="unknown dataset 'imagenet2'; choose one of: cifar10, digits"):
         dataset_factory("imagenet2")
-    with pytest.raises(ConfigError, match="unknown model 'resnet9'; choose one of: cnn, cnn7, mlp, resnet20, resnet50, vgg16"):
+    with pytest.raises(
+        ConfigError, match="unknown model 'resnet9'; choose one of: cnn, cnn7, mlp, resnet20, resnet50, vgg16"
+    ):
         model_factory("resnet9", (1, 8, 8), 10)
     with pytest.raises(ConfigError, match="needs a data directory"):
         dataset_factory("mnist")

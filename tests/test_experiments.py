@@ -38,3 +38,33 @@ def test_lsgd_seeds_saves_config_code_version_and_metrics(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["seed"] for r in rows} == {"0", "1"}
     assert all(0.0 <= float(r["test_error"]) <= 1.0 for r in rows)
+
+
+@pytest.mark.timeout(300)
+def test_compare_runs_every_algorithm_and_draws_the_papers_plots(tmp_path):
+    out = tmp_path / "cmp"
+    config = tmp_path / "figure.json"
+    config.write_text(json.dumps({"dataset": "synthetic", "model": "mlp", "time_budget": 3, "seeds": [0, 1]}))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.run(
+        [sys.executable, "experiments/compare.py", "--config", str(config), "--algorithms", "lsgd", "easgd"]
+        + ["--batch-size", "32", "--eval-every", "1", "--target", "0.5", "--seeds", "0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["args"]["dataset"] == "synthetic" and summary["args"]["seeds"] == [0]  # flag beats file
+    assert set(summary["algorithms"]) == {"lsgd", "easgd"}
+    assert summary["algorithms"]["easgd"]["evaluated"] == "center"
+    assert summary["algorithms"]["lsgd"]["reached_target"] == "1/1"
+    assert summary["algorithms"]["lsgd"]["final_test_accuracy"]["median"] > 0.6
+    with open(out / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["algorithm"] for r in rows} == {"lsgd", "easgd"}
+    for png in ("test_error_vs_time.png", "leaders.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "lsgd" / "seed0" / "result.json").exists()

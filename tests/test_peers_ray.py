@@ -90,6 +90,9 @@ def test_trains_and_moves_the_bytes_theory_says(tmp_path, name):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"leader/test_accuracy", "comm/bytes_received_per_worker_step", "worker/3/bytes_sent_per_step"} <= tags
+    assert {"leader/rank", "leader_by_time/test_error", "worker/0/loss_estimate", "comm/pulls"} <= tags
+    counted = events.Scalars("comm/pulls" if algorithm == "lsgd" else "comm/exchanges")
+    assert counted[-1].value > 0 and [e.value for e in counted] == sorted(e.value for e in counted)
 
 
 def _weights(tmp_path, algorithm, steps, groups=2, per_group=2, **kw):

@@ -117,6 +117,7 @@ class PeerWorkerMixin:
             moved = ring_allreduce_bytes(self.state.grad.numel() * self.state.grad.element_size(), self._world_size)
             self.bytes_sent += moved
             self.bytes_received += moved
+            self.exchanges += 1
 
     def average_weights(self, scope: str | None) -> None:
         """Local SGD: replace the flat weights by their mean over the group or over everyone."""
