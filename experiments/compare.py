@@ -24,7 +24,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 from dataclasses import replace
 from datetime import datetime
@@ -37,16 +36,9 @@ import matplotlib.pyplot as plt
 import ray
 
 from lsgd_ray import ALGORITHMS, DATASETS, EASGDConfig, LSGDConfig, TrainConfig, dataset_factory, fit, model_factory
+from lsgd_ray.results import code_version
 
-
-def code_version() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return commit + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
+REPO = Path(__file__).resolve().parents[1]
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--config", default=None, help="a JSON file of these options (flags given here win)")
@@ -57,12 +49,15 @@ parser.add_argument("--augment", default=None)
 parser.add_argument("--algorithms", nargs="+", default=["lsgd", "easgd", "downpour", "data_parallel"])
 parser.add_argument("--groups", type=int, default=2)
 parser.add_argument("--workers-per-group", type=int, default=2)
+parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+parser.add_argument("--gpus-per-worker", type=float, default=0.0)
 parser.add_argument("--tau", type=int, default=4, help="LSGD local period; EASGD's and DOWNPOUR's period")
 parser.add_argument("--tau-global", type=int, default=16)
 parser.add_argument("--lam", type=float, default=0.1)
 parser.add_argument("--lam-global", type=float, default=0.1)
 parser.add_argument("--easgd-alpha", type=float, default=None, help="default: β/p with β = 0.9")
 parser.add_argument("--lr", type=float, default=0.05)
+parser.add_argument("--lr-for", nargs="*", default=[], help="per-algorithm learning rates, e.g. downpour=0.0125")
 parser.add_argument("--batch-size", type=int, default=128)
 parser.add_argument("--time-budget", type=float, default=60.0, help="training seconds per run")
 parser.add_argument("--eval-every", type=float, default=5.0)
@@ -80,6 +75,12 @@ args = cli
 for name in args.algorithms:
     if name not in ALGORITHMS:
         parser.error(f"unknown algorithm {name!r}; choose from {', '.join(sorted(ALGORITHMS))}")
+lr_for = {}
+for item in args.lr_for:
+    name, _, value = item.partition("=")
+    if name not in args.algorithms or not value:
+        parser.error(f"--lr-for takes ALGORITHM=LR for one of {', '.join(args.algorithms)}, got {item!r}")
+    lr_for[name] = float(value)
 
 spec = DATASETS[args.dataset]
 out = Path(args.out or f"experiments/results/compare-{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -89,6 +90,8 @@ model = model_factory(args.model, spec.model_input_shape(args.augment), spec.num
 base = TrainConfig(
     num_groups=args.groups,
     workers_per_group=args.workers_per_group,
+    cpus_per_worker=args.cpus_per_worker,
+    gpus_per_worker=args.gpus_per_worker,
     lsgd=LSGDConfig(lam=args.lam, lam_global=args.lam_global, tau=args.tau, tau_global=args.tau_global),
     easgd=EASGDConfig(tau=args.tau, alpha=args.easgd_alpha),
     batch_size=args.batch_size,
@@ -98,7 +101,7 @@ base = TrainConfig(
 )
 base = replace(base, optimizer=replace(base.optimizer, lr=args.lr))
 base = replace(base, downpour=replace(base.downpour, n_push=args.tau, n_fetch=args.tau))
-record = {"args": vars(args), "code_version": code_version(), "command": " ".join([sys.executable, *sys.argv])}
+record = {"args": vars(args), "code_version": code_version(REPO), "command": " ".join([sys.executable, *sys.argv])}
 (out / "config.json").write_text(json.dumps({**record, "train_config": base.to_dict()}, indent=2))
 
 ray.init(
@@ -110,6 +113,7 @@ results: dict[str, list] = {name: [] for name in args.algorithms}
 for seed in args.seeds:  # seeds outermost: a slow drift of the machine hits every algorithm alike
     for name in args.algorithms:
         config = replace(base, algorithm=name, seed=seed, output_dir=str(out / name / f"seed{seed}"))
+        config = replace(config, optimizer=replace(config.optimizer, lr=lr_for.get(name, args.lr)))
         result = fit(model, data, config, run_name=name)
         results[name].append((seed, result))
         print(f"{name:>14} seed {seed}: {result.evaluated} test accuracy {result.final_test_accuracy:.4f}", flush=True)
@@ -157,7 +161,7 @@ for k, (name, runs) in enumerate(results.items()):
             [1 - h["test_accuracy"] for h in r.history],
             color=f"C{k}",
             alpha=1.0 if i == 0 else 0.4,
-            label=f"{name} ({r.evaluated})" if i == 0 else None,
+            label=f"{name} ({r.evaluated.split(' (')[0]})" if i == 0 else None,  # "leader", "center", ...
         )
 ax.set(xlabel="training time (s, evaluation excluded)", ylabel="test error", yscale="log")
 ax.set_title(f"{args.dataset}, {args.model}, {args.groups}x{args.workers_per_group} workers, seeds {args.seeds}")
@@ -173,7 +177,9 @@ if "lsgd" in results:  # which worker led, over training, and how often
         steps = [step for step, _ in changes] + [max(r.steps_per_worker, changes[-1][0])]
         left.step(steps, [rank for _, rank in changes] + [changes[-1][1]], where="post")
     left.set(xlabel="step", ylabel="global leader (worker)", title=f"LSGD leader over training (seed {seed})")
+    left.set_yticks(range(len(r.leader_counts)))
     right.bar(range(len(r.leader_counts)), r.leader_counts)
+    right.set_xticks(range(len(r.leader_counts)))
     right.set(xlabel="worker", ylabel="rounds as global leader", title="how often each worker led")
     fig.tight_layout()
     fig.savefig(out / "leaders.png", dpi=120)

@@ -20,7 +20,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 from dataclasses import replace
 from datetime import datetime
@@ -29,17 +28,9 @@ from pathlib import Path
 import ray
 
 from lsgd_ray import DATASETS, LSGDConfig, TrainConfig, dataset_factory, fit, model_factory
+from lsgd_ray.results import code_version
 
-
-def code_version() -> str:
-    """The git commit of this checkout (and whether it had uncommitted changes)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return commit + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
+REPO = Path(__file__).resolve().parents[1]
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
@@ -110,7 +101,7 @@ summary = {
         "per_seed": dict(zip(map(str, args.seeds), accuracies)),
     },
     "train_s_median": statistics.median(r.timings["train_s"] for _, r in results),
-    "code_version": code_version(),
+    "code_version": code_version(REPO),
     "command": " ".join([sys.executable, *sys.argv]),
     "config": base.to_dict(),
 }

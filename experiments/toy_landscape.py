@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -34,19 +33,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from lsgd_ray import toy
+from lsgd_ray.results import code_version
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def code_version() -> str:
-    """The git commit of this checkout (and whether it had uncommitted changes)."""
-    try:
-        git = ["git", "-C", str(REPO)]
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-        return commit + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 def grad_norm(point: np.ndarray) -> float:
@@ -102,7 +91,7 @@ args = parser.parse_args()
 
 out = Path(args.output_dir or REPO / "runs" / f"toy-landscape-{datetime.now():%Y%m%d-%H%M%S}")
 out.mkdir(parents=True, exist_ok=True)
-config = {"args": vars(args), "seed": args.seed, "code_version": code_version(), "command": " ".join(sys.argv)}
+config = {"args": vars(args), "seed": args.seed, "code_version": code_version(REPO), "command": " ".join(sys.argv)}
 (out / "config.json").write_text(json.dumps(config, indent=2))
 
 # The four methods from two starts.

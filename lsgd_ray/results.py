@@ -99,6 +99,20 @@ def summary_lines(result: FitResult) -> str:
     )
 
 
+def code_version(directory: str | os.PathLike) -> str:
+    """The git commit of the checkout holding ``directory`` (marked when it has uncommitted
+    changes), saved beside every experiment's results so a figure can be traced to its code."""
+    import subprocess
+
+    git = ["git", "-C", str(directory)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+uncommitted" if dirty else "")
+
+
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write atomically: a crash mid-write never leaves a truncated file."""
     path = Path(path)

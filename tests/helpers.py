@@ -16,22 +16,10 @@ def plain_loop(rank: int, num_workers: int, steps: int, cfg: TrainConfig, model_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(cfg.seed)
-        model = model_fn()
-        optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-        data = data_fn()
-        shard = shard_indices(len(data.y_train), num_workers, rank, cfg.seed)
-        x, y = data.x_train[shard], data.y_train[shard]
-        stream = BatchStream(len(shard), cfg.batch_size, worker_seed(cfg.seed, rank))
-        losses = []
+        loop = StepLoop(rank, num_workers, cfg, model_fn, data_fn)
         for _ in range(steps):
-            index = stream.next()
-            loss = F.cross_entropy(model(x[index]), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        return flatten_state(model), losses
+            loop.step()
+        return loop.flat(), loop.losses
     finally:
         torch.set_num_threads(threads)
 

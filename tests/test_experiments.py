@@ -48,7 +48,8 @@ def test_compare_runs_every_algorithm_and_draws_the_papers_plots(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     proc = subprocess.run(
         [sys.executable, "experiments/compare.py", "--config", str(config), "--algorithms", "lsgd", "easgd"]
-        + ["--batch-size", "32", "--eval-every", "1", "--target", "0.5", "--seeds", "0", "--out", str(out)],
+        + ["--batch-size", "32", "--eval-every", "1", "--target", "0.5", "--seeds", "0", "--out", str(out)]
+        + ["--lr-for", "easgd=0.02"],
         capture_output=True,
         text=True,
         timeout=280,
@@ -67,4 +68,22 @@ def test_compare_runs_every_algorithm_and_draws_the_papers_plots(tmp_path):
     assert {r["algorithm"] for r in rows} == {"lsgd", "easgd"}
     for png in ("test_error_vs_time.png", "leaders.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "lsgd" / "seed0" / "result.json").exists()
+    lsgd = json.loads((out / "lsgd" / "seed0" / "result.json").read_text())
+    easgd = json.loads((out / "easgd" / "seed0" / "result.json").read_text())
+    assert lsgd["config"]["optimizer"]["lr"] == 0.05 and easgd["config"]["optimizer"]["lr"] == 0.02
+
+
+def test_every_shipped_figure_config_names_real_options():
+    import re
+
+    from lsgd_ray import ALGORITHMS, DATASETS, MODELS
+
+    script = (ROOT / "experiments" / "compare.py").read_text()
+    options = {m.replace("-", "_") for m in re.findall(r'add_argument\("--([a-z-]+)"', script)}
+    configs = sorted((ROOT / "experiments" / "configs").glob("*.json"))
+    assert len(configs) >= 7
+    for path in configs:
+        settings = json.loads(path.read_text())
+        assert set(settings) <= options, (path.name, set(settings) - options)
+        assert settings["dataset"] in DATASETS and settings["model"] in MODELS
+        assert set(settings["algorithms"]) <= set(ALGORITHMS)

@@ -222,3 +222,18 @@ def test_impossible_gossip_graph_is_refused_before_any_actor(tmp_path):
     cfg = config(tmp_path, "aldsgd", epochs=1, gossip=GossipConfig(graph="random_regular", degree=5))
     with pytest.raises(ConfigError, match="gossip graph for 4 workers: a 5-regular graph on 4 nodes"):
         Trainer(MODEL, DATA, cfg).start()
+
+
+@pytest.mark.timeout(120)
+def test_downpour_with_one_worker_is_plain_sgd(tmp_path):
+    """Pushing every change and fetching the server's sum of them gives back the worker's own
+    trajectory (to float rounding): the transport loses and duplicates nothing."""
+    cfg = config(tmp_path, "downpour", num_groups=1, workers_per_group=1, max_steps=12, eval_every_s=30.0)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        result = trainer.fit()
+        weights = torch.from_numpy(trainer.worker_weights()[0].copy())
+        server = torch.from_numpy(ray.get(trainer.leader_weights_ref()).copy())
+    assert result.steps_per_worker == 12
+    expected, _ = plain_loop(0, 1, 12, cfg, MODEL, DATA)
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(server, expected, rtol=0, atol=1e-6)

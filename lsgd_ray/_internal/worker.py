@@ -290,6 +290,8 @@ class Worker(PeerWorkerMixin):
         self._async, since_report = True, 0
         self._stop.clear()
         self.model.train()
+        if exchange is not None:
+            exchange.start(self)
         start = time.perf_counter()
         try:
             while not self._stop.is_set() and (max_steps is None or self.steps < max_steps):

@@ -39,6 +39,9 @@ class ElasticExchange:
     tau: int
     alpha: float
 
+    def start(self, worker: Any) -> None:
+        """Nothing to remember: the center is read fresh at every exchange."""
+
     def after_step(self, worker: Any) -> None:
         if worker.steps % self.tau:
             return
@@ -60,10 +63,12 @@ class DownpourExchange:
     n_push: int
     n_fetch: int
 
+    def start(self, worker: Any) -> None:
+        """The weights the first push is measured from: the worker's before its first step."""
+        worker.base = worker.state.flat.clone()
+
     def after_step(self, worker: Any) -> None:
         flat = worker.state.flat
-        if worker.base is None:
-            worker.base = flat.clone()
         if downpour.due(worker.steps, self.n_push):
             update = downpour.accumulated_update(flat, worker.base)
             self.server.add.remote(update.cpu().numpy(), 1.0)
