@@ -152,7 +152,6 @@ class Trainer:
             cpus=cfg.cpus_per_worker,
             gpus=cfg.gpus_per_worker,
             step_delay_s=dict(cfg.straggler_delay_s),
-            num_groups=len(topo.groups),
             collective_timeout_s=cfg.actor_timeout_s,
         )
         here = ray.get_runtime_context().get_node_id()

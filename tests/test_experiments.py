@@ -12,18 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_experiment(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python experiments/<script> args...`` from the repository root, as a researcher runs it."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    return subprocess.run(
+        [sys.executable, f"experiments/{script}", *args], capture_output=True, text=True, timeout=280, cwd=ROOT, env=env
+    )
+
+
 @pytest.mark.timeout(300)
 def test_lsgd_seeds_saves_config_code_version_and_metrics(tmp_path):
     out = tmp_path / "exp"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    proc = subprocess.run(
-        [sys.executable, "experiments/lsgd_seeds.py", "--dataset", "synthetic", "--epochs", "2", "--seeds", "0", "1"]
-        + ["--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-        env=env,
+    proc = run_experiment(
+        "lsgd_seeds.py", *("--dataset", "synthetic", "--epochs", "2", "--seeds", "0", "1", "--out", str(out))
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -45,16 +46,10 @@ def test_compare_runs_every_algorithm_and_draws_the_papers_plots(tmp_path):
     out = tmp_path / "cmp"
     config = tmp_path / "figure.json"
     config.write_text(json.dumps({"dataset": "synthetic", "model": "mlp", "time_budget": 3, "seeds": [0, 1]}))
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    proc = subprocess.run(
-        [sys.executable, "experiments/compare.py", "--config", str(config), "--algorithms", "lsgd", "easgd"]
-        + ["--batch-size", "32", "--eval-every", "1", "--target", "0.5", "--seeds", "0", "--out", str(out)]
-        + ["--lr-for", "easgd=0.02"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-        env=env,
+    proc = run_experiment(
+        "compare.py",
+        *("--config", str(config), "--algorithms", "lsgd", "easgd", "--batch-size", "32", "--eval-every", "1"),
+        *("--target", "0.5", "--seeds", "0", "--out", str(out), "--lr-for", "easgd=0.02"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

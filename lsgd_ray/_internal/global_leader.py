@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.waiting import get_all, worker_handles
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader
 from lsgd_ray.config import LSGDConfig
 
@@ -49,8 +49,7 @@ class GlobalLeader:
 
     def _handles(self) -> list[Any]:
         if self._worker_handles is None:
-            per_group = get_all([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s, self._names)
-            self._worker_handles = [h for group in per_group for h in group]
+            self._worker_handles = worker_handles(self.local_leaders, self.timeout_s)
         return self._worker_handles
 
     def _set_leader(self, rank: int, estimate: float, step: int) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 from lsgd_ray._internal.parameter_server import ParameterServer
-from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.waiting import get_all, worker_handles
 from lsgd_ray._internal.worker_peers import DownpourExchange, ElasticExchange
 from lsgd_ray.algorithms import gossip, local_sgd
 from lsgd_ray.config import TrainConfig
@@ -33,6 +33,8 @@ class PeerCoordinator:
     def __init__(self, local_leaders: list[Any], group_sizes: list[int], config: TrainConfig, timeout_s: float) -> None:
         self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
         self.num_workers = sum(group_sizes)
+        starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+        self.group_ranks = [list(range(first, first + size)) for first, size in zip(starts, group_sizes)]
         self.step = 0
         self.rounds = 0
         self.estimates = [math.inf] * self.num_workers
@@ -47,8 +49,7 @@ class PeerCoordinator:
 
     def _handles(self) -> list[Any]:
         if self._worker_handles is None:
-            per_group = get_all([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s, self._names)
-            self._worker_handles = [h for group in per_group for h in group]
+            self._worker_handles = worker_handles(self.local_leaders, self.timeout_s)
         return self._worker_handles
 
     def _worker_names(self) -> list[str]:
@@ -57,10 +58,10 @@ class PeerCoordinator:
     def _call(self, method: str, args: list[tuple], num_returns: int = 1) -> tuple[list[Any], list[Any]]:
         """``method`` on every worker (``args`` by global rank) through the LocalLeaders:
         (results, wrapped second returns) by rank."""
-        calls, first = [], 0
-        for ll, size in zip(self.local_leaders, self.group_sizes):
-            calls.append(ll.call_workers.remote(method, args[first : first + size], num_returns))
-            first += size
+        calls = [
+            ll.call_workers.remote(method, [args[r] for r in ranks], num_returns)
+            for ll, ranks in zip(self.local_leaders, self.group_ranks)
+        ]
         replies = get_all(calls, self.timeout_s, self._names)
         results = [r for reply in replies for r in reply["results"]]
         refs = [ref for reply in replies for ref in reply["refs"]]
@@ -72,13 +73,12 @@ class PeerCoordinator:
     def _setup_collective(self, allreduce_grads: bool) -> None:
         handles = self._handles()
         address = get_all([handles[0].collective_address.remote()], self.timeout_s, ["worker 0"])[0]
-        groups, first = [], 0
-        for size in self.group_sizes:
-            groups.append(list(range(first, first + size)))
-            first += size
         backend = "nccl" if self.cfg.gpus_per_worker >= 1 else "gloo"
         get_all(
-            [h.setup_collective.remote(address, self.num_workers, groups, backend, allreduce_grads) for h in handles],
+            [
+                h.setup_collective.remote(address, self.num_workers, self.group_ranks, backend, allreduce_grads)
+                for h in handles
+            ],
             self.timeout_s,
             self._worker_names(),
             hint="torch.distributed could not form its process group",

@@ -23,3 +23,10 @@ def get_all(refs: Sequence[ray.ObjectRef], timeout_s: float, names: Sequence[str
             f"no answer within {timeout_s:g}s from {', '.join(slow)}" + (f": {hint}" if hint else "")
         )
     return ray.get(list(refs))
+
+
+def worker_handles(local_leaders: Sequence[Any], timeout_s: float) -> list[Any]:
+    """Every worker's handle, by global rank (groups in order), asked of their LocalLeaders."""
+    names = [f"LocalLeader {g}" for g in range(len(local_leaders))]
+    per_group = get_all([ll.worker_handles.remote() for ll in local_leaders], timeout_s, names)
+    return [handle for group in per_group for handle in group]

@@ -41,7 +41,6 @@ class WorkerSpec:
     cpus: float = 1.0
     gpus: float = 0.0
     step_delay_s: dict[int, float] = field(default_factory=dict)
-    num_groups: int = 1
     collective_timeout_s: float = 120.0
 
 
