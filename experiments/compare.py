@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt
 import ray
 
 from lsgd_ray import ALGORITHMS, DATASETS, EASGDConfig, LSGDConfig, TrainConfig, dataset_factory, fit, model_factory
+from lsgd_ray.data import dataset_spec
 from lsgd_ray.results import code_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +83,10 @@ for item in args.lr_for:
         parser.error(f"--lr-for takes ALGORITHM=LR for one of {', '.join(args.algorithms)}, got {item!r}")
     lr_for[name] = float(value)
 
-spec = DATASETS[args.dataset]
 out = Path(args.out or f"experiments/results/compare-{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}")
 out.mkdir(parents=True, exist_ok=True)
 data = dataset_factory(args.dataset, args.data_dir, augment=args.augment)  # missing files fail here, clearly
+spec = dataset_spec(args.dataset, args.data_dir)  # imagenet: the class count of its folder
 model = model_factory(args.model, spec.model_input_shape(args.augment), spec.num_classes)
 base = TrainConfig(
     num_groups=args.groups,

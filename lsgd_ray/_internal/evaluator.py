@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lsgd_ray.data import resident
 from lsgd_ray.flat import FlatState
 
 
@@ -28,7 +29,8 @@ class Evaluator:
         self.state = FlatState(self.model)
         data = dataset_factory()
         x_test = data.augment.test(data.x_test) if data.augment else data.x_test  # e.g. the center crop
-        self.x, self.y = x_test.to(self.device), data.y_test.to(self.device)
+        # in memory: on the device; ImageFiles (streamed): decoded a chunk at a time below
+        self.x, self.y = resident(x_test, self.device), data.y_test.to(self.device)
         self.batch_size = batch_size
 
     def ready(self) -> int:
@@ -42,7 +44,7 @@ class Evaluator:
         total_loss, correct = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(self.y), self.batch_size):
-                logits = self.model(self.x[i : i + self.batch_size])
+                logits = self.model(self.x[i : i + self.batch_size].to(self.device))
                 target = self.y[i : i + self.batch_size]
                 total_loss += F.cross_entropy(logits, target, reduction="sum").item()
                 correct += int((logits.argmax(1) == target).sum())
