@@ -7,8 +7,11 @@ dataset on an embedded local Ray: the offline main job.
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.algorithms.gossip import GRAPHS, ROTATIONS
@@ -26,7 +29,7 @@ from lsgd_ray.config import (
     OptimizerConfig,
     TrainConfig,
 )
-from lsgd_ray.data import DATASETS, DatasetNotFoundError, dataset_factory
+from lsgd_ray.data import DATASETS, DatasetNotFoundError, dataset_factory, dataset_spec
 from lsgd_ray.models import MODELS, model_factory
 from lsgd_ray.topology import PlacementError
 
@@ -36,7 +39,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a = p.add_argument
     a("--algorithm", default="lsgd", choices=sorted(ALGORITHMS), help="default: lsgd")
     a("--dataset", default="digits", choices=sorted(DATASETS), help="default: digits (offline, bundled)")
-    a("--data-dir", default=None, help="where torchvision datasets live (mnist, fashion-mnist, cifar10)")
+    a("--data-dir", default=None, help="where datasets live (mnist, fashion-mnist, cifar10; imagenet: train/ and val/)")
+    a("--image-size", type=int, default=None, help="imagenet: side of the training crop and test view (default 224)")
     a("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
     a("--model", default="mlp", choices=sorted(MODELS), help="cnn7/resnet20/vgg16: CIFAR-sized; resnet50: ImageNet")
     a("--augment", default=None, choices=list(AUGMENTS), help="training augmentation (cifar10: crop28-flip)")
@@ -75,10 +79,74 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--output-dir", default=None, help="default: runs/<algorithm>-<dataset>-<time>")
     a("--address", default=None, help="Ray cluster address ('auto' for the running one); default: embedded")
     a("--quiet", action="store_true", help="only the final summary")
+    a("--checkpoint-every", type=int, default=None, help="checkpoint every N steps per worker")
+    a("--checkpoint-every-s", type=float, default=None, help="checkpoint every N training seconds")
+    a("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep")
+    a("--resume", default=None, help="continue the run in this output (or checkpoint) directory")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad argument ends in one line on stderr and exit code 2, not a page of usage: the
+    message names the flag and the valid choices (or the closest flag); ``--help`` the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            flags = sorted(_known_flags(self))
+            words = [w for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            close = {w: difflib.get_close_matches(w.split("=")[0], flags, n=1) for w in words}
+            hints = [f"{match[0]} for {w}" if len(words) > 1 else match[0] for w, match in close.items() if match]
+            if hints:
+                message += f" (did you mean {', '.join(hints)}?)"
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _known_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of its sub-commands."""
+    flags = set()
+    for action in parser._actions:
+        flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _known_flags(sub)
+    return flags
+
+
+# Config fields set by a flag of another name (the others: --field-name).
+_FLAG_OF_FIELD = {
+    "num_groups": "--groups",
+    "time_budget_s": "--time-budget",
+    "eval_every_s": "--eval-every",
+    "checkpoint_every_steps": "--checkpoint-every",
+}
+
+
+def _flag_hint(message: str) -> str:
+    """The flag that sets the config field an error is about, as " (set by --flag)"; else ""."""
+    match = re.match(r"(\w+)(?: \([^)]*\))? must\b", message)
+    if match is None:
+        return ""
+    field = match.group(1)
+    flag = _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+    return f" (set by {flag})" if flag in _known_flags(build_parser()) else ""
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flags whose 0 (or absence) means "automatic", which the configs never see."""
+    for flag, value, meaning in (
+        ("--groups", args.groups, "0 = one group per Ray node"),
+        ("--workers-per-group", args.workers_per_group, "0 = as many as fit on the node"),
+    ):
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0 ({meaning}), got {value}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ConfigError(
+            f"--batch-size must be a positive integer (per worker; leave it out for the dataset's default), "
+            f"got {args.batch_size}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lsgd-ray", description="Leader SGD on Ray")
+    parser = _Parser(prog="lsgd-ray", description="Leader SGD on Ray")
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub)
     d = sub.add_parser("download", help="download a torchvision dataset (needs internet)")
@@ -88,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    _check_flags(args)
     spec = DATASETS[args.dataset]
     budget_given = any(v is not None for v in (args.epochs, args.max_steps, args.time_budget))
     tau = 4 if args.tau is None else args.tau
@@ -136,6 +205,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         output_dir=args.output_dir,
         address=args.address,
         quiet=args.quiet,
+        checkpoint_every_steps=args.checkpoint_every,
+        checkpoint_every_s=args.checkpoint_every_s,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
     )
 
 
@@ -160,11 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = config_from_args(args)
-        spec = DATASETS[args.dataset]
-        data = dataset_factory(args.dataset, args.data_dir, download=args.download, augment=args.augment)
+        data = dataset_factory(
+            args.dataset, args.data_dir, download=args.download, augment=args.augment, image_size=args.image_size
+        )
+        spec = dataset_spec(args.dataset, args.data_dir, args.image_size)  # imagenet: classes of the folder
         model = model_factory(args.model, spec.model_input_shape(args.augment), spec.num_classes)
         result = fit(model, data, config, run_name=f"{args.algorithm}-{args.dataset}")
     except (ConfigError, PlacementError, DatasetNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{_flag_hint(str(exc))}", file=sys.stderr)
         return 2
     return 0 if result.status == "completed" else 1

@@ -7,6 +7,7 @@ before any Ray actor starts, with a message that says what to change.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -29,19 +30,46 @@ def check_choice(kind: str, value: str, valid: tuple[str, ...] | list[str]) -> N
     _check(value in valid, f"unknown {kind} {value!r}; choose one of: {', '.join(valid)}")
 
 
+def _got(value: Any) -> str:
+    """``value`` for a message, with its type when the type is what is wrong (a str, a bool...)."""
+    return repr(value) if _is_number(value) else f"{value!r} ({type(value).__name__})"
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float. Not a bool: Python counts True as 1, but nobody means a number by it."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_fraction(name: str, value: float) -> None:
     _check(
-        isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
+        _is_number(value) and 0.0 <= value <= 1.0,
         f"{name} must be in [0, 1] (it is the fraction of the distance to the leader "
-        f"covered by one pull), got {value!r}",
+        f"covered by one pull), got {_got(value)}",
     )
 
 
 def _check_positive_int(name: str, value: Any) -> None:
     _check(
         isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        f"{name} must be a positive integer, got {value!r}",
+        f"{name} must be a positive integer, got {_got(value)}",
     )
+
+
+def _check_number(name: str, value: Any, op: str = ">", bound: float = 0.0, what: str = "") -> None:
+    """A finite number ``> bound`` (``op=">="``: or equal to it); ``what`` adds e.g. " of seconds"."""
+    above = _is_number(value) and math.isfinite(value) and (value > bound if op == ">" else value >= bound)
+    _check(above, f"{name} must be {op} {bound:g} (a finite number{what}), got {_got(value)}")
+
+
+def _check_optional_path(name: str, value: Any) -> None:
+    _check(
+        value is None or (isinstance(value, (str, os.PathLike)) and str(value) != ""),
+        f"{name} must be a non-empty path (a str) or None, got {_got(value)}",
+    )
+
+
+def _check_bool(name: str, value: Any) -> None:
+    _check(isinstance(value, bool), f"{name} must be True or False, got {_got(value)}")
 
 
 @dataclass(frozen=True)
@@ -91,8 +119,8 @@ class EASGDConfig:
 
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0,
-            f"beta (EASGD's total elastic rate, α = β/p) must be in [0, 1], got {self.beta!r}",
+            _is_number(self.beta) and 0.0 <= self.beta <= 1.0,
+            f"beta (EASGD's total elastic rate, α = β/p) must be in [0, 1], got {_got(self.beta)}",
         )
         if self.alpha is not None:
             _check_fraction("alpha (EASGD moving rate)", self.alpha)
@@ -156,8 +184,20 @@ class GossipConfig:
         _check_positive_int("tau (gossip period, in steps)", self.tau)
         for name in ("c1", "c2", "p1", "p2"):
             _check_fraction(f"{name} (AL-DSGD corrective coefficient)", getattr(self, name))
-        _check(self.c1 + self.c2 <= 1.0, f"c1 + c2 must be <= 1, got {self.c1 + self.c2:g}")
-        _check(self.p1 + self.p2 <= 1.0, f"p1 + p2 must be <= 1, got {self.p1 + self.p2:g}")
+        _check(
+            self.c1 + self.c2 <= 1.0,
+            f"c1 + c2 must be <= 1 (the mix keeps 1 - c1 - c2 of a worker's own weights), "
+            f"got {self.c1:g} + {self.c2:g} = {self.c1 + self.c2:g}",
+        )
+        _check(
+            self.p1 + self.p2 <= 1.0,
+            f"p1 + p2 must be <= 1 (the pull keeps 1 - p1 - p2 of a worker's own weights), "
+            f"got {self.p1:g} + {self.p2:g} = {self.p1 + self.p2:g}",
+        )
+        _check(
+            isinstance(self.graph_seed, int) and not isinstance(self.graph_seed, bool),
+            f"graph_seed (of the random regular graph) must be an integer, got {_got(self.graph_seed)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -173,15 +213,19 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         check_choice("optimizer", self.name, OPTIMIZERS)
         _check(
-            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
-            f"lr must be a positive number, got {self.lr!r}",
+            _is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0,
+            f"lr must be a positive number (finite, > 0), got {_got(self.lr)}",
         )
-        _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum!r}")
+        _check(
+            _is_number(self.momentum) and 0.0 <= self.momentum < 1.0,
+            f"momentum must be in [0, 1), got {_got(self.momentum)}",
+        )
+        _check_bool("nesterov", self.nesterov)
         _check(
             not (self.nesterov and self.name == "sgd" and self.momentum == 0),
             "nesterov=True needs momentum > 0 (torch.optim.SGD refuses it); set nesterov=False or give a momentum",
         )
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check_number("weight_decay", self.weight_decay, ">=", 0)
 
 
 @dataclass(frozen=True)
@@ -222,6 +266,13 @@ class TrainConfig:
     # heterogeneous cluster (stragglers), e.g. {0: 0.05}.
     straggler_delay_s: dict[int, float] = field(default_factory=dict)
     quiet: bool = False  # no progress lines; the closing summary still prints
+    # Checkpoints (in ``output_dir/checkpoints``): every ``checkpoint_every_steps`` steps per
+    # worker and/or every ``checkpoint_every_s`` training seconds; the last ``keep_checkpoints``
+    # are kept. ``resume`` is a run's output directory (or one checkpoint directory) to continue.
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_s: float | None = None
+    keep_checkpoints: int = 3
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         from lsgd_ray.algorithms import ALGORITHMS
@@ -234,14 +285,18 @@ class TrainConfig:
             ("local_sgd", LocalSGDConfig),
             ("gossip", GossipConfig),
         ):
-            _check(isinstance(getattr(self, name), kind), f"{name} must be a {kind.__name__}")
-        _check(isinstance(self.optimizer, OptimizerConfig), "optimizer must be an OptimizerConfig")
+            value = getattr(self, name)
+            _check(isinstance(value, kind), f"{name} must be a {kind.__name__}(...), got {_got(value)}")
+        _check(
+            isinstance(self.optimizer, OptimizerConfig),
+            f"optimizer must be an OptimizerConfig(...), got {_got(self.optimizer)}",
+        )
         for name in ("num_groups", "workers_per_group", "max_steps"):
             value = getattr(self, name)
             if value is not None:
                 _check_positive_int(name, value)
-        _check(self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
-        _check(self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
+        _check_number("cpus_per_worker", self.cpus_per_worker, what=" of Ray CPUs per worker")
+        _check_number("gpus_per_worker", self.gpus_per_worker, ">=", 0, " of GPUs per worker; 0.5 shares one")
         _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("eval_batch_size", self.eval_batch_size)
         _check(
@@ -249,16 +304,41 @@ class TrainConfig:
             "set a budget: epochs, max_steps or time_budget_s (any combination; the first reached ends the run)",
         )
         if self.epochs is not None:
-            _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
+            _check_number("epochs", self.epochs, what=" of passes over each shard; None for no limit")
         if self.time_budget_s is not None:
-            _check(self.time_budget_s > 0, f"time_budget_s must be > 0, got {self.time_budget_s!r}")
-        _check(self.eval_every_s > 0, f"eval_every_s must be > 0, got {self.eval_every_s!r}")
-        _check(self.actor_timeout_s > 0, f"actor_timeout_s must be > 0, got {self.actor_timeout_s!r}")
-        _check(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+            _check_number("time_budget_s", self.time_budget_s, what=" of seconds; None for no limit")
+        _check_number("eval_every_s", self.eval_every_s, what=" of seconds")
+        _check_number("actor_timeout_s", self.actor_timeout_s, what=" of seconds")
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,
+            f"seed must be an integer in [0, 2**32), got {_got(self.seed)}",
+        )
+        _check_optional_path("output_dir", self.output_dir)
+        _check(
+            self.address is None or (isinstance(self.address, str) and self.address != ""),
+            f"address must be a Ray cluster address such as 'auto' or '10.0.0.1:6379', or None for an "
+            f"embedded Ray, got {_got(self.address)}",
+        )
+        _check_bool("quiet", self.quiet)
+        _check_optional_path("resume", self.resume)
+        if self.checkpoint_every_steps is not None:
+            _check_positive_int("checkpoint_every_steps", self.checkpoint_every_steps)
+        if self.checkpoint_every_s is not None:
+            _check_number("checkpoint_every_s", self.checkpoint_every_s, what=" of seconds; None for none")
+        _check_positive_int("keep_checkpoints", self.keep_checkpoints)
+        _check(
+            isinstance(self.straggler_delay_s, dict),
+            f"straggler_delay_s maps worker rank -> seconds >= 0, e.g. {{0: 0.05}}, got {_got(self.straggler_delay_s)}",
+        )
         for rank, delay in self.straggler_delay_s.items():
             _check(
-                isinstance(rank, int) and rank >= 0 and delay >= 0,
-                f"straggler_delay_s maps worker rank -> seconds >= 0, got {rank!r}: {delay!r}",
+                isinstance(rank, int)
+                and not isinstance(rank, bool)
+                and rank >= 0
+                and _is_number(delay)
+                and math.isfinite(delay)
+                and delay >= 0,
+                f"straggler_delay_s maps worker rank -> seconds >= 0, got {_got(rank)}: {_got(delay)}",
             )
 
     @property

@@ -58,6 +58,9 @@ class FitResult:
     topology: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)  # failures handled during the run
+    checkpoints: list[str] = field(default_factory=list)
+    resumed_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))

@@ -7,6 +7,7 @@ worker weights, evaluation) for notebooks and tests.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -22,20 +23,20 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.global_leader import GlobalLeader
-from lsgd_ray._internal.local_leader import LocalLeader
+from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory, startup_timeout
 from lsgd_ray._internal.peer_coordinators import COORDINATORS
 from lsgd_ray._internal.waiting import get_all
 from lsgd_ray._internal.worker import Worker, WorkerSpec
 from lsgd_ray.algorithms.gossip import base_graph
+from lsgd_ray.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from lsgd_ray.config import ConfigError, TrainConfig
 from lsgd_ray.data import DatasetFactory
 from lsgd_ray.flat import load_flat
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory
-from lsgd_ray.results import FitResult, RunLogger, communication_summary, summary_lines, write_json
+from lsgd_ray.results import FitResult, RunLogger, code_version, communication_summary, summary_lines, write_json
 from lsgd_ray.topology import PlacementError, Topology, check_available, nodes_from_ray, plan_topology
 
-COORDINATOR_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
 AVAILABILITY_GRACE_S = 5.0  # how long busy resources may take to free up before placement is refused
 
 
@@ -62,7 +63,9 @@ class Trainer:
         self.model_factory, self.dataset_factory, self.config = model_factory, dataset_factory, config
         self.optimizer_factory, self.worker_cls = optimizer_factory, worker_cls
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.output_dir = config.output_dir or os.path.join("runs", f"{run_name}-{stamp}")
+        self.output_dir = (
+            config.output_dir or resumed_run_dir(config.resume) or os.path.join("runs", f"{run_name}-{stamp}")
+        )
         self.topology: Topology | None = None
         self.history: list[dict[str, Any]] = []
         self.train_s = self.eval_s = self.startup_s = 0.0
@@ -70,6 +73,12 @@ class Trainer:
         self._started = False
         self._begin = 0.0  # when start() was first called: total_s counts from here
         self._logger: RunLogger | None = None
+        self.resumed_from: str | None = None
+        self.checkpoints: list[str] = []  # written by this process, oldest first
+        self._checkpoint_step = 0  # steps per worker at the last checkpoint
+        self._checkpoint_train_s = 0.0
+        self._next_eval_s = 0.0
+        self._events_seen = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -155,32 +164,12 @@ class Trainer:
             collective_timeout_s=cfg.actor_timeout_s,
         )
         here = ray.get_runtime_context().get_node_id()
-        self.local_leaders = [
-            ray.remote(
-                num_cpus=0,
-                max_concurrency=COORDINATOR_CONCURRENCY,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(plan.node_id, soft=False),
-            )(LocalLeader).remote(
-                plan,
-                spec,
-                self.model_factory,
-                self.dataset_factory,
-                self.optimizer_factory,
-                self.worker_cls,
-                cfg.actor_timeout_s,
-            )
-            for plan in topo.groups
-        ]
+        self._make_local_leader = LocalLeaderFactory(
+            spec, self.model_factory, self.dataset_factory, self.optimizer_factory, self.worker_cls, cfg.actor_timeout_s
+        )
+        self.local_leaders = [self._make_local_leader(plan) for plan in topo.groups]
+        self.global_leader = self._make_coordinator()
         near_driver = NodeAffinitySchedulingStrategy(here, soft=True)
-        coordinator = ray.remote(num_cpus=0, max_concurrency=COORDINATOR_CONCURRENCY, scheduling_strategy=near_driver)
-        if cfg.algorithm == "lsgd":
-            self.global_leader = coordinator(GlobalLeader).remote(
-                self.local_leaders, topo.group_sizes, cfg.lsgd, cfg.actor_timeout_s
-            )
-        else:  # the peers' coordinators play the GlobalLeader's role
-            self.global_leader = coordinator(COORDINATORS[cfg.algorithm]).remote(
-                self.local_leaders, topo.group_sizes, cfg, cfg.actor_timeout_s
-            )
         self.evaluator = ray.remote(num_cpus=0, scheduling_strategy=near_driver)(Evaluator).remote(
             self.model_factory,
             self.dataset_factory,
@@ -191,13 +180,17 @@ class Trainer:
         names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
         infos = get_all(
             [ll.ready.remote() for ll in self.local_leaders] + [self.evaluator.ready.remote()],
-            cfg.actor_timeout_s + 30,
+            startup_timeout(cfg.actor_timeout_s) + 30,
             names,
             hint="actors could not be placed or failed to start",
         )
         self.group_infos = infos[:-1]
         self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
-        get_all([self.global_leader.setup.remote()], cfg.actor_timeout_s + 30, [f"{cfg.algorithm} coordinator"])
+        get_all(
+            [self.global_leader.setup.remote()],
+            startup_timeout(cfg.actor_timeout_s) + 30,
+            [f"{cfg.algorithm} coordinator"],
+        )
         worker_infos = [w for g in self.group_infos for w in g["workers"]]
         self.weight_bytes = worker_infos[0]["nbytes"]
         shard = min(w["shard_size"] for w in worker_infos)
@@ -206,6 +199,8 @@ class Trainer:
             limits.append(math.ceil(cfg.epochs * shard / cfg.batch_size))
         self.max_step = min(limits)
         self.steps_per_epoch = shard / cfg.batch_size
+        if cfg.resume:
+            self._resume(cfg.resume)
         self._logger = RunLogger(self.output_dir)
         self.startup_s = time.perf_counter() - begin
         self._started = True
@@ -213,6 +208,52 @@ class Trainer:
             f"lsgd-ray: {topo.num_workers} workers ready in {self.startup_s:.1f}s "
             f"({infos[0]['workers'][0]['num_params']:,} parameters, {shard} samples per worker shard)"
         )
+
+    def _make_coordinator(self) -> Any:
+        """The GlobalLeader (LSGD) or the peer's coordinator, on the driver's node."""
+        cfg, topo = self.config, self.topology
+        near_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        coordinator = ray.remote(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=near_driver)
+        if cfg.algorithm == "lsgd":
+            return coordinator(GlobalLeader).remote(
+                self.local_leaders, topo.groups, cfg.lsgd, cfg.actor_timeout_s, self._make_local_leader
+            )
+        # the peers' coordinators play the GlobalLeader's role
+        return coordinator(COORDINATORS[cfg.algorithm]).remote(
+            self.local_leaders, topo.group_sizes, cfg, cfg.actor_timeout_s
+        )
+
+    def _restart_coordinator(self, reason: str) -> None:
+        """The coordinator died: start a new one and continue from the last checkpoint (the
+        LocalLeaders and workers live on, but their state is rolled back to it so every part
+        of the run agrees), or, without a checkpoint, from the workers' current weights."""
+        cfg = self.config
+        if cfg.algorithm in ("data_parallel", "local_sgd"):
+            raise RuntimeError(
+                f"the {cfg.algorithm} coordinator {reason}; its workers' collective group cannot be re-formed "
+                f"in place: continue with --resume {self.output_dir}"
+            )
+        for ll in self.local_leaders:  # let a round still running finish; a lost group is handled below
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get(ll.settle.remote(), timeout=startup_timeout(cfg.actor_timeout_s))
+        self.global_leader = self._make_coordinator()
+        get_all([self.global_leader.setup.remote()], startup_timeout(cfg.actor_timeout_s) + 30, ["new coordinator"])
+        self._events_seen = 0
+        earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
+        event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
+        found = list_checkpoints(self.output_dir)
+        saved = json.loads((found[0] / "meta.json").read_text()).get("num_workers") if found else None
+        if saved == len(self.workers):
+            state, where = load_latest(self.output_dir)
+            self._restore(state, where)
+            event["from_checkpoint"] = str(where)
+        else:  # no checkpoint, or one for workers since lost: go on from the current weights
+            steps = min(s["steps"] for s in self.worker_stats())
+            ray.get(self.global_leader.set_state.remote({"step": steps, "events": []}))
+        event["step"] = self.status()["step"]
+        ray.get(self.global_leader.add_events.remote([*earlier, event]))
+        self._events_seen = len(earlier) + 1
+        self._say(f"lsgd-ray: coordinator {reason}: restarted, continuing from step {event['step']}")
 
     # ------------------------------------------------------------------ step-by-step API
 
@@ -222,7 +263,14 @@ class Trainer:
         limit = self.max_step if max_step is None else max_step
         limit = limit if math.isfinite(limit) else 2**62
         begin = time.perf_counter()
-        status = ray.get(self.global_leader.run_rounds.remote(seconds, limit))
+        try:
+            status = ray.get(self.global_leader.run_rounds.remote(seconds, limit))
+        except ray.exceptions.RayActorError as exc:
+            if isinstance(exc, ray.exceptions.RayTaskError):
+                raise  # the coordinator lives; something it waited on failed
+            self.train_s += time.perf_counter() - begin
+            self._restart_coordinator(f"died ({type(exc).__name__})")
+            return self.status()
         self.train_s += time.perf_counter() - begin
         return status
 
@@ -234,7 +282,12 @@ class Trainer:
         return ray.get([w.stats.remote() for w in self.workers])
 
     def status(self) -> dict[str, Any]:
-        return ray.get(self.global_leader.status.remote())
+        status = ray.get(self.global_leader.status.remote())
+        if status["events"][self._events_seen :]:  # a worker or a group was replaced or dropped
+            self.local_leaders = ray.get(self.global_leader.local_leader_handles.remote())
+            self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
+        self._events_seen = len(status["events"])
+        return status
 
     def leader_weights_ref(self) -> ray.ObjectRef:
         return ray.get(self.global_leader.leader_weights.remote())[0]
@@ -281,6 +334,71 @@ class Trainer:
             fractions.append(self.train_s / self.config.time_budget_s)
         return max(fractions, default=0.0)
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> str:
+        """Commit a checkpoint of the whole run now (between rounds in synchronous mode; in
+        asynchronous mode each worker's state is taken between two of its own steps)."""
+        coordinator = ray.get(self.global_leader.get_state.remote())
+        workers = get_all(
+            [w.get_state.remote() for w in self.workers],
+            self.config.actor_timeout_s,
+            [f"worker {r}" for r in range(len(self.workers))],
+        )
+        step = min(w["steps"] for w in workers)
+        state = {
+            "algorithm": self.config.algorithm,
+            "coordinator": _tensors(coordinator),
+            "workers": workers,
+            "trainer": {"history": self.history, "train_s": self.train_s, "eval_s": self.eval_s},
+        }
+        meta = {
+            "algorithm": self.config.algorithm,
+            "mode": self.config.mode,
+            "num_workers": len(workers),
+            "steps_per_worker": step,
+            "train_s": self.train_s,
+            "code_version": code_version(os.path.dirname(os.path.abspath(__file__))),
+            "config": self.config.to_dict(),
+        }
+        path = save_checkpoint(self.output_dir, step, state, meta, self.config.keep_checkpoints)
+        self._checkpoint_step, self._checkpoint_train_s = step, self.train_s
+        self.checkpoints.append(str(path))
+        self._say(f"lsgd-ray: checkpoint at step {step} -> {path}")
+        return str(path)
+
+    def _resume(self, path: str) -> None:
+        """Load the newest usable checkpoint under ``path`` into the freshly started actors."""
+        state, where = load_latest(path)
+        saved = json.loads((where / "meta.json").read_text())
+        _check_resumable(saved.get("config", {}), self.config.to_dict(), len(state["workers"]), len(self.workers))
+        self._restore(state, where)
+        self.resumed_from = str(where)
+        self._say(f"lsgd-ray: resumed from {where} (step {self._checkpoint_step}, {self.train_s:.1f}s trained)")
+
+    def _restore(self, state: dict[str, Any], where: Any) -> None:
+        """Put a checkpoint's state into the running actors and this driver."""
+        get_all(
+            [w.set_state.remote(s) for w, s in zip(self.workers, state["workers"])],
+            self.config.actor_timeout_s,
+            [f"worker {r}" for r in range(len(self.workers))],
+        )
+        ray.get(self.global_leader.set_state.remote(_arrays(state["coordinator"])))
+        trainer = state["trainer"]
+        self.history = list(trainer["history"])
+        self.train_s, self.eval_s = float(trainer["train_s"]), float(trainer["eval_s"])
+        self._checkpoint_step = min(w["steps"] for w in state["workers"])
+        self._checkpoint_train_s = self._next_eval_s = self.train_s
+
+    def _checkpoint_due(self, step: int) -> bool:
+        cfg = self.config
+        by_steps = cfg.checkpoint_every_steps and step >= self._checkpoint_step + cfg.checkpoint_every_steps
+        by_time = cfg.checkpoint_every_s and self.train_s >= self._checkpoint_train_s + cfg.checkpoint_every_s
+        return bool(by_steps or by_time)
+
+    def _checkpointing(self) -> bool:
+        return bool(self.config.checkpoint_every_steps or self.config.checkpoint_every_s)
+
     # ------------------------------------------------------------------ whole runs
 
     def fit(self) -> FitResult:
@@ -304,30 +422,80 @@ class Trainer:
         return math.inf if budget is None else budget - self.train_s
 
     def _fit_sync(self) -> None:
+        """Rounds in chunks that end at the next evaluation, checkpoint or end of the budget."""
+        cfg = self.config
+        self._next_eval_s = self.train_s + cfg.eval_every_s
         while True:
-            status = self.run_rounds(min(self.config.eval_every_s, self._time_left()))
-            if status["step"] >= self.max_step or self._time_left() <= 0:
+            seconds = min(self._next_eval_s - self.train_s, self._time_left())
+            limit = self.max_step
+            if cfg.checkpoint_every_s:
+                seconds = min(seconds, self._checkpoint_train_s + cfg.checkpoint_every_s - self.train_s)
+            if cfg.checkpoint_every_steps:
+                limit = min(limit, self._checkpoint_step + cfg.checkpoint_every_steps)
+            status = self.run_rounds(max(seconds, 0.0), int(limit) if math.isfinite(limit) else None)
+            done = status["step"] >= self.max_step or self._time_left() <= 0
+            if self._checkpointing() and (done or self._checkpoint_due(status["step"])):
+                self.checkpoint()
+            if done:
                 return
-            self.evaluate_leader()
+            if self.train_s >= self._next_eval_s:
+                self.evaluate_leader()
+                self._next_eval_s = self.train_s + cfg.eval_every_s
 
     def _fit_async(self) -> None:
-        report_every = async_report_period(self.config)
+        cfg = self.config
+        report_every = async_report_period(cfg)
         max_steps = None if not math.isfinite(self.max_step) else int(self.max_step)
-        begin = time.perf_counter()
+        begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
         loops = ray.get(self.global_leader.start_async.remote(report_every, max_steps))
+        next_eval = trained + cfg.eval_every_s
         while True:
-            wait = min(self.config.eval_every_s, max(self._time_left(), 0.0))
-            _, pending = ray.wait(loops, num_returns=len(loops), timeout=wait)
-            self.train_s = time.perf_counter() - begin
+            wait = min(next_eval - self.train_s, max(self._time_left(), 0.0))
+            if cfg.checkpoint_every_s:
+                wait = min(wait, self._checkpoint_train_s + cfg.checkpoint_every_s - self.train_s)
+            ready, pending = ray.wait(loops, num_returns=len(loops), timeout=max(wait, 0.0))
+            self.train_s = trained + time.perf_counter() - begin
+            if self._replace_dead_loops(loops, ready):
+                continue
             if not pending:
                 break
             if self._time_left() <= 0:
                 for worker in self.workers:
                     worker.stop.remote()
-                get_all(loops, self.config.actor_timeout_s, [f"worker {r}" for r in range(len(loops))])
-                self.train_s = time.perf_counter() - begin
+                get_all(loops, cfg.actor_timeout_s, [f"worker {r}" for r in range(len(loops))])
+                self.train_s = trained + time.perf_counter() - begin
                 break
-            self.evaluate_leader()  # the workers keep training meanwhile
+            if self._checkpointing():
+                step = self.status()["step"]
+                if self._checkpoint_due(step):
+                    self.checkpoint()  # each worker's state between two of its steps
+            if self.train_s >= next_eval:
+                self.evaluate_leader()  # the workers keep training meanwhile
+                next_eval = self.train_s + cfg.eval_every_s
+        ray.get(loops)  # a loop that failed raises here
+        if self._checkpointing():
+            self.checkpoint()
+
+    def _replace_dead_loops(self, loops: list[ray.ObjectRef], ready: list[ray.ObjectRef]) -> bool:
+        """Asynchronous mode: a worker whose loop ended because its process died is replaced
+        on its node from the leader's weights (or another worker's) and its loop restarted."""
+        replaced = False
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+                continue
+            except ray.exceptions.RayActorError as exc:
+                reason = f"died ({type(exc).__name__})"
+            rank = loops.index(ref)
+            leader = self.status()["leader"]
+            source = leader if 0 <= leader != rank else (rank + 1) % len(loops)
+            group = next(g for g in self.topology.groups if rank in g.ranks)
+            wrapped = [self.workers[source].get_weights.remote(False)] if len(loops) > 1 else [None]
+            ll = self.local_leaders[group.group]
+            loops[rank], self.workers[rank] = ray.get(ll.replace_async.remote(rank, reason, wrapped))
+            ray.get(self.global_leader.refresh_handles.remote())
+            replaced = True
+        return replaced
 
     def _write_result(self, error: str | None) -> FitResult:
         status, stats, final = {}, [], self.history[-1] if self.history else {}
@@ -361,6 +529,9 @@ class Trainer:
             communication=communication_summary(stats, getattr(self, "weight_bytes", 0)),
             leader_counts=status.get("leader_counts", []),
             leader_changes=status.get("leader_changes", []),
+            events=status.get("events", []),
+            checkpoints=self.checkpoints,
+            resumed_from=self.resumed_from,
             topology=[
                 {"group": g["group"], "node_id": g["node_id"], "workers": g["workers"]}
                 for g in getattr(self, "group_infos", [])
@@ -395,6 +566,73 @@ class Trainer:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._started = False
+
+
+# Settings that may differ between a run and its resumption (budgets, logging, where things go).
+RESUMABLE_CHANGES = {
+    "epochs",
+    "max_steps",
+    "time_budget_s",
+    "eval_every_s",
+    "eval_batch_size",
+    "output_dir",
+    "address",
+    "quiet",
+    "resume",
+    "checkpoint_every_steps",
+    "checkpoint_every_s",
+    "keep_checkpoints",
+    "actor_timeout_s",
+}
+
+
+def resumed_run_dir(resume: str | None) -> str | None:
+    """The run directory a ``resume`` path belongs to (a run dir, or one of its checkpoints)."""
+    if not resume:
+        return None
+    path = os.path.abspath(resume)
+    if os.path.basename(os.path.dirname(path)) == "checkpoints":
+        return os.path.dirname(os.path.dirname(path))
+    return path[: -len("/checkpoints")] if path.endswith("/checkpoints") else path
+
+
+def _check_resumable(saved: dict[str, Any], now: dict[str, Any], saved_workers: int, workers: int) -> None:
+    if saved_workers != workers:
+        raise ConfigError(
+            f"the checkpoint has {saved_workers} workers, this run has {workers}: resume on the same layout"
+        )
+    differ = [
+        f"{key}: {saved[key]!r} then, {now.get(key)!r} now"
+        for key in sorted(saved)
+        if key not in RESUMABLE_CHANGES and saved[key] != now.get(key)
+    ]
+    if differ:
+        raise ConfigError(
+            "resume with the settings the run was started with (only budgets, evaluation, checkpointing "
+            "and output may change); these differ: " + "; ".join(differ)
+        )
+
+
+def _tensors(value: Any) -> Any:
+    """NumPy arrays as tensors, so a checkpoint loads with ``torch.load(weights_only=True)``."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True))
+    if isinstance(value, dict):
+        return {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors(v) for v in value)
+    return value
+
+
+def _arrays(value: Any) -> Any:
+    """The reverse of ``_tensors`` for the coordinators, which never import torch."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _arrays(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_arrays(v) for v in value)
+    return value
 
 
 def algorithm_summary(cfg: TrainConfig) -> str:

@@ -7,23 +7,37 @@ sends every group the same reference and each node reads it from its own shared 
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from lsgd_ray._internal.waiting import get_all, worker_handles
+from lsgd_ray._internal.local_leader import startup_timeout
+from lsgd_ray._internal.waiting import ActorTimeoutError, get_all
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader
 from lsgd_ray.config import LSGDConfig
+from lsgd_ray.topology import GroupPlan
 
 
 class GlobalLeader:
-    def __init__(self, local_leaders: list[Any], group_sizes: list[int], lsgd: LSGDConfig, timeout_s: float) -> None:
-        self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, lsgd, timeout_s
+    def __init__(
+        self,
+        local_leaders: list[Any],
+        plans: list[GroupPlan],
+        lsgd: LSGDConfig,
+        timeout_s: float,
+        make_local_leader: Callable[[GroupPlan], Any] | None = None,
+    ) -> None:
+        self.local_leaders, self.plans, self.cfg, self.timeout_s = list(local_leaders), list(plans), lsgd, timeout_s
+        self.make_local_leader = make_local_leader
+        self.group_sizes = [p.num_workers for p in plans]
         self.num_groups = len(local_leaders)
-        self.num_workers = sum(group_sizes)
+        self.num_workers = sum(self.group_sizes)
         self.step = 0  # steps taken by each worker (synchronous mode)
         self.rounds = 0
         self.leader = -1  # global rank of the current global leader
@@ -36,7 +50,9 @@ class GlobalLeader:
         self.round_compute_s = 0.0
         self.global_pulls = 0
         self.local_pulls = 0
-        self._worker_handles: list[Any] | None = None
+        self.events: list[dict[str, Any]] = []  # failures handled: replaced workers, resets, ...
+        self._worker_handles: dict[int, Any] | None = None
+        self._async_started = False
         self._pending_global: tuple[ray.ObjectRef, int] | None = None
         self._names = [f"LocalLeader {g}" for g in range(self.num_groups)]
         # asynchronous state
@@ -47,10 +63,117 @@ class GlobalLeader:
     def setup(self) -> None:
         """Nothing to prepare (the peers' coordinators share this interface)."""
 
-    def _handles(self) -> list[Any]:
+    STATE = (
+        "step",
+        "rounds",
+        "leader",
+        "leader_estimate",
+        "leader_counts",
+        "leader_changes",
+        "estimates",
+        "round_wall_s",
+        "round_compute_s",
+        "global_pulls",
+        "local_pulls",
+        "events",
+        "_total_steps",
+        "_group_best",
+    )
+
+    def get_state(self) -> dict[str, Any]:
+        """Counters, leader history and events for a checkpoint (taken between rounds)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for name in self.STATE:
+            if name in state:
+                setattr(self, name, state[name])
+        self.leader_changes = [tuple(c) for c in self.leader_changes]
+        self._group_best = [tuple(b) for b in self._group_best]
+        self._pending_global, self.leader_ref = None, None
+
+    def _handles(self) -> dict[int, Any]:
+        """Worker handles by global rank (a dropped group's ranks are absent)."""
         if self._worker_handles is None:
-            self._worker_handles = worker_handles(self.local_leaders, self.timeout_s)
+            self._gather_groups([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s)  # all alive?
+            per_group = get_all([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s, self._names)
+            self._worker_handles = {
+                rank: handle
+                for plan, handles in zip(self.plans, per_group)
+                for rank, handle in zip(plan.ranks, handles)
+            }
         return self._worker_handles
+
+    def local_leader_handles(self) -> list[Any]:
+        return list(self.local_leaders)
+
+    # ------------------------------------------------------------------ lost groups
+
+    def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[dict[str, Any]]:
+        """The live groups' round results. A LocalLeader that died (with its workers: they
+        share its fate) is re-formed on its node from the leader's weights, or its group is
+        dropped when the node is gone or cannot take it again."""
+        ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
+        results, dead = [], []
+        for g, ref in enumerate(calls):
+            try:
+                results.append(ray.get(ref, timeout=0))
+            except GetTimeoutError:
+                raise ActorTimeoutError(f"no answer within {timeout_s:g}s from {self._names[g]}") from None
+            except RayActorError as exc:
+                if isinstance(exc, RayTaskError):
+                    raise
+                dead.append((g, f"died ({type(exc).__name__})"))
+        for g, reason in reversed(dead):  # from the back: dropping a group shifts the later ones
+            self._recover_group(g, reason)
+        return results
+
+    def _survivor_source(self) -> tuple[list[ray.ObjectRef | None], int]:
+        """The current leader's weights if its worker lives, else another live worker's."""
+        handles = self._handles()
+        rank = self.leader if self.leader in handles else next(iter(handles), -1)
+        return ([handles[rank].get_weights.remote(False)] if rank >= 0 else [None]), self.step
+
+    def _recover_group(self, g: int, reason: str) -> None:
+        plan, name = self.plans[g], self._names[g]
+        self._worker_handles = None
+        if self._async_started:  # the workers' own loops cannot be handed to a new group in flight
+            raise RuntimeError(
+                f"{name} {reason} in asynchronous mode: the run stops; continue it from its last checkpoint "
+                "with --resume (Trainer(config with resume=output_dir))"
+            )
+        alive = self.plans[:g] + self.plans[g + 1 :]
+        event = {
+            "group": plan.group,
+            "ranks": list(plan.ranks),
+            "reason": reason,
+            "step": self.step,
+            "time": time.time(),
+        }
+        node_alive = any(n["NodeID"] == plan.node_id and n["Alive"] for n in ray.nodes())
+        if node_alive and self.make_local_leader is not None:
+            try:
+                replacement = self.make_local_leader(plan)
+                get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new {name}"])
+                self.local_leaders[g] = replacement
+                self._worker_handles = None
+                handles = {r: h for r, h in self._handles().items() if r not in plan.ranks}
+                rank = self.leader if self.leader in handles else next(iter(handles), -1)
+                source = [handles[rank].get_weights.remote(False)] if rank >= 0 else [None]
+                get_all([replacement.reset_workers.remote(source, self.step)], self.timeout_s, [f"new {name}"])
+                self.events.append({"event": "group_replaced", **event})
+                print(f"lsgd-ray: {name} {reason}: group re-formed on its node from the leader's weights", flush=True)
+                return
+            except Exception as exc:  # re-placing failed: drop the group instead
+                event["reason"] = f"{reason}; could not re-form it: {type(exc).__name__}: {exc}"
+        if not alive:
+            raise RuntimeError(f"{name} {event['reason']}, and it was the last group")
+        for seq in (self.local_leaders, self.plans, self.group_sizes, self._names):
+            del seq[g]
+        self.num_groups, self.num_workers = len(self.plans), sum(self.group_sizes)
+        self._worker_handles = None
+        self.events.append({"event": "group_dropped", **event})
+        print(f"lsgd-ray: {name} {event['reason']}: group dropped, training goes on with the rest", flush=True)
 
     def _set_leader(self, rank: int, estimate: float, step: int) -> None:
         if rank != self.leader:
@@ -68,7 +191,7 @@ class GlobalLeader:
         while self.step < max_step and time.perf_counter() - start < max_seconds:
             self._round(cfg, max_step)
         flush_start = time.perf_counter()
-        get_all([ll.flush.remote(*self._global_args()) for ll in self.local_leaders], self.timeout_s, self._names)
+        self._gather_groups([ll.flush.remote(*self._global_args()) for ll in self.local_leaders], self.timeout_s)
         self._pending_global = None
         self.round_wall_s += time.perf_counter() - flush_start
         return self.status()
@@ -82,19 +205,19 @@ class GlobalLeader:
         round_start = time.perf_counter()
         target = min(next_pull_step(self.step, cfg.tau, cfg.tau_global, self.num_groups), max_step)
         local, global_ = pulls_due(target, cfg.tau, cfg.tau_global, self.num_groups)
-        results = get_all(
+        results = self._gather_groups(
             [
                 ll.train_round.remote(target - self.step, local, cfg.lam, local or global_, *self._global_args())
                 for ll in self.local_leaders
             ],
-            self.timeout_s,
-            self._names,
+            self.timeout_s + startup_timeout(self.timeout_s) + 60,  # wait out a hung worker, then replace it
         )
         self._pending_global = None
         self.step, self.rounds = target, self.rounds + 1
-        for r, size in zip(results, self.group_sizes):
-            first = sum(self.group_sizes[: r["group"]])
-            self.estimates[first : first + size] = r["estimates"]
+        self._record_events([e for r in results for e in r["events"]])
+        for r in results:
+            plan = next(p for p in self.plans if p.group == r["group"])
+            self.estimates[plan.first_rank : plan.first_rank + plan.num_workers] = r["estimates"]
         best = select_leader([r["leader_estimate"] for r in results])
         if best >= 0:
             self._set_leader(results[best]["leader"], results[best]["leader_estimate"], self.step)
@@ -108,19 +231,30 @@ class GlobalLeader:
         self.round_wall_s += time.perf_counter() - round_start
         self.round_compute_s += max(max(r["compute_s"]) for r in results)
 
+    def _record_events(self, events: list[dict[str, Any]]) -> None:
+        self.events.extend(events)
+        if any(e["event"] == "worker_replaced" for e in events):
+            self._worker_handles = None  # a replaced worker has a new handle
+
+    def add_events(self, events: list[dict[str, Any]]) -> None:
+        self.events.extend(events)
+
+    def refresh_handles(self) -> None:
+        """Forget the cached worker handles (the driver replaced a worker)."""
+        self._worker_handles = None
+
     def leader_weights(self) -> list[ray.ObjectRef | None]:
         """A reference to the current leader's weights, fresh from the worker (wrapped)."""
-        if self.leader < 0:
-            estimates = get_all(
-                [h.stats.remote() for h in self._handles()],
-                self.timeout_s,
-                [f"worker {r}" for r in range(self.num_workers)],
-            )
-            rank = select_leader([s["estimate"] for s in estimates])
-            self.leader = max(rank, 0)
-        return [self._handles()[self.leader].get_weights.remote(False)]
+        handles = self._handles()
+        if self.leader not in handles:
+            ranks = list(handles)
+            stats = get_all([handles[r].stats.remote() for r in ranks], self.timeout_s, [f"worker {r}" for r in ranks])
+            self.leader = ranks[max(select_leader([s["estimate"] for s in stats]), 0)]
+        return [handles[self.leader].get_weights.remote(False)]
 
     def status(self) -> dict[str, Any]:
+        replies = self._gather_groups([ll.take_events.remote() for ll in self.local_leaders], self.timeout_s)
+        self._record_events([e for events in replies for e in events])
         return {
             "step": self.step,
             "rounds": self.rounds,
@@ -135,6 +269,7 @@ class GlobalLeader:
             "global_pulls": self.global_pulls,
             "local_pulls": self.local_pulls,
             "total_steps": self._total_steps or self.step * self.num_workers,
+            "events": list(self.events),
         }
 
     # ------------------------------------------------------------------ asynchronous mode
@@ -142,6 +277,7 @@ class GlobalLeader:
     def start_async(self, report_every: int, max_steps: int | None) -> list[ray.ObjectRef]:
         """Start every worker's loop through its LocalLeader; returns the loops' references."""
         self._global_period = self.cfg.tau_global * self.num_workers  # n·l·τ_G summed over workers
+        self._async_started = True
         handle = ray.get_runtime_context().current_actor
         lam = self.cfg.lam if self.num_groups > 1 else 0.0  # one group: only the global leader acts
         per_group = get_all(

@@ -8,10 +8,15 @@ weights itself.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lsgd_ray._internal.waiting import get_all
@@ -19,7 +24,41 @@ from lsgd_ray._internal.worker import Worker, WorkerSpec, node_id
 from lsgd_ray.algorithms.lsgd import crossed, select_leader
 from lsgd_ray.topology import GroupPlan
 
+LEADER_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
+
 WORKER_CONCURRENCY = 8  # async: training loop + queued pulls, weight requests, stop, stats
+STARTUP_TIMEOUT_S = 300.0  # a worker's start-up (imports, data loading) may take longer than a round
+
+
+def startup_timeout(timeout_s: float) -> float:
+    """How long actors may take to start: never less than ``STARTUP_TIMEOUT_S``."""
+    return max(timeout_s, STARTUP_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class LocalLeaderFactory:
+    """Creates a group's LocalLeader pinned to its node: the Trainer's first ones, and the
+    GlobalLeader's replacement when one dies."""
+
+    spec: WorkerSpec
+    model_factory: Any
+    dataset_factory: Any
+    optimizer_factory: Any
+    worker_cls: type
+    timeout_s: float
+
+    def __call__(self, plan: GroupPlan) -> Any:
+        pinned = NodeAffinitySchedulingStrategy(plan.node_id, soft=False)
+        actor = ray.remote(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=pinned)(LocalLeader)
+        return actor.remote(
+            plan,
+            self.spec,
+            self.model_factory,
+            self.dataset_factory,
+            self.optimizer_factory,
+            self.worker_cls,
+            self.timeout_s,
+        )
 
 
 class LocalLeader:
@@ -41,11 +80,16 @@ class LocalLeader:
             max_concurrency=WORKER_CONCURRENCY,
             scheduling_strategy=pinned,
         )(worker_cls)
-        self.workers = [
-            remote_cls.remote(rank, plan.group, index, model_factory, dataset_factory, spec, optimizer_factory)
-            for index, rank in enumerate(plan.ranks)
-        ]
+        self._spawn = lambda index, rank: remote_cls.remote(
+            rank, plan.group, index, model_factory, dataset_factory, spec, optimizer_factory
+        )
         self.ranks = list(plan.ranks)
+        self.workers = [self._spawn(index, rank) for index, rank in enumerate(self.ranks)]
+        self.events: list[dict[str, Any]] = []  # workers replaced or reset, for the result
+        self._resetting: set[int] = set()  # async: resets sent, not yet seen to take effect
+        self._async_args: tuple = ()
+        self._reset_diverged_async = False
+        self._busy = threading.Lock()  # held by synchronous rounds; settle() waits for it
         self.estimates = [float("inf")] * len(self.workers)
         self.leader_index = 0
         # asynchronous state
@@ -56,10 +100,13 @@ class LocalLeader:
         self._local_period = 0
         self._pending_local: tuple[ray.ObjectRef, float, int] | None = None
 
+    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
+        return f"LocalLeader(group={self.plan.group})"
+
     def ready(self) -> dict[str, Any]:
         infos = get_all(
             [w.ready.remote() for w in self.workers],
-            self.timeout_s,
+            startup_timeout(self.timeout_s),
             [f"worker {r} (group {self.plan.group})" for r in self.ranks],
             hint="its node may lack the resources it asked for, or its model/dataset factory failed",
         )
@@ -93,15 +140,40 @@ class LocalLeader:
         is returned wrapped in a list (so Ray passes it on unresolved) and, with
         ``local_pull``, the group pulls toward it at the start of the next call.
         """
+        with self._busy:
+            return self._train_round(num_steps, local_pull, lam, publish, global_pull, lam_global, global_rank)
+
+    def _train_round(
+        self,
+        num_steps: int,
+        local_pull: bool,
+        lam: float,
+        publish: bool,
+        global_pull: list[ray.ObjectRef] | None,
+        lam_global: float,
+        global_rank: int,
+    ) -> dict[str, Any]:
         calls = [
             w.train.remote(num_steps, *self._pulls_for(i, global_pull, lam_global, global_rank))
             for i, w in enumerate(self.workers)
         ]
         self._pending_local = None
-        results = get_all(calls, self.timeout_s, self._names())
-        self.estimates = [r["estimate"] for r in results]
+        results, failed = self._gather(calls)
+        lost = [i for i, reason in failed if reason is None]
+        if lost:  # a pull's weights were lost with the worker that published them: train without it
+            again, still = self._gather([self.workers[i].train.remote(num_steps) for i in lost])
+            for i, result in zip(lost, again):
+                results[i] = result
+            failed = [(i, r) for i, r in failed if r is not None] + [(lost[j], r or "lost") for j, r in still]
+        self.estimates = [r["estimate"] if r else math.inf for r in results]
         leader = select_leader(self.estimates)
         self.leader_index = leader
+        source = self._weights_source(leader, global_pull)
+        steps = max((r["steps"] for r in results if r), default=None)
+        for index, reason in failed:
+            self.replace_worker(index, reason, [source], steps)
+        self._reset_diverged(leader, source, steps, results)
+        results = [r or {"compute_s": 0.0} for r in results]
         leader_ref = None
         if publish and leader >= 0:
             leader_ref = self.workers[leader].get_weights.remote()
@@ -114,7 +186,107 @@ class LocalLeader:
             "leader_estimate": self.estimates[leader] if leader >= 0 else float("inf"),
             "leader_ref": [leader_ref],
             "compute_s": [r["compute_s"] for r in results],
+            "events": self.take_events(),
         }
+
+    # ------------------------------------------------------------------ failures
+
+    def _gather(self, calls: list[ray.ObjectRef]) -> tuple[list[Any], list[tuple[int, str]]]:
+        """Every worker's answer, waiting at most the timeout in all: a worker that died or did
+        not answer in time gets ``None`` and is listed with the reason (the caller replaces it);
+        reason ``None``: the worker is alive but an argument (a dead worker's weights) was lost.
+        An exception raised by the worker's own code is not a failure of the worker: it propagates."""
+        ray.wait(calls, num_returns=len(calls), timeout=self.timeout_s)
+        results, failed = [], []
+        for index, ref in enumerate(calls):
+            try:
+                results.append(ray.get(ref, timeout=0))
+            except GetTimeoutError:
+                results.append(None)
+                failed.append((index, f"no answer within {self.timeout_s:g}s (hung)"))
+            except RayActorError as exc:
+                results.append(None)
+                # RayTaskError(ActorDiedError): the worker is alive, an argument's producer died
+                failed.append((index, None if isinstance(exc, RayTaskError) else f"died ({type(exc).__name__})"))
+        return results, failed
+
+    def _weights_source(self, leader: int, global_pull: list[ray.ObjectRef] | None) -> ray.ObjectRef | None:
+        """Where a replaced or diverged worker restarts from: the group leader's weights, or
+        the global leader's when the group has no usable worker."""
+        if leader >= 0:
+            return self.workers[leader].get_weights.remote(False)
+        return global_pull[0] if global_pull else None
+
+    def replace_worker(
+        self, index: int, reason: str, source: list[ray.ObjectRef | None], steps: int | None = None
+    ) -> dict[str, Any]:
+        """Replace worker ``index`` by a new process on this node, started from ``source``
+        (wrapped; ``None``: its initial weights) with the group's step count."""
+        old = self.workers[index]
+        with contextlib.suppress(Exception):
+            ray.kill(old)
+        new = self._spawn(index, self.ranks[index])
+        name = f"worker {self.ranks[index]} (group {self.plan.group})"
+        info = get_all([new.ready.remote()], startup_timeout(self.timeout_s), [f"replacement {name}"])[0]
+        try:
+            if source and source[0] is not None:
+                get_all([new.reset_to.remote(source[0], steps)], self.timeout_s, [f"replacement {name}"])
+        except RayTaskError:  # the leader's weights were lost too: start from the initial weights
+            source = [None]
+        if not source or source[0] is None:
+            get_all([new.reset_to.remote(None, steps)], self.timeout_s, [f"replacement {name}"])
+        self.workers[index] = new
+        event = {
+            "event": "worker_replaced",
+            "rank": self.ranks[index],
+            "group": self.plan.group,
+            "reason": reason,
+            "step": steps,
+            "pid": info["pid"],
+            "time": time.time(),
+        }
+        self.events.append(event)
+        print(f"lsgd-ray: {name} {reason}: replaced (new pid {info['pid']}) from the leader's weights", flush=True)
+        return event
+
+    def _reset_diverged(self, leader: int, source: ray.ObjectRef | None, steps: int | None, results: list[Any]) -> None:
+        """Synchronous mode: workers whose loss went NaN/inf restart from the leader's weights."""
+        diverged = [i for i, r in enumerate(results) if r and not math.isfinite(r["estimate"]) and i != leader]
+        if not diverged or source is None:
+            return
+        get_all([self.workers[i].reset_to.remote(source) for i in diverged], self.timeout_s, self._names())
+        for i in diverged:
+            self._reset_event(i, steps)
+
+    def _reset_event(self, index: int, step: int | None) -> None:
+        rank = self.ranks[index]
+        self.events.append(
+            {
+                "event": "worker_reset",
+                "rank": rank,
+                "group": self.plan.group,
+                "reason": "loss NaN or infinite",
+                "step": step,
+                "time": time.time(),
+            }
+        )
+        print(
+            f"lsgd-ray: worker {rank} (group {self.plan.group}): loss NaN or infinite, reset to the leader", flush=True
+        )
+
+    def settle(self) -> None:
+        """Wait for a round still running (its coordinator died) and drop what it left pending."""
+        with self._busy:
+            self._pending_local = None
+
+    def reset_workers(self, source: list[ray.ObjectRef | None], steps: int | None) -> None:
+        """Start every worker of this (re-formed) group from ``source`` at ``steps``."""
+        get_all([w.reset_to.remote(source[0], steps) for w in self.workers], self.timeout_s, self._names())
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The events since the last call (the coordinator collects them)."""
+        events, self.events = self.events, []
+        return events
 
     def _pulls_for(
         self, index: int, global_pull: list[ray.ObjectRef] | None, lam_global: float, global_rank: int
@@ -135,6 +307,10 @@ class LocalLeader:
         self, global_pull: list[ray.ObjectRef] | None = None, lam_global: float = 0.0, global_rank: int = -1
     ) -> None:
         """Apply the pulls still pending from the last round, so every worker's weights are current."""
+        with self._busy:
+            self._flush(global_pull, lam_global, global_rank)
+
+    def _flush(self, global_pull: list[ray.ObjectRef] | None, lam_global: float, global_rank: int) -> None:
         calls = [
             w.apply_pulls.remote(*self._pulls_for(i, global_pull, lam_global, global_rank))
             for i, w in enumerate(self.workers)
@@ -173,17 +349,38 @@ class LocalLeader:
         exchange: Any = None,
     ) -> list[ray.ObjectRef]:
         """Start every worker's own training loop; returns their result references.
-        ``exchange``: a peer's per-step schedule (EASGD, DOWNPOUR), handed to every worker."""
+        ``exchange``: a peer's per-step schedule (EASGD, DOWNPOUR), handed to every worker;
+        the peers keep their own rules, so only LSGD (no exchange) resets diverged workers."""
         self._global_leader, self._lam = global_leader, lam
+        self._reset_diverged_async = exchange is None
         self._local_period = tau * len(self.workers)  # l·τ steps summed over the group
         self._group_steps = 0
         handle = ray.get_runtime_context().current_actor
-        return [w.run_async.remote(handle, report_every, max_steps, exchange) for w in self.workers]
+        self._async_args = (handle, report_every, max_steps, exchange)
+        return [w.run_async.remote(*self._async_args) for w in self.workers]
+
+    def replace_async(self, rank: int, reason: str, source: list[ray.ObjectRef | None]) -> list[Any]:
+        """Asynchronous mode: replace a dead worker and start its loop again; returns
+        ``[new loop ref, new handle]`` (wrapped, so the caller gets the reference itself)."""
+        index = self.ranks.index(rank)
+        steps = max((s["steps"] for s in self._alive_stats()), default=None)
+        self.replace_worker(index, reason, source, steps)
+        return [self.workers[index].run_async.remote(*self._async_args), self.workers[index]]
+
+    def _alive_stats(self) -> list[dict[str, Any]]:
+        stats = []
+        for w in self.workers:
+            with contextlib.suppress(RayActorError, GetTimeoutError):
+                stats.append(ray.get(w.stats.remote(), timeout=self.timeout_s))
+        return stats
 
     def report(self, index: int, steps: int, estimate: float) -> None:
         """A worker took ``steps`` more steps; pull the group toward its leader when due."""
+        reset = None
         with self._lock:
             self.estimates[index] = estimate
+            if math.isfinite(estimate):
+                self._resetting.discard(index)
             before = self._group_steps
             self._group_steps += steps
             leader = select_leader(self.estimates)
@@ -194,6 +391,13 @@ class LocalLeader:
                 and crossed(before, self._group_steps, self._local_period)
             )
             self.leader_index = leader
+            diverged = self._reset_diverged_async and not math.isfinite(estimate)
+            if diverged and leader >= 0 and index != leader and index not in self._resetting:
+                self._resetting.add(index)
+                reset = leader
+        if reset is not None:  # the worker applies it between two of its steps
+            self.workers[index].reset_to.remote(self.workers[reset].get_weights.remote(False))
+            self._reset_event(index, None)
         if due:
             ref = self.workers[leader].get_weights.remote()
             self._pull_each(ref, self._lam, skip=leader, kind="local")

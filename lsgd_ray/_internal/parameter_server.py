@@ -19,6 +19,10 @@ class ParameterServer:
         """The current weights; Ray copies them into the object store once per call."""
         return self.center
 
+    def set(self, weights: np.ndarray) -> None:
+        """Overwrite the center (resuming from a checkpoint)."""
+        self.center[:] = weights
+
     def add(self, update: np.ndarray, scale: float) -> None:
         """``center += scale·update`` (EASGD: scale α and a worker's difference; DOWNPOUR: 1)."""
         self.center += scale * update

@@ -10,6 +10,7 @@ read each other's published weights), or inside the workers' own collectives.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -44,6 +45,18 @@ class PeerCoordinator:
         self._worker_handles: list[Any] | None = None
         self._lock = threading.Lock()
         self._total_steps = 0
+        self.events: list[dict[str, Any]] = []
+
+    STATE = ("step", "rounds", "estimates", "round_wall_s", "round_compute_s", "events", "_total_steps")
+
+    def get_state(self) -> dict[str, Any]:
+        """Counters for a checkpoint (taken between rounds, when nothing is pending)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for name in self.STATE:
+            if name in state:
+                setattr(self, name, state[name])
 
     # ------------------------------------------------------------------ plumbing
 
@@ -51,6 +64,16 @@ class PeerCoordinator:
         if self._worker_handles is None:
             self._worker_handles = worker_handles(self.local_leaders, self.timeout_s)
         return self._worker_handles
+
+    def add_events(self, events: list[dict[str, Any]]) -> None:
+        self.events.extend(events)
+
+    def local_leader_handles(self) -> list[Any]:
+        return list(self.local_leaders)
+
+    def refresh_handles(self) -> None:
+        """Forget the cached worker handles (the driver replaced a worker)."""
+        self._worker_handles = None
 
     def _worker_names(self) -> list[str]:
         return [f"worker {r}" for r in range(self.num_workers)]
@@ -136,6 +159,7 @@ class PeerCoordinator:
             "global_pulls": 0,
             "local_pulls": 0,
             "total_steps": self._total_steps or self.step * self.num_workers,
+            "events": list(self.events),
         }
 
     # ------------------------------------------------------------------ asynchronous mode
@@ -216,6 +240,15 @@ class EASGD(PeerCoordinator):
 
     def leader_weights(self) -> list[ray.ObjectRef]:
         return [self.center_ref if self.cfg.mode == "sync" else self.server.get.remote()]
+
+    def get_state(self) -> dict[str, Any]:
+        center = ray.get(self.leader_weights()[0])
+        return {**super().get_state(), "center": np.array(center, copy=True)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        ray.get(self.server.set.remote(state["center"]))
+        self.center_ref = self.server.get.remote()
 
     def _exchange(self) -> Any:
         return ElasticExchange(self.server, self.cfg.easgd.tau, self.alpha)

@@ -9,6 +9,7 @@ two steps, so no step sees half-pulled weights and no request waits longer than 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from lsgd_ray._internal.worker_peers import PeerWorkerMixin
 from lsgd_ray.algorithms.lsgd import LossWindow, pull_toward
 from lsgd_ray.config import LSGDConfig, OptimizerConfig
-from lsgd_ray.data import BatchStream, DatasetFactory, shard_indices, worker_seed
+from lsgd_ray.data import BatchStream, DatasetFactory, ImageFiles, resident, shard_indices, worker_seed
 from lsgd_ray.flat import FlatState
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory, build_optimizer
@@ -72,7 +73,8 @@ class Worker(PeerWorkerMixin):
         self.optimizer = (optimizer_factory or (lambda p: build_optimizer(p, spec.optimizer)))(self.model.parameters())
         data = dataset_factory()
         shard = shard_indices(len(data.y_train), spec.num_workers, rank, spec.seed)
-        self.x = data.x_train[shard].to(self.device)
+        self.x = resident(data.x_train, self.device, shard)  # ImageFiles: a lazy subset, streamed
+        self.streamed = isinstance(self.x, ImageFiles)
         self.y = data.y_train[shard].to(self.device)
         self.stream = BatchStream(len(shard), spec.batch_size, worker_seed(spec.seed, rank))
         self.augment = data.augment  # whole-batch crop/flip on the worker's device (the fast path)
@@ -95,6 +97,7 @@ class Worker(PeerWorkerMixin):
         self.pulls = 0
         self.pull_s = 0.0  # time in the pull arithmetic (on a GPU: launch time only, no sync)
         self.last_loss = math.inf
+        self.resets = 0  # times this worker was reset to a leader's weights (NaN/inf loss)
         # proximal option: the last leaders seen, pulled toward a little after every step
         self._last_leaders: dict[str, tuple[torch.Tensor, float]] = {}
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
@@ -104,6 +107,9 @@ class Worker(PeerWorkerMixin):
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ information
+
+    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
+        return f"Worker(rank={self.rank}, group={self.group})"
 
     def ready(self) -> dict[str, Any]:
         return {
@@ -130,15 +136,20 @@ class Worker(PeerWorkerMixin):
             "exchanges": self.exchanges,
             "estimate": self.window.mean() if self._async else self.estimate(),
             "last_loss": self.last_loss,
+            "resets": self.resets,
         }
 
     # ------------------------------------------------------------------ training
 
     def _step(self) -> None:
-        index = self.stream.next().to(self.device)
-        x = self.x[index]
-        if self.augment is not None:
-            x = self.augment(x, self.augment_rng)
+        index = self.stream.next()
+        if self.streamed:  # decoded from disk, per-sample transforms seeded from augment_rng
+            x, index = self.x.load(index, self.augment_rng).to(self.device), index.to(self.device)
+        else:  # the fast path: the shard is on the device, augmented a whole batch at a time
+            index = index.to(self.device)
+            x = self.x[index]
+            if self.augment is not None:
+                x = self.augment(x, self.augment_rng)
         loss = F.cross_entropy(self.model(x), self.y[index])
         self.state.zero_grad()
         loss.backward()
@@ -197,7 +208,7 @@ class Worker(PeerWorkerMixin):
         self.bytes_sent += 8  # the estimate travels to the LocalLeader
         elapsed = time.perf_counter() - start
         self.compute_s += elapsed
-        return {"rank": self.rank, "estimate": estimate, "compute_s": elapsed}
+        return {"rank": self.rank, "estimate": estimate, "compute_s": elapsed, "steps": self.steps}
 
     # ------------------------------------------------------------------ leader weights
 
@@ -211,23 +222,34 @@ class Worker(PeerWorkerMixin):
         if count:
             self.bytes_sent += self.state.nbytes
         with self._lock:
-            if self._async:  # the training thread takes the snapshot between two steps
-                request: dict[str, Any] = {"done": threading.Event()}
+            if not self._async:
+                return self.state.to_numpy()
+        return self._between_steps("weights")
+
+    def _between_steps(self, kind: str) -> Any:
+        """Asynchronous mode: have the training thread take a ``weights`` or ``state`` snapshot
+        between two steps (if the loop has ended meanwhile, take it here)."""
+        request: dict[str, Any] = {"done": threading.Event(), "kind": kind}
+        with self._lock:
+            if self._async:
                 self._snapshot_requests.append(request)
             else:
-                return self.state.to_numpy()
+                return self.state.to_numpy() if kind == "weights" else self._checkpoint_state()
         request["done"].wait()
-        return request["weights"]
+        return request["value"]
 
     def _serve_snapshots(self) -> None:
         """Training thread, between steps: one copy of the weights for all waiting requests."""
         with self._lock:
             requests, self._snapshot_requests = self._snapshot_requests, []
-        if requests:
-            weights = self.state.to_numpy(copy=True)
-            for request in requests:
-                request["weights"] = weights
-                request["done"].set()
+        weights = None
+        for request in requests:
+            if request["kind"] == "weights":
+                weights = self.state.to_numpy(copy=True) if weights is None else weights
+                request["value"] = weights
+            else:
+                request["value"] = self._checkpoint_state()
+            request["done"].set()
 
     def pull(
         self, leader: np.ndarray, strength: float, inspect: bool = False, kind: str = "global"
@@ -275,6 +297,78 @@ class Worker(PeerWorkerMixin):
         with self._lock:
             self.state.load(weights)
 
+    # ------------------------------------------------------------------ checkpoints and recovery
+
+    COUNTERS = ("compute_s", "bytes_sent", "bytes_received", "pulls", "pull_s", "exchanges", "last_loss", "resets")
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything needed to continue this worker exactly: weights, integer buffers, optimizer
+        state, step count, batch order, RNG states, loss window and counters (all on the CPU,
+        tensors and plain values only, so a checkpoint loads with ``weights_only``)."""
+        with self._lock:
+            if not self._async:
+                return self._checkpoint_state()
+        return self._between_steps("state")
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        self._flush_losses()
+        return {
+            "rank": self.rank,
+            "weights": self.state.flat.detach().cpu().clone(),
+            "int_buffers": {
+                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if not v.is_floating_point()
+            },
+            "optimizer": _to_cpu(copy.deepcopy(self.optimizer.state_dict())),
+            "steps": self.steps,
+            "stream": self.stream.state(),
+            "augment_rng": self.augment_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "window": self.window.values(),
+            "counters": {k: getattr(self, k) for k in self.COUNTERS},
+            "last_leaders": {k: (v.detach().cpu().clone(), s) for k, (v, s) in self._last_leaders.items()},
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from ``get_state()``'s snapshot (before the run's training starts)."""
+        if state["rank"] != self.rank:
+            raise ValueError(f"worker {self.rank} was handed worker {state['rank']}'s checkpoint")
+        with self._lock:
+            self.state.load(state["weights"])
+            buffers = self.model.state_dict()
+            for name, value in state["int_buffers"].items():
+                buffers[name].copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.steps = int(state["steps"])
+            self.stream.load_state(state["stream"])
+            self.augment_rng.set_state(state["augment_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            self.window.load(state["window"])
+            self._recent.clear()
+            for name, value in state["counters"].items():
+                setattr(self, name, value)
+            self._last_leaders = {k: (v.to(self.device), s) for k, (v, s) in state["last_leaders"].items()}
+
+    def reset_to(self, weights: np.ndarray | None, steps: int | None = None) -> None:
+        """Start again from ``weights`` (the leader's; ``None``: keep these): fresh optimizer
+        state and loss window. For a worker whose loss went NaN/inf, or a replacement worker
+        (``steps``: the group's step count, so budgets and schedules stay in step)."""
+        with self._lock:
+            if self._async:  # the training thread applies it between two steps
+                self._pending.append((weights, 1.0, "reset"))
+                return
+            self._reset(weights)
+        if steps is not None:
+            self.steps = steps
+
+    def _reset(self, weights: np.ndarray | None) -> None:
+        if weights is not None:
+            self.state.load(self.on_device(weights))
+        self.optimizer.state.clear()
+        self.window.load([])
+        self._recent.clear()
+        self._last_leaders.clear()
+        self.resets += 1
+
     # ------------------------------------------------------------------ asynchronous mode
 
     def run_async(
@@ -317,7 +411,10 @@ class Worker(PeerWorkerMixin):
         with self._lock:
             pending, self._pending = self._pending, []
         for leader, strength, kind in pending:
-            self._apply_pull(leader, strength, kind)
+            if kind == "reset":
+                self._reset(leader)
+            else:
+                self._apply_pull(leader, strength, kind)
 
     def _report(self, local_leader: Any, steps: int) -> None:
         self.bytes_sent += 16  # step count and estimate
@@ -325,6 +422,17 @@ class Worker(PeerWorkerMixin):
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor moved to the CPU (optimizer states of GPU workers)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def memory_region(array: np.ndarray) -> dict[str, Any]:

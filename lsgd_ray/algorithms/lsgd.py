@@ -46,6 +46,13 @@ class LossWindow:
     def add(self, loss: float) -> None:
         self._values.append(float(loss))
 
+    def values(self) -> list[float]:
+        return list(self._values)
+
+    def load(self, values: list[float]) -> None:
+        self._values.clear()
+        self._values.extend(float(v) for v in values)
+
     def mean(self) -> float:
         """``inf`` before the first batch, and while any loss in the window is not finite."""
         if not self._values:

@@ -1,0 +1,141 @@
+"""Checkpoints: committed atomically, verified on load, never executing code from the file.
+
+A run's checkpoints live in ``<output_dir>/checkpoints/step-<steps per worker>/``, each holding
+
+- ``state.pt``: the coordinator's state, every worker's state (weights, optimizer, RNGs, step
+  counts), the trainer's history and clocks: tensors and plain Python values only, saved with
+  ``torch.save`` and loaded with ``torch.load(weights_only=True)``, which refuses any pickle
+  that names code;
+- ``meta.json``: the step, the time, the code version, the config and the SHA-256 of
+  ``state.pt`` (a truncated or altered file is caught before it is unpickled).
+
+A checkpoint is written into a temporary directory, flushed to disk, and renamed into place:
+a crash mid-write leaves the previous checkpoints intact. The last ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+STATE_FILE, META_FILE = "state.pt", "meta.json"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: the message lists what was tried and why each was refused."""
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int
+) -> Path:
+    """Commit ``state`` as the checkpoint for ``step`` (replacing one of the same step) and
+    delete all but the newest ``keep``. Returns the checkpoint's directory."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:09d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state_path = tmp / STATE_FILE
+    with open(state_path, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    info = {"format": FORMAT, "step": step, "saved_at": time.time(), **meta, "sha256": _sha256(state_path)}
+    with open(tmp / META_FILE, "w") as f:
+        json.dump(info, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # the same step again (e.g. the final checkpoint): replace it
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    for stale in list_checkpoints(run_dir)[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """Committed checkpoints under a run directory (or its ``checkpoints/``), newest first."""
+    path = Path(path)
+    root = path if path.name == "checkpoints" else checkpoint_root(path)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """One checkpoint's state, after checking its digest; raises ``CheckpointError`` if it is
+    missing, altered, truncated, of another format, or names code in its pickle."""
+    directory = Path(directory)
+    state_path, meta_path = directory / STATE_FILE, directory / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable ({exc})") from None
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path}: missing")
+    if _sha256(state_path) != meta.get("sha256"):
+        raise CheckpointError(f"{state_path}: contents do not match the SHA-256 in {META_FILE} (truncated or altered)")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses code; a damaged file fails to unpickle
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{state_path}: refused by the weights-only loader ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{state_path}: not an lsgd-ray checkpoint of format {FORMAT}")
+    return state
+
+
+def load_latest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """The newest usable checkpoint under ``path`` (a run directory, its ``checkpoints/``, or one
+    checkpoint directory); an unusable one is reported on stderr and the previous one tried."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"nothing to resume: {path} does not exist")
+    candidates = [path] if (path / META_FILE).exists() else list_checkpoints(path)
+    if not candidates:
+        raise CheckpointError(f"nothing to resume: no checkpoints under {path} (expected {checkpoint_root(path)})")
+    refused = []
+    for candidate in candidates:
+        try:
+            return read_checkpoint(candidate), candidate
+        except CheckpointError as exc:
+            refused.append(str(exc))
+            print(f"lsgd-ray: skipping checkpoint {candidate.name}: {exc}", file=sys.stderr, flush=True)
+    raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(refused))

@@ -1,0 +1,118 @@
+"""Failures injected into real runs: a worker killed (SIGKILL) or hung (SIGSTOP) is replaced on
+its node from the leader's weights; a worker whose loss turns NaN is reset and never leads."""
+
+import functools
+import math
+import os
+import signal
+import sys
+import threading
+
+import pytest
+import ray
+from ray import cloudpickle
+
+from lsgd_ray import LSGDConfig, OptimizerConfig, TrainConfig, Trainer
+from lsgd_ray._internal.worker import Worker
+from lsgd_ray.data import synthetic
+from lsgd_ray.models import mlp
+
+MODEL = functools.partial(mlp, (16,), 4, hidden=32)
+DATA = functools.partial(synthetic, n_train=1024, n_test=256)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's classes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def config(tmp_path, mode="sync", **kw):
+    defaults = dict(
+        num_groups=2,
+        workers_per_group=2,
+        batch_size=16,
+        max_steps=120,
+        eval_every_s=1000.0,
+        optimizer=OptimizerConfig(lr=0.05),
+        lsgd=LSGDConfig(tau=4, tau_global=8, mode=mode),
+        straggler_delay_s={r: 0.02 for r in range(4)},  # ~3 s of training: time to strike mid-run
+        quiet=True,
+    )
+    defaults.update(kw)
+    return TrainConfig(output_dir=str(tmp_path / mode), **defaults)
+
+
+def pids(trainer):
+    return {w["rank"]: (w["pid"], w["node_id"]) for g in trainer.group_infos for w in g["workers"]}
+
+
+def strike(pid, sig, after_s=1.0):
+    timer = threading.Timer(after_s, os.kill, (pid, sig))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_killed_worker_is_replaced_and_training_goes_on(tmp_path, mode):
+    with Trainer(MODEL, DATA, config(tmp_path, mode)) as trainer:
+        old_pid, node = pids(trainer)[1]
+        strike(old_pid, signal.SIGKILL)
+        result = trainer.fit()
+        new = ray.get(trainer.workers[1].ready.remote())
+    assert result.status == "completed"
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [1], result.events
+    assert "died" in replaced[0]["reason"]
+    assert new["pid"] != old_pid and new["pid"] == replaced[0]["pid"] and new["node_id"] == node
+    assert result.steps_per_worker == 120
+    assert result.final_test_accuracy > 0.6  # chance is 0.25
+
+
+def test_a_hung_worker_is_detected_named_and_replaced(tmp_path):
+    cfg = config(tmp_path, actor_timeout_s=4.0)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        hung_pid, _ = pids(trainer)[2]
+        strike(hung_pid, signal.SIGSTOP)
+        try:
+            result = trainer.fit()
+        finally:
+            os.kill(hung_pid, signal.SIGKILL) if _alive(hung_pid) else None
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [2] and "no answer within 4s" in replaced[0]["reason"]
+    assert result.status == "completed" and result.steps_per_worker == 120
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class DivergingWorker(Worker):
+    """Worker 3's weights turn NaN at its 30th step (as after an exploding gradient)."""
+
+    def _step(self):
+        super()._step()
+        if self.rank == 3 and self.steps == 30:
+            self.state.flat.fill_(math.nan)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_worker_whose_loss_turns_nan_is_reset_and_never_leads(tmp_path, mode):
+    cfg = config(tmp_path, mode, straggler_delay_s={}, eval_every_s=0.2)
+    with Trainer(MODEL, DATA, cfg, worker_cls=DivergingWorker) as trainer:
+        result = trainer.fit()
+        weights = trainer.worker_weights()
+    resets = [e for e in result.events if e["event"] == "worker_reset"]
+    assert resets and {e["rank"] for e in resets} == {3}, result.events
+    assert all(math.isfinite(float(w.sum())) for w in weights)  # worker 3 is training again
+    if mode == "sync":  # worker 3 is NaN at the end of the round ending at step 32: it does not lead then
+        leader_at_32 = [rank for step, rank in result.leader_changes if step <= 32][-1]
+        assert leader_at_32 != 3
+    assert all(math.isfinite(record["test_loss"]) for record in result.history)  # the leader never NaN
+    assert result.final_test_accuracy > 0.6
