@@ -17,8 +17,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from lsgd_ray._internal.local_leader import startup_timeout
-from lsgd_ray._internal.waiting import ActorTimeoutError, get_all
+from lsgd_ray._internal.waiting import ActorTimeoutError, get_all, startup_timeout
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan

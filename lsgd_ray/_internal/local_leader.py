@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.waiting import get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker, WorkerSpec, node_id
 from lsgd_ray.algorithms.lsgd import crossed, select_leader
 from lsgd_ray.topology import GroupPlan
@@ -27,12 +27,6 @@ from lsgd_ray.topology import GroupPlan
 LEADER_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
 
 WORKER_CONCURRENCY = 8  # async: training loop + queued pulls, weight requests, stop, stats
-STARTUP_TIMEOUT_S = 300.0  # a worker's start-up (imports, data loading) may take longer than a round
-
-
-def startup_timeout(timeout_s: float) -> float:
-    """How long actors may take to start: never less than ``STARTUP_TIMEOUT_S``."""
-    return max(timeout_s, STARTUP_TIMEOUT_S)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,13 @@ from typing import Any
 
 import ray
 
+STARTUP_TIMEOUT_S = 300.0  # an actor's start-up (imports, data loading) may take longer than a round
+
+
+def startup_timeout(timeout_s: float) -> float:
+    """How long actors may take to start: never less than ``STARTUP_TIMEOUT_S``."""
+    return max(timeout_s, STARTUP_TIMEOUT_S)
+
 
 class ActorTimeoutError(TimeoutError):
     """Some actors did not answer in time; the message names them."""

@@ -261,8 +261,8 @@ class Worker(PeerWorkerMixin):
         self.bytes_received += leader.nbytes
         where = memory_region(leader) if inspect else None
         with self._lock:
-            if self._async:
-                self._pending.append((leader, strength, kind))
+            if self._async:  # only the newest leader of each kind matters: drop (and unpin) older ones
+                self._pending = [p for p in self._pending if p[2] != kind] + [(leader, strength, kind)]
             else:
                 self._apply_pull(leader, strength, kind)
         return where
