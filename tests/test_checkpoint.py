@@ -196,7 +196,9 @@ def test_the_driver_killed_then_resumed(local_ray, tmp_path):
     deadline = time.monotonic() + 120
     while not list_checkpoints(out) and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.2)
-    assert list_checkpoints(out), driver.stderr.read().decode()[-2000:] if driver.poll() is not None else "no checkpoint"
+    assert list_checkpoints(out), (
+        driver.stderr.read().decode()[-2000:] if driver.poll() is not None else "no checkpoint"
+    )
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     step = json.loads((list_checkpoints(out)[0] / "meta.json").read_text())["steps_per_worker"]
