@@ -163,20 +163,12 @@ class Trainer:
             step_delay_s=dict(cfg.straggler_delay_s),
             collective_timeout_s=cfg.actor_timeout_s,
         )
-        here = ray.get_runtime_context().get_node_id()
         self._make_local_leader = LocalLeaderFactory(
             spec, self.model_factory, self.dataset_factory, self.optimizer_factory, self.worker_cls, cfg.actor_timeout_s
         )
         self.local_leaders = [self._make_local_leader(plan) for plan in topo.groups]
         self.global_leader = self._make_coordinator()
-        near_driver = NodeAffinitySchedulingStrategy(here, soft=True)
-        self.evaluator = ray.remote(num_cpus=0, scheduling_strategy=near_driver)(Evaluator).remote(
-            self.model_factory,
-            self.dataset_factory,
-            cfg.eval_batch_size,
-            cfg.gpus_per_worker > 0,
-            cfg.mode == "sync",
-        )
+        self.evaluator = self._make_evaluator()
         names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
         infos = get_all(
             [ll.ready.remote() for ll in self.local_leaders] + [self.evaluator.ready.remote()],
@@ -221,6 +213,13 @@ class Trainer:
         # the peers' coordinators play the GlobalLeader's role
         return coordinator(COORDINATORS[cfg.algorithm]).remote(
             self.local_leaders, topo.group_sizes, cfg, cfg.actor_timeout_s
+        )
+
+    def _make_evaluator(self) -> Any:
+        cfg = self.config
+        near_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        return ray.remote(num_cpus=0, scheduling_strategy=near_driver)(Evaluator).remote(
+            self.model_factory, self.dataset_factory, cfg.eval_batch_size, cfg.gpus_per_worker > 0, cfg.mode == "sync"
         )
 
     def _restart_coordinator(self, reason: str) -> None:
@@ -295,7 +294,11 @@ class Trainer:
     def evaluate_leader(self) -> dict[str, Any]:
         """Test loss and accuracy of the current leader, recorded in the history."""
         status = self.status()
-        result = ray.get(self.evaluator.evaluate.remote(self.leader_weights_ref()))
+        try:
+            result = ray.get(self.evaluator.evaluate.remote(self.leader_weights_ref()))
+        except ray.exceptions.ActorDiedError:  # e.g. its node was removed: a new one, once
+            self.evaluator = self._make_evaluator()
+            result = ray.get(self.evaluator.evaluate.remote(self.leader_weights_ref()))
         samples = status["total_steps"] * self.config.batch_size
         record = {
             "train_s": self.train_s,

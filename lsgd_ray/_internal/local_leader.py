@@ -162,11 +162,13 @@ class LocalLeader:
         self.estimates = [r["estimate"] if r else math.inf for r in results]
         leader = select_leader(self.estimates)
         self.leader_index = leader
-        source = self._weights_source(leader, global_pull)
         steps = max((r["steps"] for r in results if r), default=None)
-        for index, reason in failed:
-            self.replace_worker(index, reason, [source], steps)
-        self._reset_diverged(leader, source, steps, results)
+        diverged = [i for i, r in enumerate(results) if r and not math.isfinite(r["estimate"]) and i != leader]
+        if failed or diverged:  # only then: a snapshot of the leader's weights to restart from
+            source = self._weights_source(leader, global_pull)
+            for index, reason in failed:
+                self.replace_worker(index, reason, [source], steps)
+            self._reset_diverged(diverged, source, steps)
         results = [r or {"compute_s": 0.0} for r in results]
         leader_ref = None
         if publish and leader >= 0:
@@ -243,9 +245,8 @@ class LocalLeader:
         print(f"lsgd-ray: {name} {reason}: replaced (new pid {info['pid']}) from the leader's weights", flush=True)
         return event
 
-    def _reset_diverged(self, leader: int, source: ray.ObjectRef | None, steps: int | None, results: list[Any]) -> None:
+    def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
         """Synchronous mode: workers whose loss went NaN/inf restart from the leader's weights."""
-        diverged = [i for i, r in enumerate(results) if r and not math.isfinite(r["estimate"]) and i != leader]
         if not diverged or source is None:
             return
         get_all([self.workers[i].reset_to.remote(source) for i in diverged], self.timeout_s, self._names())

@@ -98,6 +98,7 @@ class Worker(PeerWorkerMixin):
         self.pull_s = 0.0  # time in the pull arithmetic (on a GPU: launch time only, no sync)
         self.last_loss = math.inf
         self.resets = 0  # times this worker was reset to a leader's weights (NaN/inf loss)
+        self.skipped_pulls = 0  # pulls toward weights that were no longer finite
         # proximal option: the last leaders seen, pulled toward a little after every step
         self._last_leaders: dict[str, tuple[torch.Tensor, float]] = {}
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
@@ -137,6 +138,7 @@ class Worker(PeerWorkerMixin):
             "estimate": self.window.mean() if self._async else self.estimate(),
             "last_loss": self.last_loss,
             "resets": self.resets,
+            "skipped_pulls": self.skipped_pulls,
         }
 
     # ------------------------------------------------------------------ training
@@ -284,6 +286,9 @@ class Worker(PeerWorkerMixin):
 
     def _apply_pull(self, leader: np.ndarray, strength: float, kind: str) -> None:
         source = self.on_device(leader)  # on a GPU: one host-to-device copy
+        if not bool(torch.isfinite(source).all()):  # async: the leader diverged after it was chosen
+            self.skipped_pulls += 1
+            return
         start = time.perf_counter()
         pull_toward(self.state.flat, source, strength)
         self.pull_s += time.perf_counter() - start
@@ -299,7 +304,17 @@ class Worker(PeerWorkerMixin):
 
     # ------------------------------------------------------------------ checkpoints and recovery
 
-    COUNTERS = ("compute_s", "bytes_sent", "bytes_received", "pulls", "pull_s", "exchanges", "last_loss", "resets")
+    COUNTERS = (
+        "compute_s",
+        "bytes_sent",
+        "bytes_received",
+        "pulls",
+        "pull_s",
+        "exchanges",
+        "last_loss",
+        "resets",
+        "skipped_pulls",
+    )
 
     def get_state(self) -> dict[str, Any]:
         """Everything needed to continue this worker exactly: weights, integer buffers, optimizer
