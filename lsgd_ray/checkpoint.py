@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ PREFIX = "step-"
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint: the message lists what was tried and why each was refused."""
+
+
+def map_leaves(value: Any, kind: type | tuple[type, ...], fn: Callable[[Any], Any]) -> Any:
+    """``value`` with every leaf of type ``kind`` replaced by ``fn(leaf)``, through dicts,
+    lists and tuples (checkpoint states: tensors to the CPU, arrays to tensors and back)."""
+    if isinstance(value, kind):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_leaves(v, kind, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_leaves(v, kind, fn) for v in value)
+    return value
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:

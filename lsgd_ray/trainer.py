@@ -28,7 +28,7 @@ from lsgd_ray._internal.peer_coordinators import COORDINATORS
 from lsgd_ray._internal.waiting import get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker, WorkerSpec
 from lsgd_ray.algorithms.gossip import base_graph
-from lsgd_ray.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from lsgd_ray.checkpoint import list_checkpoints, load_latest, map_leaves, save_checkpoint
 from lsgd_ray.config import ConfigError, TrainConfig
 from lsgd_ray.data import DatasetFactory
 from lsgd_ray.flat import load_flat
@@ -618,24 +618,12 @@ def _check_resumable(saved: dict[str, Any], now: dict[str, Any], saved_workers: 
 
 def _tensors(value: Any) -> Any:
     """NumPy arrays as tensors, so a checkpoint loads with ``torch.load(weights_only=True)``."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.array(value, copy=True))
-    if isinstance(value, dict):
-        return {k: _tensors(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_tensors(v) for v in value)
-    return value
+    return map_leaves(value, np.ndarray, lambda a: torch.from_numpy(np.array(a, copy=True)))
 
 
 def _arrays(value: Any) -> Any:
     """The reverse of ``_tensors`` for the coordinators, which never import torch."""
-    if isinstance(value, torch.Tensor):
-        return value.numpy()
-    if isinstance(value, dict):
-        return {k: _arrays(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_arrays(v) for v in value)
-    return value
+    return map_leaves(value, torch.Tensor, lambda t: t.numpy())
 
 
 def algorithm_summary(cfg: TrainConfig) -> str:

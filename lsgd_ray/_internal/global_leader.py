@@ -127,11 +127,12 @@ class GlobalLeader:
             self._recover_group(g, reason)
         return results
 
-    def _survivor_source(self) -> tuple[list[ray.ObjectRef | None], int]:
-        """The current leader's weights if its worker lives, else another live worker's."""
-        handles = self._handles()
+    def _survivor_source(self, exclude: range) -> list[ray.ObjectRef | None]:
+        """The current leader's weights if its worker lives (outside ``exclude``), else another
+        live worker's (wrapped; ``[None]`` when there is none)."""
+        handles = {r: h for r, h in self._handles().items() if r not in exclude}
         rank = self.leader if self.leader in handles else next(iter(handles), -1)
-        return ([handles[rank].get_weights.remote(False)] if rank >= 0 else [None]), self.step
+        return [handles[rank].get_weights.remote(False)] if rank >= 0 else [None]
 
     def _recover_group(self, g: int, reason: str) -> None:
         plan, name = self.plans[g], self._names[g]
@@ -156,9 +157,7 @@ class GlobalLeader:
                 get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new {name}"])
                 self.local_leaders[g] = replacement
                 self._worker_handles = None
-                handles = {r: h for r, h in self._handles().items() if r not in plan.ranks}
-                rank = self.leader if self.leader in handles else next(iter(handles), -1)
-                source = [handles[rank].get_weights.remote(False)] if rank >= 0 else [None]
+                source = self._survivor_source(exclude=plan.ranks)
                 get_all([replacement.reset_workers.remote(source, self.step)], self.timeout_s, [f"new {name}"])
                 self.events.append({"event": "group_replaced", **event})
                 print(f"lsgd-ray: {name} {reason}: group re-formed on its node from the leader's weights", flush=True)

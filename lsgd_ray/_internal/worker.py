@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lsgd_ray._internal.worker_peers import PeerWorkerMixin
 from lsgd_ray.algorithms.lsgd import LossWindow, pull_toward
+from lsgd_ray.checkpoint import map_leaves
 from lsgd_ray.config import LSGDConfig, OptimizerConfig
 from lsgd_ray.data import BatchStream, DatasetFactory, ImageFiles, resident, shard_indices, worker_seed
 from lsgd_ray.flat import FlatState
@@ -333,7 +334,7 @@ class Worker(PeerWorkerMixin):
             "int_buffers": {
                 k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if not v.is_floating_point()
             },
-            "optimizer": _to_cpu(copy.deepcopy(self.optimizer.state_dict())),
+            "optimizer": map_leaves(copy.deepcopy(self.optimizer.state_dict()), torch.Tensor, torch.Tensor.cpu),
             "steps": self.steps,
             "stream": self.stream.state(),
             "augment_rng": self.augment_rng.get_state(),
@@ -437,17 +438,6 @@ class Worker(PeerWorkerMixin):
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def _to_cpu(value: Any) -> Any:
-    """``value`` with every tensor moved to the CPU (optimizer states of GPU workers)."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
 
 
 def memory_region(array: np.ndarray) -> dict[str, Any]:
