@@ -75,6 +75,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--max-steps", type=int, default=None, help="steps per worker")
     a("--time-budget", type=float, default=None, help="training seconds (evaluation excluded)")
     a("--eval-every", type=float, default=1.0, help="evaluate the leader every N training seconds")
+    a("--target-accuracy", type=float, default=None, help="stop at the first evaluation at or above this accuracy")
     a("--seed", type=int, default=0)
     a("--output-dir", default=None, help="default: runs/<algorithm>-<dataset>-<time>")
     a("--address", default=None, help="Ray cluster address ('auto' for the running one); default: embedded")
@@ -201,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_steps=args.max_steps,
         time_budget_s=args.time_budget,
         eval_every_s=args.eval_every,
+        target_accuracy=args.target_accuracy,
         seed=args.seed,
         output_dir=args.output_dir,
         address=args.address,

@@ -238,7 +238,8 @@ class TrainConfig:
 
     Budget: ``epochs`` (passes over each worker's shard), ``max_steps`` (steps per worker) and
     ``time_budget_s`` (training wall-clock seconds, evaluation excluded); the run ends at the
-    first one reached. At least one must be set.
+    first one reached. At least one must be set. ``target_accuracy`` also ends the run, at the
+    first evaluation whose test accuracy reaches it (for time-to-accuracy measurements).
     """
 
     algorithm: str = "lsgd"
@@ -257,6 +258,7 @@ class TrainConfig:
     max_steps: int | None = None
     time_budget_s: float | None = None
     eval_every_s: float = 5.0
+    target_accuracy: float | None = None
     eval_batch_size: int = 1024
     seed: int = 0
     output_dir: str | None = None
@@ -308,6 +310,12 @@ class TrainConfig:
         if self.time_budget_s is not None:
             _check_number("time_budget_s", self.time_budget_s, what=" of seconds; None for no limit")
         _check_number("eval_every_s", self.eval_every_s, what=" of seconds")
+        if self.target_accuracy is not None:
+            _check(
+                _is_number(self.target_accuracy) and 0 < self.target_accuracy <= 1,
+                f"target_accuracy must be a test accuracy in (0, 1] (e.g. 0.88), or None to train to the "
+                f"budget, got {_got(self.target_accuracy)}",
+            )
         _check_number("actor_timeout_s", self.actor_timeout_s, what=" of seconds")
         _check(
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32,

@@ -413,7 +413,8 @@ class Trainer:
                 self._fit_sync()
             else:
                 self._fit_async()
-            self.evaluate_leader()
+            if self.config.mode != "sync" or not self._reached_target():  # else it was just evaluated
+                self.evaluate_leader()
         except BaseException as exc:  # keep what we have, then re-raise
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self._write_result(error)
@@ -423,6 +424,11 @@ class Trainer:
     def _time_left(self) -> float:
         budget = self.config.time_budget_s
         return math.inf if budget is None else budget - self.train_s
+
+    def _reached_target(self) -> bool:
+        """Whether the last evaluation reached ``target_accuracy`` (never, without one)."""
+        target = self.config.target_accuracy
+        return target is not None and bool(self.history) and self.history[-1]["test_accuracy"] >= target
 
     def _fit_sync(self) -> None:
         """Rounds in chunks that end at the next evaluation, checkpoint or end of the budget."""
@@ -444,6 +450,10 @@ class Trainer:
             if self.train_s >= self._next_eval_s:
                 self.evaluate_leader()
                 self._next_eval_s = self.train_s + cfg.eval_every_s
+                if self._reached_target():
+                    if self._checkpointing():
+                        self.checkpoint()
+                    return
 
     def _fit_async(self) -> None:
         cfg = self.config
@@ -462,7 +472,7 @@ class Trainer:
                 continue
             if not pending:
                 break
-            if self._time_left() <= 0:
+            if self._time_left() <= 0 or self._reached_target():
                 for worker in self.workers:
                     worker.stop.remote()
                 get_all(loops, cfg.actor_timeout_s, [f"worker {r}" for r in range(len(loops))])
@@ -474,7 +484,8 @@ class Trainer:
                     self.checkpoint()  # each worker's state between two of its steps
             if self.train_s >= next_eval:
                 self.evaluate_leader()  # the workers keep training meanwhile
-                next_eval = self.train_s + cfg.eval_every_s
+                # reached the target: stop at the next turn, without waiting
+                next_eval = self.train_s + (0.0 if self._reached_target() else cfg.eval_every_s)
         ray.get(loops)  # a loop that failed raises here
         if self._checkpointing():
             self.checkpoint()
@@ -577,6 +588,7 @@ RESUMABLE_CHANGES = {
     "max_steps",
     "time_budget_s",
     "eval_every_s",
+    "target_accuracy",
     "eval_batch_size",
     "output_dir",
     "address",

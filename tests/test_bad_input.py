@@ -427,6 +427,15 @@ TABLE = [
         r"^eval_every_s must be > 0 \(a finite number of seconds\), got 0$",
     ),
     Row("eval_every_s infinite", train(eval_every_s=INF), ConfigError, r"^eval_every_s must be > 0 .*got inf$"),
+    Row(
+        "target_accuracy zero",
+        train(target_accuracy=0),
+        ConfigError,
+        r"^target_accuracy must be a test accuracy in \(0, 1\] \(e\.g\. 0\.88\), or None to train to the budget, got 0$",
+    ),
+    Row("target_accuracy a percentage", train(target_accuracy=88), ConfigError, r"^target_accuracy must .*got 88$"),
+    Row("target_accuracy NaN", train(target_accuracy=NAN), ConfigError, r"^target_accuracy must .*got nan$"),
+    Row("target_accuracy a string", train(target_accuracy="0.9"), ConfigError, r"^target_accuracy must .*\(str\)$"),
     Row("eval_batch_size zero", train(eval_batch_size=0), ConfigError, rf"^eval_batch_size {POSITIVE_INT}, got 0$"),
     Row("seed a float", train(seed=1.5), ConfigError, r"^seed must be an integer in \[0, 2\*\*32\), got 1\.5$"),
     Row(
@@ -717,6 +726,12 @@ TABLE = [
         cli("--eval-every", "0"),
         CliExit,
         r"^error: eval_every_s must be > 0 .*got 0\.0 \(set by --eval-every\)$",
+    ),
+    Row(
+        "--target-accuracy as a percentage",
+        cli("--target-accuracy", "88"),
+        CliExit,
+        r"^error: target_accuracy must be a test accuracy in \(0, 1\] .*got 88\.0 \(set by --target-accuracy\)$",
     ),
     Row(
         "--batch-size zero",

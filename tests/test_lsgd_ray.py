@@ -223,6 +223,27 @@ def test_async_mode_straggler_never_stalls_the_others(tmp_path):
     assert result.timings["train_s"] < 8.0 + 5.0
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_target_accuracy_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path, mode):
+    cfg = config(
+        tmp_path,
+        epochs=200,  # far more than needed: the target must end the run
+        eval_every_s=0.5,
+        target_accuracy=0.8,
+        lsgd=LSGDConfig(mode=mode, tau=2, tau_global=4),
+    )
+    result = fit(MODEL, DATA, cfg)
+    assert result.status == "completed"
+    reached = [h for h in result.history if h["test_accuracy"] >= 0.8]
+    assert reached, result.history
+    first = result.history.index(reached[0])
+    # at most one more evaluation (async: the final one, after the workers stopped)
+    assert len(result.history) - first <= (1 if mode == "sync" else 2), result.history
+    assert result.steps_per_worker < 200 * 256 // 32 // 4, result.steps_per_worker
+    assert result.final_test_accuracy >= (0.8 if mode == "sync" else 0.5)
+
+
 @pytest.mark.timeout(60)
 def test_unplaceable_topology_is_refused_within_seconds(tmp_path):
     cfg = config(tmp_path, num_groups=2, workers_per_group=50, epochs=1)
