@@ -104,3 +104,18 @@ def test_sync_round_nan_worker_never_leads():
     local_leaders, global_leader = sync_round(x, [[math.nan, 2.0]], 0.5, 0.5, local=False, global_=True)
     assert global_leader == (0, 1)
     torch.testing.assert_close(x[0][0], torch.full((2,), 0.5))
+
+
+def test_all_finite_sees_any_nan_or_infinity_in_one_pass():
+    from lsgd_ray.flat import all_finite
+
+    flat = torch.randn(10_000)
+    assert all_finite(flat)
+    assert all_finite(torch.full((1000,), 1e30))  # large but finite weights still pass
+    for bad in (math.nan, math.inf, -math.inf):
+        broken = flat.clone()
+        broken[7_777] = bad
+        assert not all_finite(broken), bad
+    both = flat.clone()
+    both[0], both[1] = math.inf, -math.inf  # their sum is NaN, not a cancellation to a number
+    assert not all_finite(both)

@@ -26,7 +26,7 @@ from lsgd_ray.algorithms.lsgd import LossWindow, pull_toward
 from lsgd_ray.checkpoint import map_leaves
 from lsgd_ray.config import LSGDConfig, OptimizerConfig
 from lsgd_ray.data import BatchStream, DatasetFactory, ImageFiles, resident, shard_indices, worker_seed
-from lsgd_ray.flat import FlatState
+from lsgd_ray.flat import FlatState, all_finite
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory, build_optimizer
 
@@ -286,11 +286,11 @@ class Worker(PeerWorkerMixin):
                     self._apply_pull(leader, strength, kind)
 
     def _apply_pull(self, leader: np.ndarray, strength: float, kind: str) -> None:
+        start = time.perf_counter()
         source = self.on_device(leader)  # on a GPU: one host-to-device copy
-        if not bool(torch.isfinite(source).all()):  # async: the leader diverged after it was chosen
+        if not all_finite(source):  # the leader diverged after it was chosen (its last step)
             self.skipped_pulls += 1
             return
-        start = time.perf_counter()
         pull_toward(self.state.flat, source, strength)
         self.pull_s += time.perf_counter() - start
         self.pulls += 1
