@@ -35,23 +35,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lsgd_ray import LSGDConfig, OptimizerConfig, TrainConfig, Trainer  # noqa: E402
-from lsgd_ray.data import BatchStream, Dataset, dataset_factory, shard_indices, worker_seed  # noqa: E402
+from lsgd_ray.baselines import random_images  # noqa: E402,F401 (also imported from here by other scripts)
+from lsgd_ray.data import BatchStream, dataset_factory, shard_indices, worker_seed  # noqa: E402
 from lsgd_ray.models import small_cnn  # noqa: E402
 from lsgd_ray.optim import build_optimizer  # noqa: E402
-
-
-def random_images(n_train: int = 8192, n_test: int = 1024, seed: int = 0) -> Dataset:
-    """MNIST-shaped random data: throughput does not depend on what the pixels are."""
-    g = torch.Generator().manual_seed(seed)
-    return Dataset(
-        "random-images",
-        torch.randn(n_train, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (n_train,), generator=g),
-        torch.randn(n_test, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (n_test,), generator=g),
-        10,
-    )
-
 
 # --------------------------------------------------------------------------- 1. throughput
 

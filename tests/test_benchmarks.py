@@ -1,0 +1,108 @@
+"""The benchmark scripts run end to end at a tiny size and write what they promise.
+
+Each runs as a subprocess, as a user runs it (`python scripts/x.py`), with its own Ray; the
+figures themselves are not checked (they depend on the machine), only their shape and sense.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args],
+        cwd=ROOT,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"{name} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_scaling_measures_both_parts_and_plots(tmp_path):
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    done = run_script(
+        "bench_scaling.py",
+        *("--workers", "1", "2", "--nodes", "1", "2", "--rounds", "4", "--warmup-rounds", "1", "--repeats", "1"),
+        *("--out", str(out), "--plot", str(png), "--tmp", str(tmp_path / "tmp")),
+        timeout=570,
+    )
+    report = json.loads(out.read_text())
+    assert "bench_scaling.py" in report["command"] and "--rounds 4" in report["command"]
+    assert report["machine"]["cpus"] >= 1 and report["versions"]["ray"] and report["versions"]["torch"]
+    for key, counts in (("workers", [1, 2]), ("nodes", [1, 2])):
+        rows = report[key]["rows"]
+        assert [r[key] for r in rows] == counts
+        for r in rows:
+            assert len(r["samples"]) == 1
+            assert r["samples"][0]["rounds"] == 4
+            assert r["coordination_ms_per_round"] > 0 and r["compute_ms_per_round"] > 0
+            assert r["coordination_ms_min"] <= r["coordination_ms_per_round"] <= r["coordination_ms_max"]
+            assert 0 < r["coordination_share"] < 1
+            assert r["coordination_ms_per_worker"] == pytest.approx(r["coordination_ms_per_round"] / r["workers"])
+            assert r["placement"]["as_planned"]
+        growth = report[key]["growth"]
+        assert growth["count_ratio"] == 2 and growth["cost_ratio"] > 0
+        assert growth["exponent_min"] <= growth["exponent"] <= growth["exponent_max"]
+        assert f"| {key} |" in done.stdout  # the markdown table
+    # workers part: one group on the one node
+    assert [r["groups"] for r in report["workers"]["rows"]] == [1, 1]
+    assert [r["workers"] for r in report["workers"]["rows"]] == [1, 2]
+    # nodes part: one group of 2 workers per node, each group on a node of its own
+    assert report["nodes"]["workers_per_node"] == 2
+    for r in report["nodes"]["rows"]:
+        assert r["groups"] == r["nodes"] and r["workers"] == 2 * r["nodes"]
+        groups = r["placement"]["groups"]
+        assert r["placement"]["groups_on_distinct_nodes"]
+        assert len({g["planned_node"] for g in groups}) == r["nodes"]
+        assert all(g["worker_nodes"] == [g["planned_node"]] * 2 for g in groups)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_core_broadcast(tmp_path):
+    out = tmp_path / "core.json"
+    run_script(
+        "bench_core.py",
+        *("--part", "broadcast", "--sizes-mb", "1", "--workers", "2", "--repeats", "1"),
+        *("--out", str(out), "--tmp", str(tmp_path / "tmp")),
+        timeout=270,
+    )
+    report = json.loads(out.read_text())
+    assert "throughput" not in report
+    [row] = report["broadcast"]
+    assert row["size_mb"] == 1 and row["workers"] == 2 and row["pullers"] == 1
+    assert row["copy_s"] > 0 and row["publish_s"] > 0 and row["pull_all_s"] > 0
+    assert row["zero_copy"] is True  # the follower read the object store's shared memory
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_core_throughput(tmp_path):
+    out = tmp_path / "core.json"
+    run_script(
+        "bench_core.py",
+        *("--part", "throughput", "--workers", "2", "--taus", "4", "--steps", "8", "--repeats", "1"),
+        *("--out", str(out), "--tmp", str(tmp_path / "tmp")),
+        timeout=270,
+    )
+    report = json.loads(out.read_text())
+    assert "broadcast" not in report
+    [row] = report["throughput"]
+    assert (row["workers"], row["groups"], row["tau"], row["tau_global"]) == (2, 1, 4, 16)
+    assert row["steps_per_worker"] == 16  # at least 4 tau
+    assert row["lsgd_samples_per_s"] > 0 and row["independent_samples_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["lsgd_samples_per_s"] / row["independent_samples_per_s"])
+    assert 0 <= row["coordination_share_of_round"] < 1
