@@ -501,12 +501,19 @@ class Trainer:
             except ray.exceptions.RayActorError as exc:
                 reason = f"died ({type(exc).__name__})"
             rank = loops.index(ref)
-            leader = self.status()["leader"]
-            source = leader if 0 <= leader != rank else (rank + 1) % len(loops)
             group = next(g for g in self.topology.groups if rank in g.ranks)
-            wrapped = [self.workers[source].get_weights.remote(False)] if len(loops) > 1 else [None]
+            if self.config.algorithm in ("easgd", "downpour"):  # the server's weights: what they evaluate
+                wrapped = [self.leader_weights_ref()]
+                origin = "the center" if self.config.algorithm == "easgd" else "the server's weights"
+            else:
+                leader = self.status()["leader"]
+                source = leader if 0 <= leader != rank else (rank + 1) % len(loops)
+                wrapped = [self.workers[source].get_weights.remote(False)] if len(loops) > 1 else [None]
+                origin = "the leader's weights" if source == leader else f"worker {source}'s weights"
             ll = self.local_leaders[group.group]
-            loops[rank], self.workers[rank] = ray.get(ll.replace_async.remote(rank, reason, wrapped))
+            loops[rank], self.workers[rank] = ray.get(ll.replace_async.remote(rank, reason, wrapped, origin))
+            # into the run's events now: the peers' coordinators do not collect the LocalLeaders'
+            ray.get(self.global_leader.add_events.remote(ray.get(ll.take_events.remote())))
             ray.get(self.global_leader.refresh_handles.remote())
             replaced = True
         return replaced

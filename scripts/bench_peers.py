@@ -238,6 +238,8 @@ def save(report: dict, path: str) -> None:
 def tta_data(args):
     """Fashion-MNIST from --data-dir, else the bundled digits; the model, or the closest that fits."""
     name = "fashion-mnist" if args.data_dir else "digits"
+    if args.data_dir:  # absolute: Ray Train runs its workers in the run's own directory
+        args.data_dir = os.path.abspath(args.data_dir)
     if not args.data_dir:
         print("note: no --data-dir: using the bundled digits (1x8x8), not Fashion-MNIST", flush=True)
     spec = dataset_spec(name)

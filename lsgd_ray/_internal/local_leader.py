@@ -187,23 +187,32 @@ class LocalLeader:
 
     # ------------------------------------------------------------------ failures
 
-    def _gather(self, calls: list[ray.ObjectRef]) -> tuple[list[Any], list[tuple[int, str]]]:
+    def _gather(
+        self, calls: list[ray.ObjectRef], timeout_s: float | None = None, broken: list | None = None
+    ) -> tuple[list[Any], list[tuple[int, str]]]:
         """Every worker's answer, waiting at most the timeout in all: a worker that died or did
         not answer in time gets ``None`` and is listed with the reason (the caller replaces it);
         reason ``None``: the worker is alive but an argument (a dead worker's weights) was lost.
-        An exception raised by the worker's own code is not a failure of the worker: it propagates."""
-        ray.wait(calls, num_returns=len(calls), timeout=self.timeout_s)
+        An exception raised by the worker's own code is not a failure of the worker: it
+        propagates, unless ``broken`` collects it (a collective that failed with a dead peer)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
         results, failed = [], []
         for index, ref in enumerate(calls):
             try:
                 results.append(ray.get(ref, timeout=0))
             except GetTimeoutError:
                 results.append(None)
-                failed.append((index, f"no answer within {self.timeout_s:g}s (hung)"))
+                failed.append((index, f"no answer within {timeout_s:g}s (hung)"))
             except RayActorError as exc:
                 results.append(None)
                 # RayTaskError(ActorDiedError): the worker is alive, an argument's producer died
                 failed.append((index, None if isinstance(exc, RayTaskError) else f"died ({type(exc).__name__})"))
+            except RayTaskError as exc:
+                if broken is None:
+                    raise
+                results.append(None)
+                broken.append((index, str(exc).strip().splitlines()[-1]))
         return results, failed
 
     def _weights_source(self, leader: int, global_pull: list[ray.ObjectRef] | None) -> ray.ObjectRef | None:
@@ -214,10 +223,16 @@ class LocalLeader:
         return global_pull[0] if global_pull else None
 
     def replace_worker(
-        self, index: int, reason: str, source: list[ray.ObjectRef | None], steps: int | None = None
+        self,
+        index: int,
+        reason: str,
+        source: list[ray.ObjectRef | None],
+        steps: int | None = None,
+        origin: str = "the leader's weights",
     ) -> dict[str, Any]:
         """Replace worker ``index`` by a new process on this node, started from ``source``
-        (wrapped; ``None``: its initial weights) with the group's step count."""
+        (wrapped; ``None``: its initial weights) with the group's step count; ``origin`` names
+        the source in the log line."""
         old = self.workers[index]
         with contextlib.suppress(Exception):
             ray.kill(old)
@@ -229,6 +244,7 @@ class LocalLeader:
                 get_all([new.reset_to.remote(source[0], steps)], self.timeout_s, [f"replacement {name}"])
         except RayTaskError:  # the leader's weights were lost too: start from the initial weights
             source = [None]
+            origin = "the initial weights"
         if not source or source[0] is None:
             get_all([new.reset_to.remote(None, steps)], self.timeout_s, [f"replacement {name}"])
         self.workers[index] = new
@@ -239,10 +255,11 @@ class LocalLeader:
             "reason": reason,
             "step": steps,
             "pid": info["pid"],
+            "from": origin,
             "time": time.time(),
         }
         self.events.append(event)
-        print(f"lsgd-ray: {name} {reason}: replaced (new pid {info['pid']}) from the leader's weights", flush=True)
+        print(f"lsgd-ray: {name} {reason}: replaced (new pid {info['pid']}) from {origin}", flush=True)
         return event
 
     def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
@@ -321,16 +338,40 @@ class LocalLeader:
 
     # ------------------------------------------------------------------ the peers' rounds
 
-    def call_workers(self, method: str, args: list[tuple], num_returns: int = 1) -> dict[str, Any]:
-        """Call ``method`` on every worker with its own ``args`` (started together, then one
-        wait). Object references in ``args`` reach the workers as top-level arguments, so each
-        worker reads them straight from its node's object store. With ``num_returns=2`` the
-        second returns (published weights) come back as wrapped references, never fetched here."""
-        calls = [getattr(w, method).options(num_returns=num_returns).remote(*a) for w, a in zip(self.workers, args)]
+    def call_workers(
+        self,
+        method: str,
+        args: list[tuple],
+        num_returns: int = 1,
+        indexes: list[int] | None = None,
+        collective: bool = False,
+    ) -> dict[str, Any]:
+        """Call ``method`` on every worker (or those at ``indexes``) with its own ``args``
+        (started together, then one wait). Object references in ``args`` reach the workers as
+        top-level arguments, so each worker reads them straight from its node's object store.
+        With ``num_returns=2`` the second returns (published weights) come back as wrapped
+        references, never fetched here. A worker that died or hung is listed under ``failed``
+        by global rank with a ``None`` result: the coordinator replaces it, since only it knows
+        the algorithm's weights to restart from. ``collective``: a survivor whose collective
+        failed with a dead peer is listed under ``broken`` with its error."""
+        indexes = list(range(len(self.workers))) if indexes is None else list(indexes)
+        calls = [
+            getattr(self.workers[i], method).options(num_returns=num_returns).remote(*a) for i, a in zip(indexes, args)
+        ]
         firsts = calls if num_returns == 1 else [c[0] for c in calls]
-        results = get_all(firsts, self.timeout_s, self._names())
+        broken: list[tuple[int, str]] | None = [] if collective else None
+        # a survivor's collective gives up within the gloo timeout (actor_timeout_s) after a
+        # peer dies mid-call: wait that out too, so it is not taken for hung and killed
+        timeout = 2 * self.timeout_s if collective else self.timeout_s
+        results, failed = self._gather(firsts, timeout, broken)
         refs = [] if num_returns == 1 else [[c[1]] for c in calls]
-        return {"group": self.plan.group, "results": results, "refs": refs}
+        return {
+            "group": self.plan.group,
+            "results": results,
+            "refs": refs,
+            "failed": [(self.ranks[indexes[j]], reason or "lost an input") for j, reason in failed],
+            "broken": [(self.ranks[indexes[j]], error) for j, error in broken or []],
+        }
 
     # ------------------------------------------------------------------ asynchronous mode
 
@@ -354,12 +395,14 @@ class LocalLeader:
         self._async_args = (handle, report_every, max_steps, exchange)
         return [w.run_async.remote(*self._async_args) for w in self.workers]
 
-    def replace_async(self, rank: int, reason: str, source: list[ray.ObjectRef | None]) -> list[Any]:
+    def replace_async(
+        self, rank: int, reason: str, source: list[ray.ObjectRef | None], origin: str = "the leader's weights"
+    ) -> list[Any]:
         """Asynchronous mode: replace a dead worker and start its loop again; returns
         ``[new loop ref, new handle]`` (wrapped, so the caller gets the reference itself)."""
         index = self.ranks.index(rank)
         steps = max((s["steps"] for s in self._alive_stats()), default=None)
-        self.replace_worker(index, reason, source, steps)
+        self.replace_worker(index, reason, source, steps, origin)
         return [self.workers[index].run_async.remote(*self._async_args), self.workers[index]]
 
     def _alive_stats(self) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 
 from lsgd_ray._internal.parameter_server import ParameterServer
+from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
 from lsgd_ray._internal.waiting import get_all, worker_handles
 from lsgd_ray._internal.worker_peers import DownpourExchange, ElasticExchange
 from lsgd_ray.algorithms import gossip, local_sgd
@@ -28,7 +29,7 @@ from lsgd_ray.config import TrainConfig
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
 
-class PeerCoordinator:
+class PeerCoordinator(PeerRecovery):
     evaluated = "average of the workers"
 
     def __init__(self, local_leaders: list[Any], group_sizes: list[int], config: TrainConfig, timeout_s: float) -> None:
@@ -77,18 +78,6 @@ class PeerCoordinator:
 
     def _worker_names(self) -> list[str]:
         return [f"worker {r}" for r in range(self.num_workers)]
-
-    def _call(self, method: str, args: list[tuple], num_returns: int = 1) -> tuple[list[Any], list[Any]]:
-        """``method`` on every worker (``args`` by global rank) through the LocalLeaders:
-        (results, wrapped second returns) by rank."""
-        calls = [
-            ll.call_workers.remote(method, [args[r] for r in ranks], num_returns)
-            for ll, ranks in zip(self.local_leaders, self.group_ranks)
-        ]
-        replies = get_all(calls, self.timeout_s, self._names)
-        results = [r for reply in replies for r in reply["results"]]
-        refs = [ref for reply in replies for ref in reply["refs"]]
-        return results, refs
 
     def setup(self) -> None:
         """Anything the algorithm needs before its first step (collectives, the server)."""
@@ -189,9 +178,23 @@ class DataParallel(PeerCoordinator):
     """Gradients all-reduced every step inside the workers' own torch.distributed group."""
 
     evaluated = "worker 0 (all workers are equal)"
+    collective = True
 
     def setup(self) -> None:
         self._setup_collective(allreduce_grads=True)
+
+    def _collective_source(self, rank: int, live: list[int], steps: dict[int, int]) -> tuple[list[Any], int, str]:
+        return [None], steps[live[0]], f"worker {live[0]}'s weights and optimizer state"
+
+    def _after_reform(self, live: list[int]) -> None:
+        # Every worker, survivors too, becomes a replica of one survivor: weights, optimizer
+        # state and step count. The survivors may have stopped one step apart (a ring
+        # all-reduce can complete on some ranks before a peer's death reaches them), and the
+        # replacement needs the momentum too, or its updates would no longer equal theirs.
+        handles = self._handles()
+        replica = handles[live[0]].replica_state.remote()
+        names = [f"worker {r}" for r in range(len(handles))]
+        get_all([h.load_replica.remote(replica) for h in handles], self.timeout_s, names)
 
     def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
         return self._call("train", [(num_steps,)] * self.num_workers)[0]
@@ -203,8 +206,19 @@ class DataParallel(PeerCoordinator):
 class LocalSGD(PeerCoordinator):
     """Average within each group every τ steps and over everyone every τ_G steps."""
 
+    collective = True
+
     def setup(self) -> None:
         self._setup_collective(allreduce_grads=False)
+
+    def _collective_source(self, rank: int, live: list[int], steps: dict[int, int]) -> tuple[list[Any], int, str]:
+        # A surviving member of its own group: the group was averaged at most τ steps ago, so
+        # its weights are where the lost worker's were, give or take those local steps, and
+        # the round's averaging (done again below) pulls it in. Another group's worker only
+        # when none of its own is left. A fresh optimizer state, as for LSGD's replacements.
+        group = self._locate(rank)[0]
+        source = next((r for r in live if self._locate(r)[0] == group), live[0])
+        return wrapped_weights(self._handles()[source]), steps[source], f"worker {source}'s weights"
 
     def _next_step(self, step: int) -> int:
         c = self.cfg.local_sgd
@@ -229,6 +243,11 @@ class EASGD(PeerCoordinator):
 
     def _next_step(self, step: int) -> int:
         return (step // self.cfg.easgd.tau + 1) * self.cfg.easgd.tau
+
+    def _replacement(self, rank: int, args: tuple) -> tuple[list[Any], tuple, str]:
+        # The center: the model EASGD evaluates, and the point every worker is elastically
+        # tied to; the new worker then does the lost one's part of the round from it.
+        return [self.center_ref], args, "the center"
 
     def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
         results, diffs = self._call(
@@ -280,6 +299,7 @@ class Gossip(PeerCoordinator):
         corrective = self.cfg.algorithm == "aldsgd"
         self.coefs = {k: getattr(c, k) if corrective else 0.0 for k in ("c1", "c2", "p1", "p2")}
         self.pending: list[tuple] | None = None
+        self.published: list[Any] | None = None  # last round's published weights, by rank
 
     def _next_step(self, step: int) -> int:
         return (step // self.cfg.gossip.tau + 1) * self.cfg.gossip.tau
@@ -300,11 +320,26 @@ class Gossip(PeerCoordinator):
             weights = gossip.mixing_weights(i, adjacency, estimates, alpha, **self.coefs)
             others = [r for r in weights if r != i]
             self.pending.append((weights.get(i, 0.0), [weights[r] for r in others], *[published[r][0] for r in others]))
+        self.published = [p[0] for p in published]
         return results
+
+    def _replacement(self, rank: int, args: tuple) -> tuple[list[Any], tuple, str]:
+        # The mean of the other workers' weights of the last round, mixed on the new worker
+        # (its own are gone): gossip drives every worker toward that consensus, and it is the
+        # model this algorithm evaluates. One neighbour's would tie it to that neighbour's
+        # drift, and under a rotation it may have no active neighbour this round. Before any
+        # publication every worker still holds the shared initial weights.
+        others = [ref for r, ref in enumerate(self.published or []) if r != rank]
+        if not others:
+            return [None], (args[0], 1.0, []), "the initial weights"
+        share = 1.0 / len(others)
+        return [None], (args[0], 0.0, [share] * len(others), *others), "the mean of the other workers' weights"
 
     def _finish(self) -> None:
         if self.pending is not None:
-            self._call("train_gossip", self._mix_args(0), num_returns=2)
+            # what the flush publishes is read only by a replacement in the next round
+            _, published = self._call("train_gossip", self._mix_args(0), num_returns=2)
+            self.published = [p[0] for p in published]
             self.pending = None
 
 

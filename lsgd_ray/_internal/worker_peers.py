@@ -7,6 +7,7 @@ is in ``lsgd_ray.algorithms``; this file only moves data.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import socket
 from dataclasses import dataclass
@@ -142,10 +143,28 @@ class PeerWorkerMixin:
         self.exchanges += 1
 
     def close_collective(self) -> None:
+        """Leave the process group (also one a dead peer broke: the group is then re-formed)."""
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        self._dist_group = None
+
+    def replica_state(self) -> dict[str, Any]:
+        """Data-parallel SGD: what makes another worker an exact replica of this one (weights,
+        optimizer state, step count), on the CPU; for a group re-formed after a failure."""
+        from lsgd_ray.checkpoint import map_leaves
+
+        with self._lock:
+            optimizer = map_leaves(copy.deepcopy(self.optimizer.state_dict()), torch.Tensor, torch.Tensor.cpu)
+            return {"weights": self.state.to_numpy(copy=True), "optimizer": optimizer, "steps": self.steps}
+
+    def load_replica(self, replica: dict[str, Any]) -> None:
+        """Become a replica of the worker ``replica_state()`` came from."""
+        with self._lock:
+            self.state.load(self.on_device(replica["weights"]))
+            self.optimizer.load_state_dict(replica["optimizer"])
+            self.steps = int(replica["steps"])
 
     # ------------------------------------------------------------------ EASGD (synchronous)
 
@@ -170,7 +189,7 @@ class PeerWorkerMixin:
             mix_(self.state.flat, self_weight, [self.on_device(n) for n in neighbours], weights)
             self.bytes_received += sum(n.nbytes for n in neighbours)
             self.exchanges += 1
-        if not num_steps:  # the coordinator's flush: nobody reads what this call publishes
+        if not num_steps:  # the coordinator's flush: only a replacement may read what it publishes
             return {"rank": self.rank, "estimate": self.estimate(), "compute_s": 0.0}, self.state.to_numpy()
         result = self.train(num_steps)
         self.bytes_sent += self.state.nbytes

@@ -1,0 +1,156 @@
+"""The synchronous peers' rounds with failures handled in place: a part of the coordinators.
+
+The LocalLeaders report which workers died (or hung) during a round; the coordinator has each
+replaced on its node by ``LocalLeader.replace_worker``, the mechanism LSGD uses, started from
+the weights its algorithm defines (``_replacement``), and finishes the round with it. Workers in
+a torch.distributed group (data-parallel SGD, local SGD) also re-form the group: a process
+group cannot take in a new process, so every worker leaves it and all join a new one at a fresh
+rendezvous address; then the round goes on from where each worker stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from lsgd_ray._internal.waiting import get_all, startup_timeout
+
+Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
+
+
+class PeerRecovery:
+    """Mixed into ``PeerCoordinator``; uses its ``local_leaders``, ``group_ranks``, ``timeout_s``,
+    ``events``, ``step`` and ``_handles``."""
+
+    collective = False  # the workers share a torch.distributed group
+
+    def _replacement(self, rank: int, args: tuple) -> tuple[list[Any], tuple, str]:
+        """(wrapped weights to start from or ``[None]``, the round's arguments for the new
+        worker, the name of those weights) for worker ``rank`` lost in a round called with ``args``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot replace a worker in place")
+
+    def _call(self, method: str, args: list[tuple], num_returns: int = 1) -> tuple[list[Any], list[Any]]:
+        """``method`` on every worker (``args`` by global rank) through the LocalLeaders:
+        (results, wrapped second returns) by rank. Workers lost meanwhile are replaced and
+        their part of the round done again by the new ones."""
+        answers, failed, broken = self._call_ranks(method, dict(enumerate(args)), num_returns)
+        if broken and not failed:  # nobody died: a worker's own error (the others' collectives failed with it)
+            raise RuntimeError(f"{method} failed: " + "; ".join(f"worker {rank}: {error}" for rank, error in broken))
+        for _ in range(len(args) + 1):  # each pass replaces at least one worker
+            if not failed:
+                break
+            if self.collective:
+                answers, failed, broken = self._recover_collective(method, args, failed)
+                if broken and not failed:
+                    errors = "; ".join(f"worker {rank}: {error}" for rank, error in broken)
+                    raise RuntimeError(f"{method} failed after the group was re-formed: {errors}")
+            else:
+                retry = self._replace_lost(failed, args)
+                again, failed, _ = self._call_ranks(method, retry, num_returns)
+                answers.update(again)
+        else:
+            raise RuntimeError(f"workers keep failing in {method}; continue the run with --resume")
+        ranks = range(len(args))
+        return [answers[r][0] for r in ranks], [answers[r][1] for r in ranks]
+
+    def _call_ranks(
+        self, method: str, args: dict[int, tuple], num_returns: int
+    ) -> tuple[Answers, list[tuple[int, str]], list[tuple[int, str]]]:
+        """``method`` on the workers named in ``args`` (global rank -> arguments): their answers,
+        the (rank, reason) of those that died or hung, the (rank, error) of broken collectives."""
+        by_group: dict[int, tuple[list[int], list[tuple]]] = {}
+        for rank, a in args.items():
+            g, index = self._locate(rank)
+            by_group.setdefault(g, ([], []))
+            by_group[g][0].append(index)
+            by_group[g][1].append(a)
+        calls = [
+            self.local_leaders[g].call_workers.remote(method, a, num_returns, indexes, self.collective)
+            for g, (indexes, a) in by_group.items()
+        ]
+        # the LocalLeaders wait at most (twice, for collectives) the timeout for their workers
+        timeout = (2 if self.collective else 1) * self.timeout_s + 30
+        replies = get_all(calls, timeout, [f"LocalLeader {g}" for g in by_group])
+        answers: Answers = {}
+        failed, broken = [], []
+        for (g, (indexes, _)), reply in zip(by_group.items(), replies):
+            refs = reply["refs"] or [None] * len(indexes)
+            for index, result, ref in zip(indexes, reply["results"], refs):
+                answers[self.group_ranks[g][index]] = (result, ref)
+            failed += [tuple(f) for f in reply["failed"]]
+            broken += [tuple(b) for b in reply["broken"]]
+        return answers, failed, broken
+
+    def _locate(self, rank: int) -> tuple[int, int]:
+        """(group, index in the group) of global ``rank``."""
+        g = next(g for g, ranks in enumerate(self.group_ranks) if rank in ranks)
+        return g, rank - self.group_ranks[g][0]
+
+    def _replace(self, failed: list[tuple[int, str]], sources: dict[int, tuple[list[Any], int, str]]) -> None:
+        """Replace each (rank, reason) of ``failed`` on its node, from ``sources[rank]``:
+        (wrapped weights, step count, their name); the events go into this run's."""
+        calls, groups = [], set()
+        for rank, reason in failed:
+            g, index = self._locate(rank)
+            source, steps, origin = sources[rank]
+            calls.append(self.local_leaders[g].replace_worker.remote(index, reason, source, steps, origin))
+            groups.add(g)
+        names = [f"replacement of worker {rank}" for rank, _ in failed]
+        get_all(calls, startup_timeout(self.timeout_s) + 2 * self.timeout_s, names)
+        for events in get_all(
+            [self.local_leaders[g].take_events.remote() for g in groups],
+            self.timeout_s,
+            [f"LocalLeader {g}" for g in groups],
+        ):
+            self.events.extend(events)
+        self._worker_handles = None  # the new workers have new handles
+
+    # ------------------------------------------------------------------ object-store peers
+
+    def _replace_lost(self, failed: list[tuple[int, str]], args: list[tuple]) -> dict[int, tuple]:
+        """Replace the lost workers; returns the round's arguments for each new one."""
+        plans = {rank: self._replacement(rank, args[rank]) for rank, _ in failed}
+        self._replace(failed, {rank: (source, self.step, origin) for rank, (source, _, origin) in plans.items()})
+        return {rank: retry for rank, (_, retry, _) in plans.items()}
+
+    # ------------------------------------------------------------------ collectives
+
+    def _collective_source(self, rank: int, live: list[int], steps: dict[int, int]) -> tuple[list[Any], int, str]:
+        """Where a lost member of the collective restarts (wrapped weights, steps, name)."""
+        raise NotImplementedError
+
+    def _after_reform(self, live: list[int]) -> None:
+        """Anything the re-formed group needs before it goes on (data-parallel: one replica)."""
+
+    def _recover_collective(
+        self, method: str, args: list[tuple], failed: list[tuple[int, str]]
+    ) -> tuple[Answers, list[tuple[int, str]], list[tuple[int, str]]]:
+        """Replace the lost workers, re-form the group with everyone, and finish the round:
+        each worker takes the steps it has left (its first argument is the round's step count)."""
+        lost = {rank for rank, _ in failed}
+        live = [r for r in range(len(args)) if r not in lost]
+        if not live:
+            raise RuntimeError("every worker of the collective group was lost: continue the run with --resume")
+        handles = self._handles()
+        names = [f"worker {r}" for r in live]
+        steps = {
+            r: s["steps"]
+            for r, s in zip(live, get_all([handles[r].stats.remote() for r in live], self.timeout_s, names))
+        }
+        self._replace(failed, {rank: self._collective_source(rank, live, steps) for rank in lost})
+        handles = self._handles()
+        everyone = [f"worker {r}" for r in range(len(handles))]
+        get_all([h.close_collective.remote() for h in handles], self.timeout_s, everyone)
+        self.setup()  # a fresh rendezvous address: the old group's store may still hold its port
+        self._after_reform(live)
+        now = get_all([h.stats.remote() for h in handles], self.timeout_s, everyone)
+        target = self.step + args[0][0]
+        retry = {r: (max(target - s["steps"], 0), *args[r][1:]) for r, s in enumerate(now)}
+        print(f"lsgd-ray: collective group re-formed with {len(handles)} workers; the round goes on", flush=True)
+        return self._call_ranks(method, retry, 1)
+
+
+def wrapped_weights(handle: Any) -> list[ray.ObjectRef]:
+    """A worker's current weights, by reference (wrapped), not counted as the algorithm's traffic."""
+    return [handle.get_weights.remote(False)]

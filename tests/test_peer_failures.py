@@ -1,0 +1,120 @@
+"""Failures injected into the peers' runs: a worker SIGKILLed mid-run is replaced on its node
+from the weights its algorithm defines and the run completes; for data-parallel and local SGD
+the workers' torch.distributed group is re-formed with the new process."""
+
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+import ray
+from ray import cloudpickle
+
+from lsgd_ray import EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
+from lsgd_ray._internal.worker import Worker
+from tests.test_failures import DATA, MODEL, pids, strike
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's classes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def killed_at(rank, step, flag):
+    """A Worker class whose process ``rank`` SIGKILLs itself right after its step ``step``,
+    once per run (``flag``, a file, tells the replacement not to do it again)."""
+
+    class KilledAt(Worker):
+        def _step(self):
+            super()._step()
+            if self.rank == rank and self.steps == step and not os.path.exists(flag):
+                open(flag, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KilledAt
+
+
+def config(tmp_path, algorithm, **kw):
+    defaults = dict(
+        algorithm=algorithm,
+        num_groups=1,  # few processes: start-up dominates these tests on a small machine
+        workers_per_group=2,
+        batch_size=16,
+        max_steps=96,
+        eval_every_s=1000.0,
+        optimizer=OptimizerConfig(lr=0.05),
+        actor_timeout_s=30.0,  # also the gloo timeout: a survivor stuck in a collective gives up by then
+        quiet=True,
+    )
+    defaults.update(kw)
+    return TrainConfig(output_dir=str(tmp_path / algorithm), **defaults)
+
+
+def run_with_a_kill(tmp_path, cfg, rank=1, step=37):
+    """Train with worker ``rank`` killed after its step ``step``; the result, the killed pid
+    and node, the new worker's ``ready()`` and every worker's final weights."""
+    cls = killed_at(rank, step, str(tmp_path / "killed"))
+    with Trainer(MODEL, DATA, cfg, worker_cls=cls) as trainer:
+        old_pid, node = pids(trainer)[rank]
+        result = trainer.fit()
+        new = ray.get(trainer.workers[rank].ready.remote())
+        weights = trainer.worker_weights()
+    return result, old_pid, node, new, weights
+
+
+def check_replaced(result, old_pid, node, new, origin, rank=1, max_steps=96):
+    assert result.status == "completed", result.error
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [rank], result.events
+    assert "died" in replaced[0]["reason"] and replaced[0]["from"] == origin
+    assert new["pid"] != old_pid and new["pid"] == replaced[0]["pid"] and new["node_id"] == node
+    assert result.steps_per_worker == max_steps
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy  # chance is 0.25
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "algorithm, origin", [("easgd", "the center"), ("aldsgd", "the mean of the other workers' weights")]
+)
+def test_a_killed_worker_of_an_object_store_peer_is_replaced(tmp_path, algorithm, origin):
+    cfg = config(tmp_path, algorithm, workers_per_group=3 if algorithm == "aldsgd" else 2)
+    result, old_pid, node, new, weights = run_with_a_kill(tmp_path, cfg)
+    check_replaced(result, old_pid, node, new, origin)
+    assert all(np.isfinite(w).all() for w in weights)
+    with open(os.path.join(result.output_dir, "result.json")) as f:
+        assert '"worker_replaced"' in f.read()
+
+
+@pytest.mark.timeout(240)
+def test_data_parallel_re_forms_its_group_and_its_workers_stay_equal(tmp_path):
+    cfg = config(tmp_path, "data_parallel")
+    result, old_pid, node, new, weights = run_with_a_kill(tmp_path, cfg, rank=1, step=21)
+    check_replaced(result, old_pid, node, new, "worker 0's weights and optimizer state")
+    for w in weights[1:]:  # one gradient all-reduce per step again: the group really re-formed
+        np.testing.assert_array_equal(w, weights[0])
+
+
+@pytest.mark.timeout(240)
+def test_local_sgd_re_forms_its_group(tmp_path):
+    cfg = config(tmp_path, "local_sgd", num_groups=2, local_sgd=LocalSGDConfig(tau=4, tau_global=16))
+    # killed after step 30: its group-mate blocks in the group's average at 32, a global one
+    result, old_pid, node, new, weights = run_with_a_kill(tmp_path, cfg, rank=3, step=30)
+    check_replaced(result, old_pid, node, new, "worker 2's weights", rank=3)  # its group-mate's
+    for w in weights[1:]:  # 96 is a global averaging step: every worker ends on the same mean
+        np.testing.assert_allclose(w, weights[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_async_easgd_worker_is_replaced_from_the_center(tmp_path):
+    cfg = config(tmp_path, "easgd", easgd=EASGDConfig(mode="async"), straggler_delay_s={r: 0.03 for r in range(2)})
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        old_pid, node = pids(trainer)[1]
+        strike(old_pid, signal.SIGKILL, after_s=1.0)
+        result = trainer.fit()
+        new = ray.get(trainer.workers[1].ready.remote())
+    check_replaced(result, old_pid, node, new, "the center")
