@@ -107,6 +107,7 @@ class Worker(PeerWorkerMixin):
         self._snapshot_requests: list[dict[str, Any]] = []
         self._async = False
         self._stop = threading.Event()
+        self._reports: list[Any] = []  # asynchronous mode: reports the LocalLeader may not have handled yet
 
     # ------------------------------------------------------------------ information
 
@@ -415,6 +416,7 @@ class Worker(PeerWorkerMixin):
                     since_report = 0
             if since_report:
                 self._report(local_leader, since_report)
+            self._wait_for_reports()
         finally:
             self.compute_s += time.perf_counter() - start
             with self._lock:
@@ -433,8 +435,22 @@ class Worker(PeerWorkerMixin):
                 self._apply_pull(leader, strength, kind)
 
     def _report(self, local_leader: Any, steps: int) -> None:
+        import ray
+
         self.bytes_sent += 16  # step count and estimate
-        local_leader.report.remote(self.index, steps, self.estimate())
+        self._reports.append(local_leader.report.remote(self.index, steps, self.estimate()))
+        if len(self._reports) >= 32:  # forget the handled ones (never waits)
+            _, self._reports = ray.wait(self._reports, num_returns=len(self._reports), timeout=0)
+
+    def _wait_for_reports(self) -> None:
+        """Before the loop returns: the LocalLeader has handled every report, so what they
+        caused (a reset of a diverged worker, its event) is there when the driver sees the loop
+        end. Without this a fast run ended before its last reports were read (their events lost)."""
+        import ray
+
+        if self._reports:
+            ray.wait(self._reports, num_returns=len(self._reports), timeout=self.spec.collective_timeout_s)
+        self._reports = []
 
     def stop(self) -> None:
         self._stop.set()
