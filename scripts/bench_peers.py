@@ -254,8 +254,12 @@ def tta_data(args):
 
 def bench_tta(args, report: dict) -> None:
     data, data_fn, model, model_fn = tta_data(args)
-    report["tta"] = {"data": data, "model": model, "target": args.target, "eval_every_s": args.eval_every}
-    report["tta"].update(runs=[], summary={})
+    settings = {"data": data, "model": model, "target": args.target, "eval_every_s": args.eval_every}
+    earlier = report.get("tta", {})  # --append: the runs of an earlier invocation, same settings only
+    differ = {k: (earlier[k], v) for k, v in settings.items() if k in earlier and earlier[k] != v}
+    if differ:
+        raise SystemExit(f"--append: {args.out} was measured with other settings (then, now): {differ}")
+    report["tta"] = {**settings, "runs": earlier.get("runs", []), "summary": {}}
     for seed in args.seeds:  # seeds outermost: machine drift hits every contender alike
         for workers in args.workers:
             for name in args.contenders:
@@ -343,6 +347,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
     parser.add_argument("--out", default="runs/bench_peers.json")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="tta: add to the runs already in --out (same settings) instead of replacing them",
+    )
     parser.add_argument("--tmp", default="runs/bench_peers_tmp")
     args = parser.parse_args()
 
@@ -354,8 +363,15 @@ def main() -> None:
         include_dashboard=not args.no_dashboard,
         logging_level="WARNING",
     )
+    earlier = {}
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
+    command = " ".join([sys.executable, *sys.argv])
     report = {
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": command,
+        "commands": [*earlier.get("commands", [earlier["command"]] if "command" in earlier else []), command],
+        **({"tta": earlier["tta"]} if "tta" in earlier else {}),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
         "settings": {k: v for k, v in vars(args).items()},

@@ -153,6 +153,20 @@ def test_bench_peers_script_runs_both_parts_and_writes_its_json(tmp_path):
     assert [r["contender"] for r in throughput["runs"]] == ["lsgd", "ray_train_ddp", "independent"]
     for name in ("lsgd", "ray_train_ddp"):
         assert throughput["summary"]["2"][name]["ratio_to_independent"]["median"] > 0
+    # --append: more runs join the earlier ones (a long benchmark can go on in pieces)
+    part = command.index("--part")
+    contenders = command.index("--contenders")
+    more = command[: part + 1] + ["tta"] + command[part + 2 : contenders + 1] + ["plain"] + command[contenders + 4 :]
+    again = subprocess.run([*more, "--append"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["contender"] for r in report["tta"]["runs"]] == ["lsgd", "ray_train_ddp", "plain", "plain"]
+    assert report["tta"]["summary"]["2"]["plain"]["runs"] == 2 and len(report["commands"]) == 2
+    target = more.index("--target")
+    other = more[: target + 1] + ["0.6"] + more[target + 2 :]
+    refused = subprocess.run([*other, "--append"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    assert refused.returncode != 0 and "other settings" in refused.stderr and "'target': (0.5, 0.6)" in refused.stderr
+    assert len(json.loads(out.read_text())["tta"]["runs"]) == 4  # nothing lost
 
 
 @pytest.mark.timeout(240)
