@@ -85,6 +85,8 @@ def test_bench_core_broadcast(tmp_path):
     [row] = report["broadcast"]
     assert row["size_mb"] == 1 and row["workers"] == 2 and row["pullers"] == 1
     assert row["copy_s"] > 0 and row["publish_s"] > 0 and row["pull_all_s"] > 0
+    assert row["copies_s"] > 0  # the bound of one concurrent copy per puller
+    assert row["pull_all_over_copies"] == pytest.approx(row["pull_all_s"] / row["copies_s"])
     assert row["zero_copy"] is True  # the follower read the object store's shared memory
 
 
