@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lsgd_ray._internal.evaluator import score
 from lsgd_ray.config import OptimizerConfig
 from lsgd_ray.data import BatchStream, Dataset, DatasetFactory, ImageFiles, resident, shard_indices, worker_seed
 from lsgd_ray.flat import flatten_state
@@ -134,17 +135,9 @@ class _Shard:
         self.optimizer.step()
 
     def evaluate(self, batch_size: int = 1024) -> dict[str, float]:
-        model, total, correct = self.model, 0.0, 0
-        model.eval()
-        with torch.no_grad():
-            for i in range(0, len(self.y_test), batch_size):
-                logits = model(self.x_test[i : i + batch_size])
-                target = self.y_test[i : i + batch_size]
-                total += F.cross_entropy(logits, target, reduction="sum").item()
-                correct += int((logits.argmax(1) == target).sum())
-        model.train()
-        n = len(self.y_test)
-        return {"test_accuracy": correct / n, "test_loss": total / n}
+        scores = score(self.model, self.x_test, self.y_test, batch_size, torch.device("cpu"))
+        self.model.train()
+        return scores
 
 
 class _Clock:

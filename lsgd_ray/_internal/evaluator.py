@@ -40,14 +40,20 @@ class Evaluator:
         """Test loss and accuracy of the flat ``weights`` (BatchNorm in eval mode, its own statistics)."""
         start = time.perf_counter()
         self.state.load(weights)
-        self.model.eval()
-        total_loss, correct = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(self.y), self.batch_size):
-                logits = self.model(self.x[i : i + self.batch_size].to(self.device))
-                target = self.y[i : i + self.batch_size]
-                total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-                correct += int((logits.argmax(1) == target).sum())
-        n = len(self.y)
-        loss = total_loss / n
-        return {"test_loss": loss, "test_accuracy": correct / n, "eval_s": time.perf_counter() - start}
+        scores = score(self.model, self.x, self.y, self.batch_size, self.device)
+        return {**scores, "eval_s": time.perf_counter() - start}
+
+
+def score(model: torch.nn.Module, x: Any, y: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` (put in eval mode) on ``x``, ``y`` in batches;
+    ``x`` may be a tensor or streamed ``ImageFiles`` (a slice decodes that chunk)."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch_size):
+            logits = model(x[i : i + batch_size].to(device))
+            target = y[i : i + batch_size]
+            total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+            correct += int((logits.argmax(1) == target).sum())
+    n = len(y)
+    return {"test_loss": total_loss / n, "test_accuracy": correct / n}
