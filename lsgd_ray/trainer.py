@@ -38,6 +38,7 @@ from lsgd_ray.results import FitResult, RunLogger, code_version, communication_s
 from lsgd_ray.topology import PlacementError, Topology, check_available, nodes_from_ray, plan_topology
 
 AVAILABILITY_GRACE_S = 5.0  # how long busy resources may take to free up before placement is refused
+ASYNC_POLL_S = 1.0  # asynchronous runs checkpointing by steps: how often the driver reads the step count
 
 
 class Trainer:
@@ -212,7 +213,7 @@ class Trainer:
             )
         # the peers' coordinators play the GlobalLeader's role
         return coordinator(COORDINATORS[cfg.algorithm]).remote(
-            self.local_leaders, topo.group_sizes, cfg, cfg.actor_timeout_s
+            self.local_leaders, topo.group_sizes, cfg, cfg.actor_timeout_s, topo.groups, self._make_local_leader
         )
 
     def _make_evaluator(self) -> Any:
@@ -283,10 +284,14 @@ class Trainer:
     def status(self) -> dict[str, Any]:
         status = ray.get(self.global_leader.status.remote())
         if status["events"][self._events_seen :]:  # a worker or a group was replaced or dropped
-            self.local_leaders = ray.get(self.global_leader.local_leader_handles.remote())
-            self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
+            self._refresh_handles()
         self._events_seen = len(status["events"])
         return status
+
+    def _refresh_handles(self) -> None:
+        """The live LocalLeaders and their workers, as the coordinator has them now."""
+        self.local_leaders = ray.get(self.global_leader.local_leader_handles.remote())
+        self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
 
     def leader_weights_ref(self) -> ray.ObjectRef:
         return ray.get(self.global_leader.leader_weights.remote())[0]
@@ -460,63 +465,79 @@ class Trainer:
         report_every = async_report_period(cfg)
         max_steps = None if not math.isfinite(self.max_step) else int(self.max_step)
         begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
-        loops = ray.get(self.global_leader.start_async.remote(report_every, max_steps))
+        loops = dict(enumerate(ray.get(self.global_leader.start_async.remote(report_every, max_steps))))
         next_eval = trained + cfg.eval_every_s
         while True:
-            wait = min(next_eval - self.train_s, max(self._time_left(), 0.0))
-            if cfg.checkpoint_every_s:
-                wait = min(wait, self._checkpoint_train_s + cfg.checkpoint_every_s - self.train_s)
-            ready, pending = ray.wait(loops, num_returns=len(loops), timeout=max(wait, 0.0))
-            self.train_s = trained + time.perf_counter() - begin
-            if self._replace_dead_loops(loops, ready):
-                continue
-            if not pending:
-                break
-            if self._time_left() <= 0 or self._reached_target():
-                for worker in self.workers:
-                    worker.stop.remote()
-                get_all(loops, cfg.actor_timeout_s, [f"worker {r}" for r in range(len(loops))])
+            try:
+                wait = min(next_eval - self.train_s, max(self._time_left(), 0.0))
+                if cfg.checkpoint_every_s:
+                    wait = min(wait, self._checkpoint_train_s + cfg.checkpoint_every_s - self.train_s)
+                if cfg.checkpoint_every_steps:
+                    wait = min(wait, ASYNC_POLL_S)  # look at the step count this often
+                ready, pending = ray.wait(list(loops.values()), num_returns=len(loops), timeout=max(wait, 0.0))
                 self.train_s = trained + time.perf_counter() - begin
-                break
-            if self._checkpointing():
-                step = self.status()["step"]
-                if self._checkpoint_due(step):
-                    self.checkpoint()  # each worker's state between two of its steps
-            if self.train_s >= next_eval:
-                self.evaluate_leader()  # the workers keep training meanwhile
-                # reached the target: stop at the next turn, without waiting
-                next_eval = self.train_s + (0.0 if self._reached_target() else cfg.eval_every_s)
-        ray.get(loops)  # a loop that failed raises here
+                if self._restart_dead_loops(loops, ready):
+                    continue
+                if not pending:
+                    break
+                if self._time_left() <= 0 or self._reached_target():
+                    for worker in self.workers:
+                        worker.stop.remote()
+                    get_all(list(loops.values()), cfg.actor_timeout_s, [f"worker {r}" for r in loops])
+                    self.train_s = trained + time.perf_counter() - begin
+                    break
+                if self._checkpointing():
+                    step = self.status()["step"]
+                    if self._checkpoint_due(step):
+                        self.checkpoint()  # each worker's state between two of its steps
+                if self.train_s >= next_eval:
+                    self.evaluate_leader()  # the workers keep training meanwhile
+                    # reached the target: stop at the next turn, without waiting
+                    next_eval = self.train_s + (0.0 if self._reached_target() else cfg.eval_every_s)
+            except ray.exceptions.RayActorError as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError) or self._coordinator_alive():
+                    raise
+                self.train_s = trained + time.perf_counter() - begin
+                for worker in self.workers:  # every loop stops; the new coordinator starts them again
+                    worker.stop.remote()
+                ray.wait(list(loops.values()), num_returns=len(loops), timeout=startup_timeout(cfg.actor_timeout_s))
+                self._restart_coordinator(f"died ({type(exc).__name__})")
+                begin, trained = time.perf_counter(), self.train_s  # the checkpoint's clock
+                loops = dict(enumerate(ray.get(self.global_leader.start_async.remote(report_every, max_steps))))
+                next_eval = trained + cfg.eval_every_s
+        ray.get(list(loops.values()))  # a loop that failed raises here
         if self._checkpointing():
             self.checkpoint()
 
-    def _replace_dead_loops(self, loops: list[ray.ObjectRef], ready: list[ray.ObjectRef]) -> bool:
-        """Asynchronous mode: a worker whose loop ended because its process died is replaced
-        on its node from the leader's weights (or another worker's) and its loop restarted."""
-        replaced = False
+    def _coordinator_alive(self) -> bool:
+        try:
+            ray.get(self.global_leader.local_leader_handles.remote(), timeout=self.config.actor_timeout_s)
+            return True
+        except ray.exceptions.RayActorError:
+            return False
+
+    def _restart_dead_loops(self, loops: dict[int, ray.ObjectRef], ready: list[ray.ObjectRef]) -> bool:
+        """Asynchronous mode: loops (by rank) that ended because their process died are started
+        again by the coordinator: a dead worker is replaced on its node, a group whose
+        LocalLeader died is re-formed or, its node gone, dropped (its ranks leave ``loops``)."""
+        rank_of = {ref: rank for rank, ref in loops.items()}
+        failed = {}
         for ref in ready:
             try:
                 ray.get(ref, timeout=0)
-                continue
-            except ray.exceptions.RayActorError as exc:
-                reason = f"died ({type(exc).__name__})"
-            rank = loops.index(ref)
-            group = next(g for g in self.topology.groups if rank in g.ranks)
-            if self.config.algorithm in ("easgd", "downpour"):  # the server's weights: what they evaluate
-                wrapped = [self.leader_weights_ref()]
-                origin = "the center" if self.config.algorithm == "easgd" else "the server's weights"
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError):
+                    raise  # the worker's own error
+                failed[rank_of[ref]] = f"died ({type(exc).__name__})"
+        if not failed:
+            return False
+        for rank, wrapped in ray.get(self.global_leader.restart_loops.remote(failed)).items():
+            if wrapped[0] is None:
+                loops.pop(rank, None)  # its group was dropped
             else:
-                leader = self.status()["leader"]
-                source = leader if 0 <= leader != rank else (rank + 1) % len(loops)
-                wrapped = [self.workers[source].get_weights.remote(False)] if len(loops) > 1 else [None]
-                origin = "the leader's weights" if source == leader else f"worker {source}'s weights"
-            ll = self.local_leaders[group.group]
-            loops[rank], self.workers[rank] = ray.get(ll.replace_async.remote(rank, reason, wrapped, origin))
-            # into the run's events now: the peers' coordinators do not collect the LocalLeaders'
-            ray.get(self.global_leader.add_events.remote(ray.get(ll.take_events.remote())))
-            ray.get(self.global_leader.refresh_handles.remote())
-            replaced = True
-        return replaced
+                loops[rank] = wrapped[0]
+        self._refresh_handles()
+        return True
 
     def _write_result(self, error: str | None) -> FitResult:
         status, stats, final = {}, [], self.history[-1] if self.history else {}

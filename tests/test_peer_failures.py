@@ -5,6 +5,7 @@ the workers' torch.distributed group is re-formed with the new process."""
 import os
 import signal
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -110,11 +111,44 @@ def test_local_sgd_re_forms_its_group(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_a_killed_async_easgd_worker_is_replaced_from_the_center(tmp_path):
-    cfg = config(tmp_path, "easgd", easgd=EASGDConfig(mode="async"), straggler_delay_s={r: 0.03 for r in range(2)})
+@pytest.mark.parametrize(
+    "algorithm, origin", [("easgd", "the center"), ("downpour", "the server's weights")], ids=["easgd", "downpour"]
+)
+def test_a_killed_async_worker_is_replaced_from_the_server(tmp_path, algorithm, origin):
+    extra: dict = {"easgd": EASGDConfig(mode="async")} if algorithm == "easgd" else {}
+    if algorithm == "downpour":  # momentum on stale, summed updates is slow to settle (see test_peers_ray)
+        extra["optimizer"] = OptimizerConfig(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0)
+    cfg = config(tmp_path, algorithm, straggler_delay_s={r: 0.03 for r in range(2)}, **extra)
     with Trainer(MODEL, DATA, cfg) as trainer:
         old_pid, node = pids(trainer)[1]
         strike(old_pid, signal.SIGKILL, after_s=1.0)
         result = trainer.fit()
         new = ray.get(trainer.workers[1].ready.remote())
-    check_replaced(result, old_pid, node, new, "the center")
+    check_replaced(result, old_pid, node, new, origin)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("algorithm, origin", [("easgd", "the center"), ("data_parallel", "worker 0's weights")])
+def test_a_killed_local_leader_of_a_peer_is_re_formed_on_its_node(tmp_path, algorithm, origin):
+    """Its worker dies with it: a new LocalLeader and worker on the node, the worker restarted
+    from the algorithm's weights (data-parallel: the group re-formed, every worker a replica)."""
+    cfg = config(tmp_path, algorithm, num_groups=2, workers_per_group=1, straggler_delay_s={0: 0.03, 1: 0.03})
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        old_pid, node = pids(trainer)[1]
+        threading.Timer(1.5, ray.kill, (trainer.local_leaders[1],)).start()
+        result = trainer.fit()
+        new = ray.get(trainer.workers[1].ready.remote())
+        weights = trainer.worker_weights()
+    assert [e["group"] for e in result.events if e["event"] == "group_replaced"] == [1], result.events
+    check_replaced(result, old_pid, node, new, origin if algorithm == "easgd" else f"{origin} and optimizer state")
+    if algorithm == "data_parallel":
+        np.testing.assert_array_equal(weights[1], weights[0])
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_local_leader_of_a_gossip_peer_stops_the_run_with_a_resume_message(tmp_path):
+    cfg = config(tmp_path, "dpsgd", num_groups=2, workers_per_group=1, straggler_delay_s={0: 0.03, 1: 0.03})
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        threading.Timer(1.5, ray.kill, (trainer.local_leaders[1],)).start()
+        with pytest.raises(Exception, match="LocalLeader 1: its LocalLeader died.*--resume"):
+            trainer.fit()

@@ -58,6 +58,11 @@ class GlobalLeader:
         self._lock = threading.Lock()
         self._total_steps = 0
         self._group_best: list[tuple[int, float]] = [(-1, math.inf)] * self.num_groups
+        self._group_steps: dict[int, int] = {}  # steps summed over each group's workers, by group id
+        self._async_args: tuple = ()
+        self._restarted: dict[int, list[ray.ObjectRef | None]] = {}  # new loops not yet taken by the driver
+        self._reform_step: int | None = None  # synchronous: the step the round being gathered ends at
+        self._recovering = threading.RLock()  # one recovery at a time (reports and the driver may both notice)
 
     def setup(self) -> None:
         """Nothing to prepare (the peers' coordinators share this interface)."""
@@ -77,6 +82,7 @@ class GlobalLeader:
         "events",
         "_total_steps",
         "_group_best",
+        "_group_steps",
     )
 
     def get_state(self) -> dict[str, Any]:
@@ -109,9 +115,11 @@ class GlobalLeader:
     # ------------------------------------------------------------------ lost groups
 
     def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[dict[str, Any]]:
-        """The live groups' round results. A LocalLeader that died (with its workers: they
-        share its fate) is re-formed on its node from the leader's weights, or its group is
-        dropped when the node is gone or cannot take it again."""
+        """The live groups' results (``calls`` went to ``self.local_leaders`` in order). A
+        LocalLeader that died (with its workers: they share its fate) is re-formed on its node
+        from the leader's weights, or its group is dropped when the node is gone or cannot take
+        it again."""
+        leaders = list(self.local_leaders)
         ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
         results, dead = [], []
         for g, ref in enumerate(calls):
@@ -122,27 +130,26 @@ class GlobalLeader:
             except RayActorError as exc:
                 if isinstance(exc, RayTaskError):
                     raise
-                dead.append((g, f"died ({type(exc).__name__})"))
-        for g, reason in reversed(dead):  # from the back: dropping a group shifts the later ones
-            self._recover_group(g, reason)
+                dead.append((leaders[g], f"died ({type(exc).__name__})"))
+        for handle, reason in dead:
+            with self._recovering:
+                if handle in self.local_leaders:  # not recovered meanwhile by another call
+                    self._recover_group(self.local_leaders.index(handle), reason)
         return results
 
-    def _survivor_source(self, exclude: range) -> list[ray.ObjectRef | None]:
+    def _survivor_source(self, exclude: Any) -> tuple[list[ray.ObjectRef | None], str]:
         """The current leader's weights if its worker lives (outside ``exclude``), else another
-        live worker's (wrapped; ``[None]`` when there is none)."""
+        live worker's (wrapped; ``[None]`` when there is none), and their name."""
         handles = {r: h for r, h in self._handles().items() if r not in exclude}
         rank = self.leader if self.leader in handles else next(iter(handles), -1)
-        return [handles[rank].get_weights.remote(False)] if rank >= 0 else [None]
+        if rank < 0:
+            return [None], "the initial weights"
+        origin = "the leader's weights" if rank == self.leader else f"worker {rank}'s weights"
+        return [handles[rank].get_weights.remote(False)], origin
 
     def _recover_group(self, g: int, reason: str) -> None:
         plan, name = self.plans[g], self._names[g]
         self._worker_handles = None
-        if self._async_started:  # the workers' own loops cannot be handed to a new group in flight
-            raise RuntimeError(
-                f"{name} {reason} in asynchronous mode: the run stops; continue it from its last checkpoint "
-                "with --resume (Trainer(config with resume=output_dir))"
-            )
-        alive = self.plans[:g] + self.plans[g + 1 :]
         event = {
             "group": plan.group,
             "ranks": list(plan.ranks),
@@ -155,23 +162,50 @@ class GlobalLeader:
             try:
                 replacement = self.make_local_leader(plan)
                 get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new {name}"])
-                self.local_leaders[g] = replacement
+                self.local_leaders[self.plans.index(plan)] = replacement
                 self._worker_handles = None
-                source = self._survivor_source(exclude=plan.ranks)
-                get_all([replacement.reset_workers.remote(source, self.step)], self.timeout_s, [f"new {name}"])
-                self.events.append({"event": "group_replaced", **event})
-                print(f"lsgd-ray: {name} {reason}: group re-formed on its node from the leader's weights", flush=True)
+                source, origin = self._survivor_source(exclude=plan.ranks)
+                steps = self.step if self._reform_step is None else self._reform_step
+                get_all([replacement.reset_workers.remote(source, steps)], self.timeout_s, [f"new {name}"])
+                if self._async_started:
+                    self._restart_group_async(plan, replacement)
+                self.events.append({"event": "group_replaced", **event, "from": origin})
+                print(f"lsgd-ray: {name} {reason}: group re-formed on its node from {origin}", flush=True)
                 return
             except Exception as exc:  # re-placing failed: drop the group instead
                 event["reason"] = f"{reason}; could not re-form it: {type(exc).__name__}: {exc}"
-        if not alive:
+        if len(self.plans) == 1:
             raise RuntimeError(f"{name} {event['reason']}, and it was the last group")
+        g = self.plans.index(plan)  # a recovery nested in this one may have dropped another group
         for seq in (self.local_leaders, self.plans, self.group_sizes, self._names):
             del seq[g]
         self.num_groups, self.num_workers = len(self.plans), sum(self.group_sizes)
         self._worker_handles = None
+        if self._async_started:
+            self._drop_group_async(plan)
         self.events.append({"event": "group_dropped", **event})
         print(f"lsgd-ray: {name} {event['reason']}: group dropped, training goes on with the rest", flush=True)
+
+    def _restart_group_async(self, plan: GroupPlan, replacement: Any) -> None:
+        """Asynchronous mode: start the re-formed group's loops (its workers are at ``self.step``);
+        the driver takes them with ``restart_loops``."""
+        loops = get_all([replacement.start_async.remote(*self._async_args)], self.timeout_s, ["new LocalLeader"])[0]
+        with self._lock:
+            self._count_group_steps(plan.group, self.step * plan.num_workers)
+        self._restarted.update({rank: [ref] for rank, ref in zip(plan.ranks, loops)})
+
+    def _drop_group_async(self, plan: GroupPlan) -> None:
+        with self._lock:
+            self._count_group_steps(plan.group, 0)
+            self._group_best[plan.group] = (-1, math.inf)
+            self._global_period = self.cfg.tau_global * self.num_workers
+            self.step = self._total_steps // self.num_workers
+        self._restarted.update({rank: [None] for rank in plan.ranks})
+
+    def _count_group_steps(self, group: int, steps: int) -> None:
+        """Set group ``group``'s share of the steps summed over the workers (under ``_lock``)."""
+        self._total_steps += steps - self._group_steps.get(group, 0)
+        self._group_steps[group] = steps
 
     def _set_leader(self, rank: int, estimate: float, step: int) -> None:
         if rank != self.leader:
@@ -203,13 +237,17 @@ class GlobalLeader:
         round_start = time.perf_counter()
         target = min(next_pull_step(self.step, cfg.tau, cfg.tau_global, self.num_groups), max_step)
         local, global_ = pulls_due(target, cfg.tau, cfg.tau_global, self.num_groups)
-        results = self._gather_groups(
-            [
-                ll.train_round.remote(target - self.step, local, cfg.lam, local or global_, *self._global_args())
-                for ll in self.local_leaders
-            ],
-            self.timeout_s + startup_timeout(self.timeout_s) + 60,  # wait out a hung worker, then replace it
-        )
+        self._reform_step = target  # a group re-formed in this round starts where the round ends
+        try:
+            results = self._gather_groups(
+                [
+                    ll.train_round.remote(target - self.step, local, cfg.lam, local or global_, *self._global_args())
+                    for ll in self.local_leaders
+                ],
+                self.timeout_s + startup_timeout(self.timeout_s) + 60,  # wait out a hung worker, then replace it
+            )
+        finally:
+            self._reform_step = None
         self._pending_global = None
         self.step, self.rounds = target, self.rounds + 1
         self._record_events([e for r in results for e in r["events"]])
@@ -278,20 +316,41 @@ class GlobalLeader:
         self._async_started = True
         handle = ray.get_runtime_context().current_actor
         lam = self.cfg.lam if self.num_groups > 1 else 0.0  # one group: only the global leader acts
+        self._async_args = (handle, lam, self.cfg.tau, report_every, max_steps)
         per_group = get_all(
-            [ll.start_async.remote(handle, lam, self.cfg.tau, report_every, max_steps) for ll in self.local_leaders],
-            self.timeout_s,
-            self._names,
+            [ll.start_async.remote(*self._async_args) for ll in self.local_leaders], self.timeout_s, self._names
         )
         self._handles()
         return [ref for group in per_group for ref in group]
+
+    def restart_loops(self, failed: dict[int, str]) -> dict[int, list[ray.ObjectRef | None]]:
+        """Asynchronous mode: the loops of ``failed`` (rank -> reason) ended because a process
+        died. A group whose LocalLeader died is re-formed with new loops, or dropped; a dead
+        worker of a live group is replaced on its node from the leader's weights and its loop
+        started again. Returns the new loop of every rank restarted since the last call
+        (wrapped; ``[None]``: its group was dropped)."""
+        self.status()  # asks every LocalLeader: those that died have their groups recovered
+        with self._recovering:
+            restarted, self._restarted = self._restarted, {}
+            calls = {}
+            for rank, reason in failed.items():
+                if rank in restarted:
+                    continue
+                g = next(i for i, p in enumerate(self.plans) if rank in p.ranks)
+                source, origin = self._survivor_source(exclude=failed)
+                calls[rank] = self.local_leaders[g].replace_async.remote(rank, reason, source, origin)
+            timeout = startup_timeout(self.timeout_s) + 2 * self.timeout_s
+            for rank, ref in calls.items():
+                restarted[rank] = get_all([ref], timeout, [f"replacement of worker {rank}"])[0][:1]
+            self._worker_handles = None
+        return restarted
 
     def report(self, group: int, steps: int, best_rank: int, best_estimate: float) -> None:
         """A LocalLeader's worker took ``steps`` steps; run the global pull when it is due."""
         with self._lock:
             self._group_best[group] = (best_rank, best_estimate)
             before = self._total_steps
-            self._total_steps += steps
+            self._count_group_steps(group, self._group_steps.get(group, 0) + steps)
             self.step = self._total_steps // self.num_workers
             if best_rank >= 0:
                 self.estimates[best_rank] = best_estimate
@@ -302,8 +361,9 @@ class GlobalLeader:
             rank, estimate = self._group_best[best]
             self._set_leader(rank, estimate, self.step)
             self.global_pulls += 1
-        if self.cfg.lam_global > 0:
-            self.leader_ref = self._handles()[rank].get_weights.remote()
+        handle = self._handles().get(rank)  # None: its group was dropped meanwhile
+        if self.cfg.lam_global > 0 and handle is not None:
+            self.leader_ref = handle.get_weights.remote()
             wrapped = [self.leader_ref]
             for ll in self.local_leaders:
                 ll.async_pull.remote(wrapped, self.cfg.lam_global, rank)

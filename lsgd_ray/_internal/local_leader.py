@@ -229,14 +229,16 @@ class LocalLeader:
         source: list[ray.ObjectRef | None],
         steps: int | None = None,
         origin: str = "the leader's weights",
+        respawn: bool = True,
     ) -> dict[str, Any]:
         """Replace worker ``index`` by a new process on this node, started from ``source``
         (wrapped; ``None``: its initial weights) with the group's step count; ``origin`` names
-        the source in the log line."""
-        old = self.workers[index]
-        with contextlib.suppress(Exception):
-            ray.kill(old)
-        new = self._spawn(index, self.ranks[index])
+        the source in the log line. ``respawn=False``: the worker is already a new process
+        (this LocalLeader replaced a dead one and started its group afresh)."""
+        if respawn:
+            with contextlib.suppress(Exception):
+                ray.kill(self.workers[index])
+        new = self._spawn(index, self.ranks[index]) if respawn else self.workers[index]
         name = f"worker {self.ranks[index]} (group {self.plan.group})"
         info = get_all([new.ready.remote()], startup_timeout(self.timeout_s), [f"replacement {name}"])[0]
         try:

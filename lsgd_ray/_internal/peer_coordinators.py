@@ -14,6 +14,7 @@ import copy
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,19 +22,33 @@ import ray
 
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
-from lsgd_ray._internal.waiting import get_all, worker_handles
+from lsgd_ray._internal.waiting import get_all, startup_timeout, worker_handles
 from lsgd_ray._internal.worker_peers import DownpourExchange, ElasticExchange
 from lsgd_ray.algorithms import gossip, local_sgd
 from lsgd_ray.config import TrainConfig
+from lsgd_ray.topology import GroupPlan
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
 
 class PeerCoordinator(PeerRecovery):
     evaluated = "average of the workers"
+    reform_groups = True
 
-    def __init__(self, local_leaders: list[Any], group_sizes: list[int], config: TrainConfig, timeout_s: float) -> None:
+    def __init__(
+        self,
+        local_leaders: list[Any],
+        group_sizes: list[int],
+        config: TrainConfig,
+        timeout_s: float,
+        plans: list[GroupPlan] | None = None,
+        make_local_leader: Callable[[GroupPlan], Any] | None = None,
+    ) -> None:
         self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
+        # a LocalLeader that dies is replaced on its node from its plan (the algorithms that can)
+        self.plans, self.make_local_leader = plans, make_local_leader if self.reform_groups else None
+        self._lost_groups: dict[int, str] = {}
+        self._fresh: set[int] = set()  # ranks whose worker is a new process not yet restarted
         self.num_workers = sum(group_sizes)
         starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
         self.group_ranks = [list(range(first, first + size)) for first, size in zip(starts, group_sizes)]
@@ -166,6 +181,31 @@ class PeerCoordinator(PeerRecovery):
         )
         return [ref for group in per_group for ref in group]
 
+    replacement_origin = "the leader's weights"
+
+    def restart_loops(self, failed: dict[int, str]) -> dict[int, list[ray.ObjectRef | None]]:
+        """Asynchronous mode (EASGD, DOWNPOUR): each worker of ``failed`` (rank -> reason) is
+        replaced on its node from the server's weights and its loop started again; returns
+        the new loops (wrapped). A LocalLeader lost stops the run (resume from a checkpoint)."""
+        source, restarted = self.leader_weights(), {}
+        timeout = startup_timeout(self.timeout_s) + 2 * self.timeout_s
+        for rank, reason in failed.items():
+            g, _ = self._locate(rank)
+            ll = self.local_leaders[g]
+            call = ll.replace_async.remote(rank, reason, source, self.replacement_origin)
+            try:
+                restarted[rank] = get_all([call], timeout, [f"replacement of worker {rank}"])[0][:1]
+                self.events.extend(get_all([ll.take_events.remote()], self.timeout_s, [self._names[g]])[0])
+            except ray.exceptions.RayActorError as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError):
+                    raise
+                raise RuntimeError(
+                    f"{self._names[g]} died ({type(exc).__name__}) in asynchronous mode: the run stops; continue "
+                    "it from its last checkpoint with --resume"
+                ) from None
+        self._worker_handles = None
+        return restarted
+
     def report(self, group: int, steps: int, best_rank: int, best_estimate: float) -> None:
         with self._lock:
             self._total_steps += steps
@@ -234,6 +274,7 @@ class EASGD(PeerCoordinator):
     """Workers and the ParameterServer's center pull toward each other every τ steps."""
 
     evaluated = "center"
+    replacement_origin = "the center"
 
     def setup(self) -> None:
         first = self._handles()[0].get_weights.remote(False)  # every worker starts from the same weights
@@ -277,6 +318,7 @@ class Downpour(EASGD):
     """An asynchronous parameter server: workers push updates and fetch the server's weights."""
 
     evaluated = "parameter server"
+    replacement_origin = "the server's weights"
 
     def _exchange(self) -> Any:
         c = self.cfg.downpour
@@ -292,6 +334,10 @@ class Downpour(EASGD):
 class Gossip(PeerCoordinator):
     """D-PSGD and AL-DSGD: after each round every worker mixes with its active neighbours'
     published weights; this actor only hands out references and mixing coefficients."""
+
+    # the weights a group published belong to its LocalLeader (it made the calls) and die with
+    # it, and every neighbour's next round reads them: a lost LocalLeader stops the run
+    reform_groups = False
 
     def setup(self) -> None:
         c = self.cfg.gossip

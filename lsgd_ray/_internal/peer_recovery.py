@@ -10,18 +10,21 @@ rendezvous address; then the round goes on from where each worker stopped.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray._internal.waiting import ActorTimeoutError, get_all, startup_timeout
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
 
 class PeerRecovery:
     """Mixed into ``PeerCoordinator``; uses its ``local_leaders``, ``group_ranks``, ``timeout_s``,
-    ``events``, ``step`` and ``_handles``."""
+    ``events``, ``step``, ``_handles``, ``plans``, ``make_local_leader``, ``_lost_groups`` and
+    ``_fresh``."""
 
     collective = False  # the workers share a torch.distributed group
 
@@ -71,16 +74,65 @@ class PeerRecovery:
         ]
         # the LocalLeaders wait at most (twice, for collectives) the timeout for their workers
         timeout = (2 if self.collective else 1) * self.timeout_s + 30
-        replies = get_all(calls, timeout, [f"LocalLeader {g}" for g in by_group])
+        replies = self._replies(list(by_group), calls, timeout)
         answers: Answers = {}
         failed, broken = [], []
         for (g, (indexes, _)), reply in zip(by_group.items(), replies):
+            if reply is None:  # its LocalLeader died with its workers: the group was started afresh
+                failed += [(self.group_ranks[g][i], self._lost_groups[g]) for i in indexes]
+                for i in indexes:
+                    answers[self.group_ranks[g][i]] = (None, None)
+                continue
             refs = reply["refs"] or [None] * len(indexes)
             for index, result, ref in zip(indexes, reply["results"], refs):
                 answers[self.group_ranks[g][index]] = (result, ref)
             failed += [tuple(f) for f in reply["failed"]]
             broken += [tuple(b) for b in reply["broken"]]
         return answers, failed, broken
+
+    def _replies(self, groups: list[int], calls: list[ray.ObjectRef], timeout_s: float) -> list[Any]:
+        """The LocalLeaders' replies; ``None`` for a group whose LocalLeader died: a new one
+        is started on its node with new workers, each restarted by ``_replace`` as a lost worker."""
+        ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
+        replies = []
+        for g, ref in zip(groups, calls):
+            try:
+                replies.append(ray.get(ref, timeout=0))
+            except GetTimeoutError:
+                raise ActorTimeoutError(f"no answer within {timeout_s:g}s from LocalLeader {g}") from None
+            except RayActorError as exc:
+                if isinstance(exc, RayTaskError):
+                    raise
+                self._reform_group(g, f"its LocalLeader died ({type(exc).__name__})")
+                replies.append(None)
+        return replies
+
+    def _reform_group(self, g: int, reason: str) -> None:
+        plan = self.plans[g] if self.plans else None
+        if plan is None or self.make_local_leader is None:
+            raise RuntimeError(f"LocalLeader {g}: {reason}; continue the run with --resume")
+        if not any(n["NodeID"] == plan.node_id and n["Alive"] for n in ray.nodes()):
+            raise RuntimeError(
+                f"LocalLeader {g}: {reason} with its node; {type(self).__name__} cannot go on with fewer workers: "
+                "continue the run with --resume on a cluster that has the node's resources"
+            )
+        replacement = self.make_local_leader(plan)
+        get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new LocalLeader {g}"])
+        self.local_leaders[g] = replacement
+        self._worker_handles = None
+        self._lost_groups[g] = reason
+        self._fresh.update(self.group_ranks[g])
+        self.events.append(
+            {
+                "event": "group_replaced",
+                "group": g,
+                "ranks": list(self.group_ranks[g]),
+                "reason": reason,
+                "step": self.step,
+                "time": time.time(),
+            }
+        )
+        print(f"lsgd-ray: LocalLeader {g}: {reason}: a new one and new workers on its node", flush=True)
 
     def _locate(self, rank: int) -> tuple[int, int]:
         """(group, index in the group) of global ``rank``."""
@@ -94,10 +146,12 @@ class PeerRecovery:
         for rank, reason in failed:
             g, index = self._locate(rank)
             source, steps, origin = sources[rank]
-            calls.append(self.local_leaders[g].replace_worker.remote(index, reason, source, steps, origin))
+            respawn = rank not in self._fresh
+            calls.append(self.local_leaders[g].replace_worker.remote(index, reason, source, steps, origin, respawn))
             groups.add(g)
         names = [f"replacement of worker {rank}" for rank, _ in failed]
         get_all(calls, startup_timeout(self.timeout_s) + 2 * self.timeout_s, names)
+        self._fresh.difference_update(rank for rank, _ in failed)
         for events in get_all(
             [self.local_leaders[g].take_events.remote() for g in groups],
             self.timeout_s,
