@@ -128,11 +128,21 @@ def test_a_killed_async_worker_is_replaced_from_the_server(tmp_path, algorithm, 
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("algorithm, origin", [("easgd", "the center"), ("data_parallel", "worker 0's weights")])
-def test_a_killed_local_leader_of_a_peer_is_re_formed_on_its_node(tmp_path, algorithm, origin):
+@pytest.mark.parametrize(
+    "algorithm, mode, origin",
+    [
+        ("easgd", "sync", "the center"),
+        ("data_parallel", "sync", "worker 0's weights"),
+        ("easgd", "async", "the center"),
+    ],
+)
+def test_a_killed_local_leader_of_a_peer_is_re_formed_on_its_node(tmp_path, algorithm, mode, origin):
     """Its worker dies with it: a new LocalLeader and worker on the node, the worker restarted
-    from the algorithm's weights (data-parallel: the group re-formed, every worker a replica)."""
-    cfg = config(tmp_path, algorithm, num_groups=2, workers_per_group=1, straggler_delay_s={0: 0.03, 1: 0.03})
+    from the algorithm's weights (data-parallel: the group re-formed, every worker a replica;
+    async EASGD: its loop started again by the coordinator)."""
+    extra = {"easgd": EASGDConfig(mode=mode)} if algorithm == "easgd" else {}
+    delays = {0: 0.03, 1: 0.03}
+    cfg = config(tmp_path, algorithm, num_groups=2, workers_per_group=1, straggler_delay_s=delays, **extra)
     with Trainer(MODEL, DATA, cfg) as trainer:
         old_pid, node = pids(trainer)[1]
         threading.Timer(1.5, ray.kill, (trainer.local_leaders[1],)).start()

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from lsgd_ray._internal.waiting import ActorTimeoutError, get_all, startup_timeout
+from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
@@ -120,18 +119,9 @@ class GlobalLeader:
         from the leader's weights, or its group is dropped when the node is gone or cannot take
         it again."""
         leaders = list(self.local_leaders)
-        ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
-        results, dead = [], []
-        for g, ref in enumerate(calls):
-            try:
-                results.append(ray.get(ref, timeout=0))
-            except GetTimeoutError:
-                raise ActorTimeoutError(f"no answer within {timeout_s:g}s from {self._names[g]}") from None
-            except RayActorError as exc:
-                if isinstance(exc, RayTaskError):
-                    raise
-                dead.append((leaders[g], f"died ({type(exc).__name__})"))
-        for handle, reason in dead:
+        replies = replies_or_deaths(calls, timeout_s, self._names)
+        results = [reply for reply, died in replies if not died]
+        for handle, reason in [(leaders[g], died) for g, (_, died) in enumerate(replies) if died]:
             with self._recovering:
                 if handle in self.local_leaders:  # not recovered meanwhile by another call
                     self._recover_group(self.local_leaders.index(handle), reason)

@@ -22,7 +22,7 @@ import ray
 
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
-from lsgd_ray._internal.waiting import get_all, startup_timeout, worker_handles
+from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout, worker_handles
 from lsgd_ray._internal.worker_peers import DownpourExchange, ElasticExchange
 from lsgd_ray.algorithms import gossip, local_sgd
 from lsgd_ray.config import TrainConfig
@@ -49,6 +49,7 @@ class PeerCoordinator(PeerRecovery):
         self.plans, self.make_local_leader = plans, make_local_leader if self.reform_groups else None
         self._lost_groups: dict[int, str] = {}
         self._fresh: set[int] = set()  # ranks whose worker is a new process not yet restarted
+        self._async_args: tuple = ()
         self.num_workers = sum(group_sizes)
         starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
         self.group_ranks = [list(range(first, first + size)) for first, size in zip(starts, group_sizes)]
@@ -173,11 +174,9 @@ class PeerCoordinator(PeerRecovery):
 
     def start_async(self, report_every: int, max_steps: int | None) -> list[ray.ObjectRef]:
         handle = ray.get_runtime_context().current_actor
-        exchange = self._exchange()
+        self._async_args = (handle, 0.0, 1, report_every, max_steps, self._exchange())
         per_group = get_all(
-            [ll.start_async.remote(handle, 0.0, 1, report_every, max_steps, exchange) for ll in self.local_leaders],
-            self.timeout_s,
-            self._names,
+            [ll.start_async.remote(*self._async_args) for ll in self.local_leaders], self.timeout_s, self._names
         )
         return [ref for group in per_group for ref in group]
 
@@ -185,26 +184,41 @@ class PeerCoordinator(PeerRecovery):
 
     def restart_loops(self, failed: dict[int, str]) -> dict[int, list[ray.ObjectRef | None]]:
         """Asynchronous mode (EASGD, DOWNPOUR): each worker of ``failed`` (rank -> reason) is
-        replaced on its node from the server's weights and its loop started again; returns
-        the new loops (wrapped). A LocalLeader lost stops the run (resume from a checkpoint)."""
+        replaced on its node from the server's weights and its loop started again; a group
+        whose LocalLeader died gets a new one with new workers, started the same way. Returns
+        the new loops (wrapped)."""
         source, restarted = self.leader_weights(), {}
         timeout = startup_timeout(self.timeout_s) + 2 * self.timeout_s
-        for rank, reason in failed.items():
+        for rank, reason in sorted(failed.items()):
+            if rank in restarted:
+                continue
             g, _ = self._locate(rank)
-            ll = self.local_leaders[g]
-            call = ll.replace_async.remote(rank, reason, source, self.replacement_origin)
-            try:
-                restarted[rank] = get_all([call], timeout, [f"replacement of worker {rank}"])[0][:1]
-                self.events.extend(get_all([ll.take_events.remote()], self.timeout_s, [self._names[g]])[0])
-            except ray.exceptions.RayActorError as exc:
-                if isinstance(exc, ray.exceptions.RayTaskError):
-                    raise
-                raise RuntimeError(
-                    f"{self._names[g]} died ({type(exc).__name__}) in asynchronous mode: the run stops; continue "
-                    "it from its last checkpoint with --resume"
-                ) from None
+            call = self.local_leaders[g].replace_async.remote(rank, reason, source, self.replacement_origin)
+            reply, died = replies_or_deaths([call], timeout, [f"replacement of worker {rank}"])[0]
+            if died:  # the LocalLeader, and every worker of its group with it
+                restarted.update(self._reform_group_async(g, f"its LocalLeader {died}", source))
+                continue
+            restarted[rank] = reply[:1]
+            self.events.extend(
+                get_all([self.local_leaders[g].take_events.remote()], self.timeout_s, [self._names[g]])[0]
+            )
         self._worker_handles = None
         return restarted
+
+    def _reform_group_async(self, g: int, reason: str, source: list[ray.ObjectRef]) -> dict[int, list[ray.ObjectRef]]:
+        """A new LocalLeader and workers for group ``g`` (or the run stops, see ``_reform_group``),
+        the workers started from ``source`` at the current step; their new loops by rank."""
+        self._reform_group(g, reason)
+        ll, ranks = self.local_leaders[g], self.group_ranks[g]
+        calls = [
+            ll.replace_worker.remote(i, reason, source, self.step, self.replacement_origin, False)
+            for i in range(len(ranks))
+        ]
+        get_all(calls, startup_timeout(self.timeout_s) + self.timeout_s, [f"new worker {r}" for r in ranks])
+        self.events.extend(get_all([ll.take_events.remote()], self.timeout_s, [self._names[g]])[0])
+        self._fresh.difference_update(ranks)
+        loops = get_all([ll.start_async.remote(*self._async_args)], self.timeout_s, [self._names[g]])[0]
+        return {rank: [ref] for rank, ref in zip(ranks, loops)}
 
     def report(self, group: int, steps: int, best_rank: int, best_estimate: float) -> None:
         with self._lock:

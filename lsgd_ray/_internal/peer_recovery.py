@@ -14,9 +14,8 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from lsgd_ray._internal.waiting import ActorTimeoutError, get_all, startup_timeout
+from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -93,19 +92,11 @@ class PeerRecovery:
     def _replies(self, groups: list[int], calls: list[ray.ObjectRef], timeout_s: float) -> list[Any]:
         """The LocalLeaders' replies; ``None`` for a group whose LocalLeader died: a new one
         is started on its node with new workers, each restarted by ``_replace`` as a lost worker."""
-        ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
-        replies = []
-        for g, ref in zip(groups, calls):
-            try:
-                replies.append(ray.get(ref, timeout=0))
-            except GetTimeoutError:
-                raise ActorTimeoutError(f"no answer within {timeout_s:g}s from LocalLeader {g}") from None
-            except RayActorError as exc:
-                if isinstance(exc, RayTaskError):
-                    raise
-                self._reform_group(g, f"its LocalLeader died ({type(exc).__name__})")
-                replies.append(None)
-        return replies
+        replies = replies_or_deaths(calls, timeout_s, [f"LocalLeader {g}" for g in groups])
+        for g, (_, died) in zip(groups, replies):
+            if died:
+                self._reform_group(g, f"its LocalLeader {died}")
+        return [reply for reply, _ in replies]
 
     def _reform_group(self, g: int, reason: str) -> None:
         plan = self.plans[g] if self.plans else None

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 STARTUP_TIMEOUT_S = 300.0  # an actor's start-up (imports, data loading) may take longer than a round
 
@@ -30,6 +31,26 @@ def get_all(refs: Sequence[ray.ObjectRef], timeout_s: float, names: Sequence[str
             f"no answer within {timeout_s:g}s from {', '.join(slow)}" + (f": {hint}" if hint else "")
         )
     return ray.get(list(refs))
+
+
+def replies_or_deaths(refs: Sequence[ray.ObjectRef], timeout_s: float, names: Sequence[str]) -> list[tuple[Any, str]]:
+    """Each actor's reply as ``(reply, "")``, or ``(None, reason)`` for one that died, waiting
+    at most ``timeout_s`` in all. One that did not answer in time raises an error naming it; an
+    error raised by an actor's own code propagates."""
+    if not refs:
+        return []
+    ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    out: list[tuple[Any, str]] = []
+    for ref, name in zip(refs, names):
+        try:
+            out.append((ray.get(ref, timeout=0), ""))
+        except GetTimeoutError:
+            raise ActorTimeoutError(f"no answer within {timeout_s:g}s from {name}") from None
+        except RayActorError as exc:
+            if isinstance(exc, RayTaskError):
+                raise
+            out.append((None, f"died ({type(exc).__name__})"))
+    return out
 
 
 def worker_handles(local_leaders: Sequence[Any], timeout_s: float) -> list[Any]:
