@@ -11,7 +11,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import ray
@@ -19,7 +19,7 @@ import ray
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader
 from lsgd_ray.config import LSGDConfig
-from lsgd_ray.topology import GroupPlan
+from lsgd_ray.topology import GroupPlan, nodes_from_ray
 
 
 class GlobalLeader:
@@ -127,7 +127,7 @@ class GlobalLeader:
                     self._recover_group(self.local_leaders.index(handle), reason)
         return results
 
-    def _survivor_source(self, exclude: Any) -> tuple[list[ray.ObjectRef | None], str]:
+    def _survivor_source(self, exclude: Collection[int]) -> tuple[list[ray.ObjectRef | None], str]:
         """The current leader's weights if its worker lives (outside ``exclude``), else another
         live worker's (wrapped; ``[None]`` when there is none), and their name."""
         handles = {r: h for r, h in self._handles().items() if r not in exclude}
@@ -147,7 +147,7 @@ class GlobalLeader:
             "step": self.step,
             "time": time.time(),
         }
-        node_alive = any(n["NodeID"] == plan.node_id and n["Alive"] for n in ray.nodes())
+        node_alive = plan.node_id in {n.node_id for n in nodes_from_ray(ray.nodes())}
         if node_alive and self.make_local_leader is not None:
             try:
                 replacement = self.make_local_leader(plan)
@@ -264,10 +264,6 @@ class GlobalLeader:
 
     def add_events(self, events: list[dict[str, Any]]) -> None:
         self.events.extend(events)
-
-    def refresh_handles(self) -> None:
-        """Forget the cached worker handles (the driver replaced a worker)."""
-        self._worker_handles = None
 
     def leader_weights(self) -> list[ray.ObjectRef | None]:
         """A reference to the current leader's weights, fresh from the worker (wrapped)."""

@@ -47,7 +47,6 @@ class PeerCoordinator(PeerRecovery):
         self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
         # a LocalLeader that dies is replaced on its node from its plan (the algorithms that can)
         self.plans, self.make_local_leader = plans, make_local_leader if self.reform_groups else None
-        self._lost_groups: dict[int, str] = {}
         self._fresh: set[int] = set()  # ranks whose worker is a new process not yet restarted
         self._async_args: tuple = ()
         self.num_workers = sum(group_sizes)
@@ -87,10 +86,6 @@ class PeerCoordinator(PeerRecovery):
 
     def local_leader_handles(self) -> list[Any]:
         return list(self.local_leaders)
-
-    def refresh_handles(self) -> None:
-        """Forget the cached worker handles (the driver replaced a worker)."""
-        self._worker_handles = None
 
     def _worker_names(self) -> list[str]:
         return [f"worker {r}" for r in range(self.num_workers)]

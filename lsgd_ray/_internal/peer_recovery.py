@@ -16,14 +16,14 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
+from lsgd_ray.topology import nodes_from_ray
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
 
 class PeerRecovery:
     """Mixed into ``PeerCoordinator``; uses its ``local_leaders``, ``group_ranks``, ``timeout_s``,
-    ``events``, ``step``, ``_handles``, ``plans``, ``make_local_leader``, ``_lost_groups`` and
-    ``_fresh``."""
+    ``events``, ``step``, ``_handles``, ``plans``, ``make_local_leader`` and ``_fresh``."""
 
     collective = False  # the workers share a torch.distributed group
 
@@ -73,14 +73,14 @@ class PeerRecovery:
         ]
         # the LocalLeaders wait at most (twice, for collectives) the timeout for their workers
         timeout = (2 if self.collective else 1) * self.timeout_s + 30
-        replies = self._replies(list(by_group), calls, timeout)
+        replies = replies_or_deaths(calls, timeout, [f"LocalLeader {g}" for g in by_group])
         answers: Answers = {}
         failed, broken = [], []
-        for (g, (indexes, _)), reply in zip(by_group.items(), replies):
-            if reply is None:  # its LocalLeader died with its workers: the group was started afresh
-                failed += [(self.group_ranks[g][i], self._lost_groups[g]) for i in indexes]
-                for i in indexes:
-                    answers[self.group_ranks[g][i]] = (None, None)
+        for (g, (indexes, _)), (reply, died) in zip(by_group.items(), replies):
+            if died:  # its workers died with it: a new LocalLeader and workers, each restarted as a lost worker
+                reason = f"its LocalLeader {died}"
+                self._reform_group(g, reason)
+                failed += [(self.group_ranks[g][i], reason) for i in indexes]
                 continue
             refs = reply["refs"] or [None] * len(indexes)
             for index, result, ref in zip(indexes, reply["results"], refs):
@@ -89,20 +89,13 @@ class PeerRecovery:
             broken += [tuple(b) for b in reply["broken"]]
         return answers, failed, broken
 
-    def _replies(self, groups: list[int], calls: list[ray.ObjectRef], timeout_s: float) -> list[Any]:
-        """The LocalLeaders' replies; ``None`` for a group whose LocalLeader died: a new one
-        is started on its node with new workers, each restarted by ``_replace`` as a lost worker."""
-        replies = replies_or_deaths(calls, timeout_s, [f"LocalLeader {g}" for g in groups])
-        for g, (_, died) in zip(groups, replies):
-            if died:
-                self._reform_group(g, f"its LocalLeader {died}")
-        return [reply for reply, _ in replies]
-
     def _reform_group(self, g: int, reason: str) -> None:
+        """A new LocalLeader for group ``g``, whose LocalLeader died: it starts new workers on the
+        node, which the caller restarts as lost workers (``_fresh``); or the run stops."""
         plan = self.plans[g] if self.plans else None
         if plan is None or self.make_local_leader is None:
             raise RuntimeError(f"LocalLeader {g}: {reason}; continue the run with --resume")
-        if not any(n["NodeID"] == plan.node_id and n["Alive"] for n in ray.nodes()):
+        if plan.node_id not in {n.node_id for n in nodes_from_ray(ray.nodes())}:
             raise RuntimeError(
                 f"LocalLeader {g}: {reason} with its node; {type(self).__name__} cannot go on with fewer workers: "
                 "continue the run with --resume on a cluster that has the node's resources"
@@ -111,7 +104,6 @@ class PeerRecovery:
         get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new LocalLeader {g}"])
         self.local_leaders[g] = replacement
         self._worker_handles = None
-        self._lost_groups[g] = reason
         self._fresh.update(self.group_ranks[g])
         self.events.append(
             {
