@@ -10,6 +10,8 @@ the algorithm evaluates: LSGD's leader, EASGD's center, DOWNPOUR's server, data-
   comm/bytes_per_worker_step     weights, gradients and estimates moved (sent + received)
   comm/bytes_sent_per_worker_step, comm/bytes_received_per_worker_step
   comm/pulls, comm/exchanges     LSGD pulls applied / the peers' exchanges, summed over workers
+  comm/pulls_skipped             async LSGD: pulls left out by backpressure (a worker's previous
+                                 pull still queued), summed over workers and kinds
   timing/eval_s                  seconds spent in each evaluation
 Every leader/* event's wall time is the run's start plus its *training* time, so TensorBoard's
 "relative" axis shows training time with evaluation excluded.
@@ -70,10 +72,14 @@ class FitResult:
         return os.path.join(self.output_dir, "leader_state_dict.pt")
 
 
-def communication_summary(stats: list[dict[str, Any]], weight_bytes: int) -> dict[str, Any]:
+def communication_summary(
+    stats: list[dict[str, Any]], weight_bytes: int, status: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Bytes each worker sent and received (weights, gradients, estimates), in total and per
     worker-step. "Sent" counts what a worker puts into the object store or pushes through a
-    collective; "received" what it reads from other workers, leaders or servers."""
+    collective; "received" what it reads from other workers, leaders or servers. With the
+    coordinator's ``status``: the asynchronous pulls left out by backpressure (per worker, and
+    whole global pulls while the last leader snapshot was still queued)."""
     steps = max(sum(s["steps"] for s in stats), 1)
     per_worker = []
     for s in stats:
@@ -87,6 +93,10 @@ def communication_summary(stats: list[dict[str, Any]], weight_bytes: int) -> dic
         "bytes_per_worker_step": sum(s["bytes_sent"] + s["bytes_received"] for s in stats) / steps,
         "bytes_sent_per_worker_step": sum(s["bytes_sent"] for s in stats) / steps,
         "bytes_received_per_worker_step": sum(s["bytes_received"] for s in stats) / steps,
+        "pulls_skipped": {
+            **(status or {}).get("pulls_skipped", {}),
+            "global_rounds": (status or {}).get("global_pulls_skipped", 0),
+        },
     }
 
 
@@ -156,6 +166,8 @@ class RunLogger:
             add(f"comm/{key}", comm[key], samples)
         add("comm/pulls", sum(row["pulls"] for row in comm["per_worker"]), samples)
         add("comm/exchanges", sum(row["exchanges"] for row in comm["per_worker"]), samples)
+        skipped = comm["pulls_skipped"]
+        add("comm/pulls_skipped", skipped.get("local", 0) + skipped.get("global", 0), samples)
 
     def close(self) -> None:
         self.writer.flush()

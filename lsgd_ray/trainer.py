@@ -317,7 +317,7 @@ class Trainer:
         self.history.append(record)
         if self._logger:
             self._logger.log_eval(record)
-            comm = communication_summary(self.worker_stats(), self.weight_bytes)
+            comm = communication_summary(self.worker_stats(), self.weight_bytes, status)
             self._logger.log_workers(status["estimates"], samples, comm)
         self._progress(record)
         return record
@@ -568,7 +568,7 @@ class Trainer:
             samples=sum(s["steps"] for s in stats) * self.config.batch_size,
             history=self.history,
             timings=timings,
-            communication=communication_summary(stats, getattr(self, "weight_bytes", 0)),
+            communication=communication_summary(stats, getattr(self, "weight_bytes", 0), status),
             leader_counts=status.get("leader_counts", []),
             leader_changes=status.get("leader_changes", []),
             events=status.get("events", []),

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from lsgd_ray import LSGDConfig, OptimizerConfig, PlacementError, TrainConfig, Trainer, fit
+from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import sync_round
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
@@ -221,6 +222,44 @@ def test_async_mode_straggler_never_stalls_the_others(tmp_path):
     assert result.final_test_accuracy > 0.5
     assert len(result.history) >= 2  # evaluations happened while training ran
     assert result.timings["train_s"] < 8.0 + 5.0
+
+
+SLOW_PULL_S = 2.0
+
+
+class SlowPullWorker(Worker):
+    """Each pull takes ``SLOW_PULL_S`` to run: a worker too busy to take its queued pulls."""
+
+    def pull(self, *args, **kwargs):
+        time.sleep(SLOW_PULL_S)
+        return super().pull(*args, **kwargs)
+
+
+@pytest.mark.timeout(240)
+def test_async_pulls_are_left_out_while_a_worker_has_one_queued(tmp_path):
+    """Backpressure: a LocalLeader sends a worker no new pull of a kind while its previous one
+    has not run, so queued pulls cannot pin snapshot after snapshot in the object store."""
+    cfg = config(tmp_path, max_steps=4, lsgd=LSGDConfig(mode="async"))
+    with Trainer(MODEL, DATA, cfg, worker_cls=SlowPullWorker) as trainer:
+        trainer.start()
+        ll, group = trainer.local_leaders[0], trainer.topology.groups[0]
+        ref = trainer.workers[0].get_weights.remote()
+        for _ in range(5):  # each returns at once; the workers are still on the first
+            ray.get(ll.async_pull.remote([ref], 0.5, -1))
+        assert ray.get(ll.status.remote())["pulls_skipped"] == {"local": 0, "global": 4 * group.num_workers}
+
+        def pulls():
+            return [s["pulls"] for s in trainer.worker_stats() if s["rank"] in group.ranks]
+
+        deadline = time.time() + 30
+        while pulls() != [1] * group.num_workers and time.time() < deadline:
+            time.sleep(0.2)
+        assert pulls() == [1] * group.num_workers  # only the first pull ran
+        ray.get(ll.async_pull.remote([ref], 0.5, group.ranks[0]))  # the previous ones ran: sent again
+        time.sleep(SLOW_PULL_S + 1)
+        assert pulls() == [1] + [2] * (group.num_workers - 1)
+        status = trainer.status()
+        assert status["pulls_skipped"] == {"local": 0, "global": 4 * group.num_workers}
 
 
 @pytest.mark.timeout(240)

@@ -48,6 +48,7 @@ class GlobalLeader:
         self.round_compute_s = 0.0
         self.global_pulls = 0
         self.local_pulls = 0
+        self.global_pulls_skipped = 0  # async: due while the last leader snapshot was still queued
         self.events: list[dict[str, Any]] = []  # failures handled: replaced workers, resets, ...
         self._worker_handles: dict[int, Any] | None = None
         self._async_started = False
@@ -55,6 +56,7 @@ class GlobalLeader:
         self._names = [f"LocalLeader {g}" for g in range(self.num_groups)]
         # asynchronous state
         self._lock = threading.Lock()
+        self._pull_lock = threading.Lock()  # the global pull's snapshot
         self._total_steps = 0
         self._group_best: list[tuple[int, float]] = [(-1, math.inf)] * self.num_groups
         self._group_steps: dict[int, int] = {}  # steps summed over each group's workers, by group id
@@ -78,6 +80,7 @@ class GlobalLeader:
         "round_compute_s",
         "global_pulls",
         "local_pulls",
+        "global_pulls_skipped",
         "events",
         "_total_steps",
         "_group_best",
@@ -275,8 +278,9 @@ class GlobalLeader:
         return [handles[self.leader].get_weights.remote(False)]
 
     def status(self) -> dict[str, Any]:
-        replies = self._gather_groups([ll.take_events.remote() for ll in self.local_leaders], self.timeout_s)
-        self._record_events([e for events in replies for e in events])
+        replies = self._gather_groups([ll.status.remote() for ll in self.local_leaders], self.timeout_s)
+        self._record_events([e for reply in replies for e in reply["events"]])
+        skipped = {kind: sum(reply["pulls_skipped"][kind] for reply in replies) for kind in ("local", "global")}
         return {
             "step": self.step,
             "rounds": self.rounds,
@@ -290,6 +294,8 @@ class GlobalLeader:
             "round_compute_s": self.round_compute_s,
             "global_pulls": self.global_pulls,
             "local_pulls": self.local_pulls,
+            "global_pulls_skipped": self.global_pulls_skipped,
+            "pulls_skipped": skipped,  # async backpressure, per worker (LocalLeader._pull_each)
             "total_steps": self._total_steps or self.step * self.num_workers,
             "events": list(self.events),
         }
@@ -346,10 +352,16 @@ class GlobalLeader:
                 return
             rank, estimate = self._group_best[best]
             self._set_leader(rank, estimate, self.step)
-            self.global_pulls += 1
         handle = self._handles().get(rank)  # None: its group was dropped meanwhile
-        if self.cfg.lam_global > 0 and handle is not None:
+        if self.cfg.lam_global <= 0 or handle is None:
+            return
+        with self._pull_lock:
+            # backpressure: while the last snapshot is still queued, its pull stands for this one
+            if self.leader_ref is not None and not ray.wait([self.leader_ref], timeout=0)[0]:
+                self.global_pulls_skipped += 1
+                return
+            self.global_pulls += 1
             self.leader_ref = handle.get_weights.remote()
             wrapped = [self.leader_ref]
-            for ll in self.local_leaders:
-                ll.async_pull.remote(wrapped, self.cfg.lam_global, rank)
+        for ll in self.local_leaders:
+            ll.async_pull.remote(wrapped, self.cfg.lam_global, rank)

@@ -12,6 +12,7 @@ import contextlib
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,10 @@ class LocalLeader:
         self._lam = 0.0
         self._local_period = 0
         self._pending_local: tuple[ray.ObjectRef, float, int] | None = None
+        # backpressure: each worker's last pull of each kind, and the pulls left out meanwhile
+        self._pull_lock = threading.Lock()
+        self._in_flight: dict[tuple[int, str], ray.ObjectRef] = {}
+        self.pulls_skipped = {"local": 0, "global": 0}
 
     def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
         return f"LocalLeader(group={self.plan.group})"
@@ -250,6 +255,8 @@ class LocalLeader:
         if not source or source[0] is None:
             get_all([new.reset_to.remote(None, steps)], self.timeout_s, [f"replacement {name}"])
         self.workers[index] = new
+        with self._pull_lock:  # the dead worker's pulls never run
+            self._in_flight = {key: ref for key, ref in self._in_flight.items() if key[0] != index}
         event = {
             "event": "worker_replaced",
             "rank": self.ranks[index],
@@ -332,11 +339,25 @@ class LocalLeader:
         self._pending_local = None
         get_all(calls, self.timeout_s, self._names())
 
-    def _pull_each(self, ref: ray.ObjectRef, strength: float, skip: int, kind: str) -> None:
-        """Asynchronous mode: every worker but ``skip`` queues a pull; nobody waits."""
-        for i, w in enumerate(self.workers):
-            if i != skip:
-                w.pull.remote(ref, strength, False, kind)
+    def _pull_each(self, snapshot: Callable[[], ray.ObjectRef], strength: float, skip: int, kind: str) -> None:
+        """Asynchronous mode: every worker but ``skip`` queues a pull toward ``snapshot()``
+        (taken only if some worker gets it); nobody waits.
+
+        Backpressure: a worker whose previous pull of this ``kind`` has not run yet is left
+        out (counted in ``pulls_skipped``). Each queued pull pins its snapshot in the object
+        store, and the worker only applies the newest one of each kind anyway, so on a loaded
+        machine queued pulls would pile up snapshots faster than anyone uses them."""
+        with self._pull_lock:
+            others = [i for i in range(len(self.workers)) if i != skip]
+            previous = [self._in_flight[(i, kind)] for i in others if (i, kind) in self._in_flight]
+            running = ray.wait(previous, num_returns=len(previous), timeout=0)[1] if previous else []
+            targets = [i for i in others if self._in_flight.get((i, kind)) not in running]
+            self.pulls_skipped[kind] += len(others) - len(targets)
+            if not targets:
+                return
+            ref = snapshot()
+            for i in targets:
+                self._in_flight[(i, kind)] = self.workers[i].pull.remote(ref, strength, False, kind)
 
     # ------------------------------------------------------------------ the peers' rounds
 
@@ -439,8 +460,7 @@ class LocalLeader:
             self.workers[index].reset_to.remote(self.workers[reset].get_weights.remote(False))
             self._reset_event(index, None)
         if due:
-            ref = self.workers[leader].get_weights.remote()
-            self._pull_each(ref, self._lam, skip=leader, kind="local")
+            self._pull_each(self.workers[leader].get_weights.remote, self._lam, skip=leader, kind="local")
         if self._global_leader is not None:
             self._global_leader.report.remote(
                 self.plan.group,
@@ -452,4 +472,8 @@ class LocalLeader:
     def async_pull(self, wrapped_ref: list[ray.ObjectRef], strength: float, skip_rank: int) -> None:
         """Asynchronous global pull: forward the reference without waiting on anyone."""
         skip = self.ranks.index(skip_rank) if skip_rank in self.ranks else -1
-        self._pull_each(wrapped_ref[0], strength, skip=skip, kind="global")
+        self._pull_each(lambda: wrapped_ref[0], strength, skip=skip, kind="global")
+
+    def status(self) -> dict[str, Any]:
+        """The events since the last call and the pulls left out so far (backpressure)."""
+        return {"events": self.take_events(), "pulls_skipped": dict(self.pulls_skipped)}
