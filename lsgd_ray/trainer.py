@@ -80,6 +80,7 @@ class Trainer:
         self._checkpoint_train_s = 0.0
         self._next_eval_s = 0.0
         self._events_seen = 0
+        self._events_known: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
 
@@ -167,7 +168,8 @@ class Trainer:
         self._make_local_leader = LocalLeaderFactory(
             spec, self.model_factory, self.dataset_factory, self.optimizer_factory, self.worker_cls, cfg.actor_timeout_s
         )
-        self.local_leaders = [self._make_local_leader(plan) for plan in topo.groups]
+        self.groups = list(topo.groups)  # the groups still in the run (a dropped one leaves)
+        self.local_leaders = [self._make_local_leader(plan) for plan in self.groups]
         self.global_leader = self._make_coordinator()
         self.evaluator = self._make_evaluator()
         names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
@@ -204,16 +206,17 @@ class Trainer:
 
     def _make_coordinator(self) -> Any:
         """The GlobalLeader (LSGD) or the peer's coordinator, on the driver's node."""
-        cfg, topo = self.config, self.topology
+        cfg, groups = self.config, self.groups
         near_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         coordinator = ray.remote(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=near_driver)
         if cfg.algorithm == "lsgd":
             return coordinator(GlobalLeader).remote(
-                self.local_leaders, topo.groups, cfg.lsgd, cfg.actor_timeout_s, self._make_local_leader
+                self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._make_local_leader
             )
         # the peers' coordinators play the GlobalLeader's role
+        sizes = [g.num_workers for g in groups]
         return coordinator(COORDINATORS[cfg.algorithm]).remote(
-            self.local_leaders, topo.group_sizes, cfg, cfg.actor_timeout_s, topo.groups, self._make_local_leader
+            self.local_leaders, sizes, cfg, cfg.actor_timeout_s, groups, self._make_local_leader
         )
 
     def _make_evaluator(self) -> Any:
@@ -228,31 +231,27 @@ class Trainer:
         LocalLeaders and workers live on, but their state is rolled back to it so every part
         of the run agrees), or, without a checkpoint, from the workers' current weights."""
         cfg = self.config
-        if cfg.algorithm in ("data_parallel", "local_sgd"):
-            raise RuntimeError(
-                f"the {cfg.algorithm} coordinator {reason}; its workers' collective group cannot be re-formed "
-                f"in place: continue with --resume {self.output_dir}"
-            )
         for ll in self.local_leaders:  # let a round still running finish; a lost group is handled below
             with contextlib.suppress(ray.exceptions.RayActorError):
                 ray.get(ll.settle.remote(), timeout=startup_timeout(cfg.actor_timeout_s))
+        known = self._events_known  # the dead coordinator's events, as last seen here
         self.global_leader = self._make_coordinator()
         get_all([self.global_leader.setup.remote()], startup_timeout(cfg.actor_timeout_s) + 30, ["new coordinator"])
         self._events_seen = 0
         earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
         event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
-        found = list_checkpoints(self.output_dir)
-        saved = json.loads((found[0] / "meta.json").read_text()).get("num_workers") if found else None
-        if saved == len(self.workers):
+        if list_checkpoints(self.output_dir):  # workers it lacks or has beyond this run's: see _restore
             state, where = load_latest(self.output_dir)
-            self._restore(state, where)
+            earlier += self._restore(state, where)
             event["from_checkpoint"] = str(where)
-        else:  # no checkpoint, or one for workers since lost: go on from the current weights
+        else:  # no checkpoint yet: go on from the current weights
             steps = min(s["steps"] for s in self.worker_stats())
-            ray.get(self.global_leader.set_state.remote({"step": steps, "events": []}))
+            total = steps * len(self.workers) if cfg.mode == "async" else 0  # async counts steps summed
+            ray.get(self.global_leader.set_state.remote({"step": steps, "_total_steps": total, "events": []}))
         event["step"] = self.status()["step"]
-        ray.get(self.global_leader.add_events.remote([*earlier, event]))
-        self._events_seen = len(earlier) + 1
+        events = [*known, *earlier, event]  # a checkpoint's events are a part of those already seen
+        ray.get(self.global_leader.set_state.remote({"events": events}))
+        self._events_seen, self._events_known = len(events), events
         self._say(f"lsgd-ray: coordinator {reason}: restarted, continuing from step {event['step']}")
 
     # ------------------------------------------------------------------ step-by-step API
@@ -272,7 +271,7 @@ class Trainer:
             self._restart_coordinator(f"died ({type(exc).__name__})")
             return self.status()
         self.train_s += time.perf_counter() - begin
-        return status
+        return self._seen(status)
 
     def worker_weights(self) -> list[np.ndarray]:
         """Every worker's flat weights (parameters then float buffers), by global rank."""
@@ -282,15 +281,20 @@ class Trainer:
         return ray.get([w.stats.remote() for w in self.workers])
 
     def status(self) -> dict[str, Any]:
-        status = ray.get(self.global_leader.status.remote())
+        return self._seen(ray.get(self.global_leader.status.remote()))
+
+    def _seen(self, status: dict[str, Any]) -> dict[str, Any]:
+        """Take note of the coordinator's ``status``: new events may mean new handles."""
         if status["events"][self._events_seen :]:  # a worker or a group was replaced or dropped
             self._refresh_handles()
         self._events_seen = len(status["events"])
+        self._events_known = status["events"]  # a restarted coordinator takes them over
         return status
 
     def _refresh_handles(self) -> None:
         """The live LocalLeaders and their workers, as the coordinator has them now."""
         self.local_leaders = ray.get(self.global_leader.local_leader_handles.remote())
+        self.groups = ray.get(self.global_leader.group_plans.remote()) or self.groups
         self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
 
     def leader_weights_ref(self) -> ray.ObjectRef:
@@ -379,24 +383,58 @@ class Trainer:
         """Load the newest usable checkpoint under ``path`` into the freshly started actors."""
         state, where = load_latest(path)
         saved = json.loads((where / "meta.json").read_text())
-        _check_resumable(saved.get("config", {}), self.config.to_dict(), len(state["workers"]), len(self.workers))
-        self._restore(state, where)
+        saved_ranks = [w["rank"] for w in state["workers"]]
+        _check_resumable(saved.get("config", {}), self.config.to_dict(), saved_ranks, self._ranks())
+        ray.get(self.global_leader.add_events.remote(self._restore(state, where)))
         self.resumed_from = str(where)
         self._say(f"lsgd-ray: resumed from {where} (step {self._checkpoint_step}, {self.train_s:.1f}s trained)")
 
-    def _restore(self, state: dict[str, Any], where: Any) -> None:
-        """Put a checkpoint's state into the running actors and this driver."""
+    def _ranks(self) -> list[int]:
+        """The global rank of each of ``self.workers``."""
+        return [rank for g in self.groups for rank in g.ranks]
+
+    def _restore(self, state: dict[str, Any], where: Any) -> list[dict[str, Any]]:
+        """Put a checkpoint's state into the running actors and this driver, worker by rank.
+        A worker the checkpoint lacks (its group had been dropped when it was written) starts
+        from the checkpoint's leader's weights at its step, with a fresh optimizer state; one
+        it has beyond the run's workers (a group dropped since) is left out. Returns the
+        events to record (the caller adds them to the coordinator's)."""
+        saved = {w["rank"]: w for w in state["workers"]}
+        ranks, timeout = self._ranks(), self.config.actor_timeout_s
         get_all(
-            [w.set_state.remote(s) for w, s in zip(self.workers, state["workers"])],
-            self.config.actor_timeout_s,
-            [f"worker {r}" for r in range(len(self.workers))],
+            [w.set_state.remote(saved[r]) for w, r in zip(self.workers, ranks) if r in saved],
+            timeout,
+            [f"worker {r}" for r in ranks if r in saved],
         )
-        ray.get(self.global_leader.set_state.remote(_arrays(state["coordinator"])))
+        missing = [(w, r) for w, r in zip(self.workers, ranks) if r not in saved]
+        coordinator = _arrays(state["coordinator"])
+        ray.get(self.global_leader.set_state.remote(coordinator))
+        events = []
+        if missing:
+            leader = coordinator.get("leader", -1)
+            source = saved[leader] if leader in saved else next(iter(saved.values()))
+            steps = min(w["steps"] for w in state["workers"])
+            weights = source["weights"].numpy()
+            get_all(
+                [w.reset_to.remote(weights, steps) for w, _ in missing], timeout, [f"worker {r}" for _, r in missing]
+            )
+            origin = f"worker {source['rank']}'s weights in the checkpoint"
+            event = {
+                "event": "workers_restarted",
+                "ranks": [r for _, r in missing],
+                "reason": "not in the checkpoint (their group had been dropped)",
+                "step": steps,
+                "from": origin,
+                "time": time.time(),
+            }
+            events.append(event)
+            self._say(f"lsgd-ray: workers {event['ranks']} {event['reason']}: started from {origin}")
         trainer = state["trainer"]
         self.history = list(trainer["history"])
         self.train_s, self.eval_s = float(trainer["train_s"]), float(trainer["eval_s"])
         self._checkpoint_step = min(w["steps"] for w in state["workers"])
         self._checkpoint_train_s = self._next_eval_s = self.train_s
+        return events
 
     def _checkpoint_due(self, step: int) -> bool:
         cfg = self.config
@@ -465,7 +503,7 @@ class Trainer:
         report_every = async_report_period(cfg)
         max_steps = None if not math.isfinite(self.max_step) else int(self.max_step)
         begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
-        loops = dict(enumerate(ray.get(self.global_leader.start_async.remote(report_every, max_steps))))
+        loops = dict(zip(self._ranks(), ray.get(self.global_leader.start_async.remote(report_every, max_steps))))
         next_eval = trained + cfg.eval_every_s
         while True:
             try:
@@ -503,7 +541,9 @@ class Trainer:
                 ray.wait(list(loops.values()), num_returns=len(loops), timeout=startup_timeout(cfg.actor_timeout_s))
                 self._restart_coordinator(f"died ({type(exc).__name__})")
                 begin, trained = time.perf_counter(), self.train_s  # the checkpoint's clock
-                loops = dict(enumerate(ray.get(self.global_leader.start_async.remote(report_every, max_steps))))
+                loops = dict(
+                    zip(self._ranks(), ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
+                )
                 next_eval = trained + cfg.eval_every_s
         ray.get(list(loops.values()))  # a loop that failed raises here
         if self._checkpointing():
@@ -537,6 +577,7 @@ class Trainer:
             else:
                 loops[rank] = wrapped[0]
         self._refresh_handles()
+        self.status()  # takes note of the events (a restarted coordinator carries them over)
         return True
 
     def _write_result(self, error: str | None) -> FitResult:
@@ -639,10 +680,13 @@ def resumed_run_dir(resume: str | None) -> str | None:
     return path[: -len("/checkpoints")] if path.endswith("/checkpoints") else path
 
 
-def _check_resumable(saved: dict[str, Any], now: dict[str, Any], saved_workers: int, workers: int) -> None:
-    if saved_workers != workers:
+def _check_resumable(saved: dict[str, Any], now: dict[str, Any], saved_ranks: list[int], ranks: list[int]) -> None:
+    """Refuse a checkpoint of another layout (each worker's rank fixes its data shard; ranks
+    missing from it are those of a group that had been dropped, started again from its leader)."""
+    if not set(saved_ranks) <= set(ranks):
         raise ConfigError(
-            f"the checkpoint has {saved_workers} workers, this run has {workers}: resume on the same layout"
+            f"the checkpoint has workers of ranks {sorted(saved_ranks)}, this run has {len(ranks)} workers: "
+            "resume on the same layout"
         )
     differ = [
         f"{key}: {saved[key]!r} then, {now.get(key)!r} now"

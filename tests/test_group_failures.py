@@ -5,6 +5,7 @@ Groups are recovered in synchronous and asynchronous mode alike."""
 
 import functools
 import threading
+import time
 
 import pytest
 import ray
@@ -109,3 +110,76 @@ def test_a_removed_node_drops_its_group(cluster, tmp_path, mode):
     assert [e["group"] for e in dropped] == [gone], result.events
     assert result.status == "completed" and result.steps_per_worker == 120
     assert len(result.communication["per_worker"]) == 2  # the surviving group's workers
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_global_leader_killed_after_a_group_was_dropped_goes_on_with_the_rest(cluster, tmp_path, mode):
+    """The new coordinator is built from the groups still in the run, not the original layout
+    (its LocalLeaders would no longer match their plans), and the run's events (the drop among
+    them) carry over."""
+    c = cluster
+    victim = c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    ray.shutdown()
+    ray.init(address=c.address, logging_level="WARNING")
+    try:
+        delays = {r: 0.05 for r in range(4)}
+        cfg = config(
+            tmp_path, mode, num_groups=None, workers_per_group=None, checkpoint_every_steps=16, straggler_delay_s=delays
+        )
+        with Trainer(MODEL, DATA, cfg) as trainer:
+            gone = next(g.group for g in trainer.topology.groups if g.node_id == victim.node_id)
+            coordinator = trainer.global_leader
+
+            def strike():  # once the driver knows of the drop (the new coordinator must not re-drop the group)
+                c.remove_node(victim)
+                deadline = time.time() + 60
+                while len(trainer.groups) > 1 and time.time() < deadline:
+                    time.sleep(0.05)
+                ray.kill(coordinator)
+
+            later(1.5, strike)
+            result = trainer.fit()
+            stats = trainer.worker_stats()
+    finally:
+        ray.shutdown()
+    kinds = [e["event"] for e in result.events]
+    assert kinds.count("group_dropped") == 1 and kinds.count("coordinator_restarted") == 1, result.events
+    assert next(e for e in result.events if e["event"] == "group_dropped")["group"] == gone
+    assert kinds.index("group_dropped") < kinds.index("coordinator_restarted")
+    assert result.status == "completed" and [s["steps"] for s in stats] == [120, 120]
+    assert result.final_test_accuracy > 0.6
+
+
+@pytest.mark.timeout(420)
+def test_a_checkpoint_written_after_a_group_was_dropped_resumes_on_the_whole_layout(cluster, tmp_path):
+    """The survivors continue from their state in the checkpoint; the dropped group's workers,
+    on a node that joined since, start from the checkpoint's leader at its step."""
+    c = cluster
+    victim = c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    ray.shutdown()
+    ray.init(address=c.address, logging_level="WARNING")
+    try:
+        cfg = config(tmp_path, "sync", num_groups=None, workers_per_group=None, checkpoint_every_steps=16)
+        with Trainer(MODEL, DATA, cfg) as trainer:
+            gone = next(g for g in trainer.topology.groups if g.node_id == victim.node_id)
+            later(1.5, lambda: c.remove_node(victim))
+            first = trainer.fit()
+        assert first.status == "completed" and len(first.communication["per_worker"]) == 2
+        c.add_node(num_cpus=2)  # the cluster has the dropped group's resources again
+        c.wait_for_nodes()
+        resumed_cfg = config(
+            tmp_path, "sync", num_groups=None, workers_per_group=None, max_steps=160, resume=cfg.output_dir
+        )
+        with Trainer(MODEL, DATA, resumed_cfg) as trainer:
+            result = trainer.fit()
+            steps = [s["steps"] for s in trainer.worker_stats()]
+    finally:
+        ray.shutdown()
+    restarted = [e for e in result.events if e["event"] == "workers_restarted"]
+    assert len(restarted) == 1 and restarted[0]["ranks"] == list(gone.ranks), result.events
+    assert restarted[0]["step"] == 120
+    assert result.status == "completed" and steps == [160] * 4
+    assert result.final_test_accuracy > 0.6

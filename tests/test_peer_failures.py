@@ -1,6 +1,7 @@
 """Failures injected into the peers' runs: a worker SIGKILLed mid-run is replaced on its node
 from the weights its algorithm defines and the run completes; for data-parallel and local SGD
-the workers' torch.distributed group is re-formed with the new process."""
+the workers' torch.distributed group is re-formed with the new process. A LocalLeader killed is
+replaced with its workers; the coordinator killed is restarted from the last checkpoint."""
 
 import os
 import signal
@@ -162,3 +163,25 @@ def test_a_killed_local_leader_of_a_gossip_peer_stops_the_run_with_a_resume_mess
         threading.Timer(1.5, ray.kill, (trainer.local_leaders[1],)).start()
         with pytest.raises(Exception, match="LocalLeader 1: its LocalLeader died.*--resume"):
             trainer.fit()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("algorithm", ["easgd", "data_parallel", "local_sgd"])
+def test_a_killed_peer_coordinator_continues_from_the_last_checkpoint(tmp_path, algorithm):
+    """The workers live on; a new coordinator rolls them back to the last checkpoint (the
+    collective peers: after every worker left the old torch.distributed group for a new one)."""
+    delays = {0: 0.03, 1: 0.03}
+    cfg = config(
+        tmp_path, algorithm, num_groups=2, workers_per_group=1, straggler_delay_s=delays, checkpoint_every_steps=16
+    )
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        threading.Timer(1.5, ray.kill, (trainer.global_leader,)).start()
+        result = trainer.fit()
+        weights = trainer.worker_weights()
+    restarts = [e for e in result.events if e["event"] == "coordinator_restarted"]
+    assert len(restarts) == 1, result.events
+    assert restarts[0]["from_checkpoint"] and restarts[0]["step"] % 16 == 0, restarts
+    assert result.status == "completed" and result.steps_per_worker == 96
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+    if algorithm == "data_parallel":
+        np.testing.assert_array_equal(weights[1], weights[0])

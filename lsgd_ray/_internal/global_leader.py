@@ -36,14 +36,17 @@ class GlobalLeader:
         self.group_sizes = [p.num_workers for p in plans]
         self.num_groups = len(local_leaders)
         self.num_workers = sum(self.group_sizes)
+        # by global rank and group id, which stay those of the run's start when groups are dropped
+        rank_slots = max(p.first_rank + p.num_workers for p in plans)
+        group_slots = max(p.group for p in plans) + 1
         self.step = 0  # steps taken by each worker (synchronous mode)
         self.rounds = 0
         self.leader = -1  # global rank of the current global leader
         self.leader_estimate = math.inf
         self.leader_ref: ray.ObjectRef | None = None
-        self.leader_counts = [0] * self.num_workers
+        self.leader_counts = [0] * rank_slots
         self.leader_changes: list[tuple[int, int]] = []  # (step, rank) whenever the leader changes
-        self.estimates = [math.inf] * self.num_workers
+        self.estimates = [math.inf] * rank_slots
         self.round_wall_s = 0.0
         self.round_compute_s = 0.0
         self.global_pulls = 0
@@ -58,7 +61,7 @@ class GlobalLeader:
         self._lock = threading.Lock()
         self._pull_lock = threading.Lock()  # the global pull's snapshot
         self._total_steps = 0
-        self._group_best: list[tuple[int, float]] = [(-1, math.inf)] * self.num_groups
+        self._group_best: list[tuple[int, float]] = [(-1, math.inf)] * group_slots
         self._group_steps: dict[int, int] = {}  # steps summed over each group's workers, by group id
         self._async_args: tuple = ()
         self._restarted: dict[int, list[ray.ObjectRef | None]] = {}  # new loops not yet taken by the driver
@@ -95,6 +98,9 @@ class GlobalLeader:
         for name in self.STATE:
             if name in state:
                 setattr(self, name, state[name])
+        if self._total_steps:  # asynchronous: count the steps of the groups in the run, these at ``step``
+            self._group_steps = {p.group: self._group_steps.get(p.group, self.step * p.num_workers) for p in self.plans}
+            self._total_steps = sum(self._group_steps.values())
         self.leader_changes = [tuple(c) for c in self.leader_changes]
         self._group_best = [tuple(b) for b in self._group_best]
         self._pending_global, self.leader_ref = None, None
@@ -113,6 +119,10 @@ class GlobalLeader:
 
     def local_leader_handles(self) -> list[Any]:
         return list(self.local_leaders)
+
+    def group_plans(self) -> list[GroupPlan]:
+        """The plans of the groups still in the run (a dropped group's is gone)."""
+        return list(self.plans)
 
     # ------------------------------------------------------------------ lost groups
 

@@ -84,7 +84,7 @@ class LocalLeader:
         self._resetting: set[int] = set()  # async: resets sent, not yet seen to take effect
         self._async_args: tuple = ()
         self._reset_diverged_async = False
-        self._busy = threading.Lock()  # held by synchronous rounds; settle() waits for it
+        self._busy = threading.Lock()  # held by synchronous rounds and calls; settle() waits for it
         self.estimates = [float("inf")] * len(self.workers)
         self.leader_index = 0
         # asynchronous state
@@ -377,6 +377,12 @@ class LocalLeader:
         by global rank with a ``None`` result: the coordinator replaces it, since only it knows
         the algorithm's weights to restart from. ``collective``: a survivor whose collective
         failed with a dead peer is listed under ``broken`` with its error."""
+        with self._busy:  # a new coordinator's settle() waits for a dead one's round
+            return self._call_workers(method, args, num_returns, indexes, collective)
+
+    def _call_workers(
+        self, method: str, args: list[tuple], num_returns: int, indexes: list[int] | None, collective: bool
+    ) -> dict[str, Any]:
         indexes = list(range(len(self.workers))) if indexes is None else list(indexes)
         calls = [
             getattr(self.workers[i], method).options(num_returns=num_returns).remote(*a) for i, a in zip(indexes, args)

@@ -87,6 +87,10 @@ class PeerCoordinator(PeerRecovery):
     def local_leader_handles(self) -> list[Any]:
         return list(self.local_leaders)
 
+    def group_plans(self) -> list[GroupPlan] | None:
+        """The groups' plans (the peers never drop a group)."""
+        return self.plans
+
     def _worker_names(self) -> list[str]:
         return [f"worker {r}" for r in range(self.num_workers)]
 
@@ -94,7 +98,10 @@ class PeerCoordinator(PeerRecovery):
         """Anything the algorithm needs before its first step (collectives, the server)."""
 
     def _setup_collective(self, allreduce_grads: bool) -> None:
+        """Form the workers' torch.distributed group at a fresh address, after every worker has
+        left the one it was in (a group a dead peer broke, or a dead coordinator's)."""
         handles = self._handles()
+        get_all([h.close_collective.remote() for h in handles], self.timeout_s, self._worker_names())
         address = get_all([handles[0].collective_address.remote()], self.timeout_s, ["worker 0"])[0]
         backend = "nccl" if self.cfg.gpus_per_worker >= 1 else "gloo"
         get_all(
@@ -316,8 +323,9 @@ class EASGD(PeerCoordinator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         super().set_state(state)
-        ray.get(self.server.set.remote(state["center"]))
-        self.center_ref = self.server.get.remote()
+        if "center" in state:  # a part of the state (events, a step count) leaves the center as it is
+            ray.get(self.server.set.remote(state["center"]))
+            self.center_ref = self.server.get.remote()
 
     def _exchange(self) -> Any:
         return ElasticExchange(self.server, self.cfg.easgd.tau, self.alpha)

@@ -176,10 +176,9 @@ class PeerRecovery:
             for r, s in zip(live, get_all([handles[r].stats.remote() for r in live], self.timeout_s, names))
         }
         self._replace(failed, {rank: self._collective_source(rank, live, steps) for rank in lost})
+        self.setup()  # everyone leaves the broken group and joins one at a fresh address
         handles = self._handles()
         everyone = [f"worker {r}" for r in range(len(handles))]
-        get_all([h.close_collective.remote() for h in handles], self.timeout_s, everyone)
-        self.setup()  # a fresh rendezvous address: the old group's store may still hold its port
         self._after_reform(live)
         now = get_all([h.stats.remote() for h in handles], self.timeout_s, everyone)
         target = self.step + args[0][0]
