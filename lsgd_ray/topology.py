@@ -161,6 +161,18 @@ def nodes_from_ray(ray_nodes: list[dict[str, Any]]) -> list[NodeInfo]:
     return sorted(infos, key=lambda n: ("node:__internal_head__" not in n.resources, n.node_id))
 
 
+def node_with_room(
+    nodes: list[NodeInfo], available: dict[str, dict[str, float]], needs: dict[str, float], count: int
+) -> str | None:
+    """The first of ``nodes`` whose *free* resources (``available``, by node id) take ``count``
+    workers with resource ``needs`` now, or ``None``: where a group whose node was lost can go."""
+    for node in nodes:
+        free = available.get(node.node_id, {})
+        if all(free.get(name, 0.0) + 1e-9 >= amount * count for name, amount in needs.items()):
+            return node.node_id
+    return None
+
+
 def check_available(topology: Topology, available: dict[str, dict[str, float]]) -> None:
     """Refuse at once a plan whose nodes lack *free* resources now (others' actors hold them),
     instead of letting its workers wait forever to be scheduled."""

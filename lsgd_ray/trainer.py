@@ -207,8 +207,7 @@ class Trainer:
     def _make_coordinator(self) -> Any:
         """The GlobalLeader (LSGD) or the peer's coordinator, on the driver's node."""
         cfg, groups = self.config, self.groups
-        near_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        coordinator = ray.remote(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=near_driver)
+        coordinator = ray.remote(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=_on_driver_node())
         if cfg.algorithm == "lsgd":
             return coordinator(GlobalLeader).remote(
                 self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._make_local_leader
@@ -221,8 +220,7 @@ class Trainer:
 
     def _make_evaluator(self) -> Any:
         cfg = self.config
-        near_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        return ray.remote(num_cpus=0, scheduling_strategy=near_driver)(Evaluator).remote(
+        return ray.remote(num_cpus=0, scheduling_strategy=_on_driver_node())(Evaluator).remote(
             self.model_factory, self.dataset_factory, cfg.eval_batch_size, cfg.gpus_per_worker > 0, cfg.mode == "sync"
         )
 
@@ -678,6 +676,14 @@ def resumed_run_dir(resume: str | None) -> str | None:
     if os.path.basename(os.path.dirname(path)) == "checkpoints":
         return os.path.dirname(os.path.dirname(path))
     return path[: -len("/checkpoints")] if path.endswith("/checkpoints") else path
+
+
+def _on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """The coordinator and the evaluator run on the driver's node, so they die only with the
+    driver, never with a node of workers. A hard affinity: with ``soft=True`` Ray places these
+    zero-CPU actors on other nodes when the driver's has no CPUs (a head node with
+    ``num_cpus=0``), and a coordinator that died with a group's node could not be restarted."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _check_resumable(saved: dict[str, Any], now: dict[str, Any], saved_ranks: list[int], ranks: list[int]) -> None:

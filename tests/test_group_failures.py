@@ -7,6 +7,7 @@ import functools
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -14,6 +15,7 @@ from ray.cluster_utils import Cluster
 from lsgd_ray import LSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
+from lsgd_ray.topology import nodes_from_ray
 
 MODEL = functools.partial(mlp, (16,), 4, hidden=32)
 DATA = functools.partial(synthetic, n_train=1024, n_test=256)
@@ -110,6 +112,45 @@ def test_a_removed_node_drops_its_group(cluster, tmp_path, mode):
     assert [e["group"] for e in dropped] == [gone], result.events
     assert result.status == "completed" and result.steps_per_worker == 120
     assert len(result.communication["per_worker"]) == 2  # the surviving group's workers
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("algorithm", "mode"), [("lsgd", "sync"), ("lsgd", "async"), ("easgd", "sync"), ("data_parallel", "sync")]
+)
+def test_a_lost_nodes_group_is_re_placed_on_a_node_with_room(cluster, tmp_path, algorithm, mode):
+    """Its node removed, a group starts again on another node with free resources for all its
+    workers (LSGD and the peers alike), from the weights its algorithm restarts a worker from."""
+    c = cluster
+    added = [c.add_node(num_cpus=2) for _ in range(2)]  # with the fixture's node: 3 nodes for 2 groups
+    c.wait_for_nodes()
+    ray.shutdown()
+    ray.init(address=c.address, logging_level="WARNING")
+    victim = None
+    try:
+        cfg = config(tmp_path, mode, algorithm=algorithm, num_groups=2, workers_per_group=2)
+        with Trainer(MODEL, DATA, cfg) as trainer:
+            hosts = {g.node_id: g.group for g in trainer.topology.groups}
+            victim = next(n for n in added if n.node_id in hosts)
+            spare = next(
+                n.node_id for n in nodes_from_ray(ray.nodes()) if n.resources.get("CPU") and n.node_id not in hosts
+            )
+            later(1.5, lambda: c.remove_node(victim))
+            result = trainer.fit()
+            stats = trainer.worker_stats()
+            weights = trainer.worker_weights()
+    finally:
+        ray.shutdown()
+        for node in added:  # leave the module's cluster as it was
+            if node is not victim:
+                c.remove_node(node)
+    replaced = [e for e in result.events if e["event"] == "group_replaced"]
+    assert [(e["group"], e["node_id"]) for e in replaced] == [(hosts[victim.node_id], spare)], result.events
+    assert not [e for e in result.events if e["event"] == "group_dropped"]
+    assert result.status == "completed" and [s["steps"] for s in stats] == [120] * 4
+    assert result.final_test_accuracy > 0.6
+    if algorithm == "data_parallel":
+        assert all(np.array_equal(w, weights[0]) for w in weights)
 
 
 @pytest.mark.timeout(300)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lsgd_ray.topology import NodeInfo, PlacementError, check_available, nodes_from_ray, plan_topology
+from lsgd_ray.topology import NodeInfo, PlacementError, check_available, node_with_room, nodes_from_ray, plan_topology
 
 
 def node(name, cpu=0, gpu=0, head=False):
@@ -76,3 +76,13 @@ def test_busy_resources_are_named():
     check_available(topo, {"a": {"CPU": 8.0}, "b": {"CPU": 4.0}})
     with pytest.raises(PlacementError, match="node b needs CPU=4 for 4 worker.* has 1 free .missing 3"):
         check_available(topo, {"a": {"CPU": 8.0}, "b": {"CPU": 1.0}})
+
+
+def test_a_lost_group_goes_to_the_first_node_with_free_room_for_all_its_workers():
+    nodes = [node("head", cpu=0, head=True), node("a", cpu=4), node("b", cpu=4, gpu=2), node("c", cpu=8, gpu=2)]
+    free = {"head": {}, "a": {"CPU": 4.0}, "b": {"CPU": 1.0, "GPU": 2.0}, "c": {"CPU": 3.0, "GPU": 1.0}}
+    assert node_with_room(nodes, free, {"CPU": 1.0}, 3) == "a"  # in the order given (head first)
+    assert node_with_room(nodes, free, {"CPU": 1.0}, 5) is None  # no single node has 5 free
+    assert node_with_room(nodes, free, {"CPU": 1.0, "GPU": 1.0}, 1) == "b"
+    assert node_with_room(nodes, free, {"CPU": 1.0, "GPU": 1.0}, 2) is None  # b lacks CPUs, c a GPU
+    assert node_with_room(nodes, free, {"CPU": 0.5}, 2) == "a"

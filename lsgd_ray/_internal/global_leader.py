@@ -11,15 +11,18 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader
 from lsgd_ray.config import LSGDConfig
-from lsgd_ray.topology import GroupPlan, nodes_from_ray
+from lsgd_ray.topology import GroupPlan
+
+if TYPE_CHECKING:  # the coordinators never import torch (the workers' module does)
+    from lsgd_ray._internal.local_leader import LocalLeaderFactory
 
 
 class GlobalLeader:
@@ -29,7 +32,7 @@ class GlobalLeader:
         plans: list[GroupPlan],
         lsgd: LSGDConfig,
         timeout_s: float,
-        make_local_leader: Callable[[GroupPlan], Any] | None = None,
+        make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         self.local_leaders, self.plans, self.cfg, self.timeout_s = list(local_leaders), list(plans), lsgd, timeout_s
         self.make_local_leader = make_local_leader
@@ -160,20 +163,24 @@ class GlobalLeader:
             "step": self.step,
             "time": time.time(),
         }
-        node_alive = plan.node_id in {n.node_id for n in nodes_from_ray(ray.nodes())}
-        if node_alive and self.make_local_leader is not None:
+        target = self.make_local_leader.placed(plan) if self.make_local_leader is not None else None
+        if target is None:
+            event["reason"] = f"{reason} with its node, and no live node has the free resources for its workers"
+        else:
             try:
-                replacement = self.make_local_leader(plan)
+                replacement = self.make_local_leader(target)
                 get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new {name}"])
-                self.local_leaders[self.plans.index(plan)] = replacement
+                g = self.plans.index(plan)
+                self.local_leaders[g], self.plans[g] = replacement, target
                 self._worker_handles = None
                 source, origin = self._survivor_source(exclude=plan.ranks)
                 steps = self.step if self._reform_step is None else self._reform_step
                 get_all([replacement.reset_workers.remote(source, steps)], self.timeout_s, [f"new {name}"])
                 if self._async_started:
-                    self._restart_group_async(plan, replacement)
-                self.events.append({"event": "group_replaced", **event, "from": origin})
-                print(f"lsgd-ray: {name} {reason}: group re-formed on its node from {origin}", flush=True)
+                    self._restart_group_async(target, replacement)
+                self.events.append({"event": "group_replaced", **event, "from": origin, "node_id": target.node_id})
+                where = "its node" if target == plan else f"node {target.node_id[:8]} (its own was lost)"
+                print(f"lsgd-ray: {name} {reason}: group re-formed on {where} from {origin}", flush=True)
                 return
             except Exception as exc:  # re-placing failed: drop the group instead
                 event["reason"] = f"{reason}; could not re-form it: {type(exc).__name__}: {exc}"

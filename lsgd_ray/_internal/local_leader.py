@@ -9,6 +9,7 @@ weights itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -23,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lsgd_ray._internal.waiting import get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker, WorkerSpec, node_id
 from lsgd_ray.algorithms.lsgd import crossed, select_leader
-from lsgd_ray.topology import GroupPlan
+from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
 
 LEADER_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
 
@@ -54,6 +55,19 @@ class LocalLeaderFactory:
             self.worker_cls,
             self.timeout_s,
         )
+
+    def placed(self, plan: GroupPlan) -> GroupPlan | None:
+        """Where a group whose LocalLeader died can start again: ``plan`` if its node is alive,
+        else ``plan`` moved to the first live node with the free resources for its workers now
+        (``None``: there is none)."""
+        nodes = nodes_from_ray(ray.nodes())
+        if plan.node_id in {n.node_id for n in nodes}:
+            return plan
+        from ray._private.state import available_resources_per_node  # private, as in Trainer.start
+
+        needs = worker_resources(self.spec.cpus, self.spec.gpus)
+        node = node_with_room(nodes, available_resources_per_node(), needs, plan.num_workers)
+        return None if node is None else dataclasses.replace(plan, node_id=node)
 
 
 class LocalLeader:

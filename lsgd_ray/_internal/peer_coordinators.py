@@ -14,8 +14,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -27,6 +26,9 @@ from lsgd_ray._internal.worker_peers import DownpourExchange, ElasticExchange
 from lsgd_ray.algorithms import gossip, local_sgd
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.topology import GroupPlan
+
+if TYPE_CHECKING:  # the coordinators never import torch (the workers' module does)
+    from lsgd_ray._internal.local_leader import LocalLeaderFactory
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
@@ -42,7 +44,7 @@ class PeerCoordinator(PeerRecovery):
         config: TrainConfig,
         timeout_s: float,
         plans: list[GroupPlan] | None = None,
-        make_local_leader: Callable[[GroupPlan], Any] | None = None,
+        make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
         # a LocalLeader that dies is replaced on its node from its plan (the algorithms that can)

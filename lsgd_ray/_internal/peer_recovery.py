@@ -16,7 +16,6 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
-from lsgd_ray.topology import nodes_from_ray
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -95,14 +94,16 @@ class PeerRecovery:
         plan = self.plans[g] if self.plans else None
         if plan is None or self.make_local_leader is None:
             raise RuntimeError(f"LocalLeader {g}: {reason}; continue the run with --resume")
-        if plan.node_id not in {n.node_id for n in nodes_from_ray(ray.nodes())}:
+        target = self.make_local_leader.placed(plan)  # its node, or another with room if it was lost
+        if target is None:
             raise RuntimeError(
-                f"LocalLeader {g}: {reason} with its node; {type(self).__name__} cannot go on with fewer workers: "
-                "continue the run with --resume on a cluster that has the node's resources"
+                f"LocalLeader {g}: {reason} with its node, and no live node has the free resources for its "
+                f"{plan.num_workers} worker(s); {type(self).__name__} cannot go on with fewer workers: "
+                "continue the run with --resume on a cluster that has them"
             )
-        replacement = self.make_local_leader(plan)
+        replacement = self.make_local_leader(target)
         get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new LocalLeader {g}"])
-        self.local_leaders[g] = replacement
+        self.local_leaders[g], self.plans[g] = replacement, target
         self._worker_handles = None
         self._fresh.update(self.group_ranks[g])
         self.events.append(
@@ -112,10 +113,12 @@ class PeerRecovery:
                 "ranks": list(self.group_ranks[g]),
                 "reason": reason,
                 "step": self.step,
+                "node_id": target.node_id,
                 "time": time.time(),
             }
         )
-        print(f"lsgd-ray: LocalLeader {g}: {reason}: a new one and new workers on its node", flush=True)
+        where = "its node" if target == plan else f"node {target.node_id[:8]} (its own was lost)"
+        print(f"lsgd-ray: LocalLeader {g}: {reason}: a new one and new workers on {where}", flush=True)
 
     def _locate(self, rank: int) -> tuple[int, int]:
         """(group, index in the group) of global ``rank``."""
