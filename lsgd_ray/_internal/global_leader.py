@@ -63,6 +63,7 @@ class GlobalLeader:
         # asynchronous state
         self._lock = threading.Lock()
         self._pull_lock = threading.Lock()  # the global pull's snapshot
+        self._global_in_flight: list[ray.ObjectRef] = []  # the LocalLeaders' async_pull calls
         self._total_steps = 0
         self._group_best: list[tuple[int, float]] = [(-1, math.inf)] * group_slots
         self._group_steps: dict[int, int] = {}  # steps summed over each group's workers, by group id
@@ -373,12 +374,15 @@ class GlobalLeader:
         if self.cfg.lam_global <= 0 or handle is None:
             return
         with self._pull_lock:
-            # backpressure: while the last snapshot is still queued, its pull stands for this one
-            if self.leader_ref is not None and not ray.wait([self.leader_ref], timeout=0)[0]:
+            # backpressure: while the last pull is still queued (its snapshot not taken, or not
+            # yet handed on by every LocalLeader), it stands for this one
+            last = [self.leader_ref, *self._global_in_flight] if self.leader_ref is not None else []
+            if last and len(ray.wait(last, num_returns=len(last), timeout=0)[0]) < len(last):
                 self.global_pulls_skipped += 1
                 return
             self.global_pulls += 1
             self.leader_ref = handle.get_weights.remote()
             wrapped = [self.leader_ref]
-        for ll in self.local_leaders:
-            ll.async_pull.remote(wrapped, self.cfg.lam_global, rank)
+            self._global_in_flight = [
+                ll.async_pull.remote(wrapped, self.cfg.lam_global, rank) for ll in self.local_leaders
+            ]
