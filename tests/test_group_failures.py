@@ -92,14 +92,21 @@ def cluster():
     c.shutdown()
 
 
+def add_nodes(c, count=1):
+    """``count`` new 2-CPU nodes in the cluster, and this driver (re)connected to it (after the
+    local instance of the tests above, or the last test's connection)."""
+    nodes = [c.add_node(num_cpus=2) for _ in range(count)]
+    c.wait_for_nodes()
+    ray.shutdown()
+    ray.init(address=c.address, logging_level="WARNING")
+    return nodes
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_removed_node_drops_its_group(cluster, tmp_path, mode):
     c = cluster
-    victim = c.add_node(num_cpus=2)
-    c.wait_for_nodes()
-    ray.shutdown()  # the local instance of the tests above (or the last run's): this one joins the cluster
-    ray.init(address=c.address, logging_level="WARNING")
+    (victim,) = add_nodes(c)
     try:
         cfg = config(tmp_path, mode, num_groups=None, workers_per_group=None)  # one group per node
         with Trainer(MODEL, DATA, cfg) as trainer:
@@ -122,10 +129,7 @@ def test_a_lost_nodes_group_is_re_placed_on_a_node_with_room(cluster, tmp_path, 
     """Its node removed, a group starts again on another node with free resources for all its
     workers (LSGD and the peers alike), from the weights its algorithm restarts a worker from."""
     c = cluster
-    added = [c.add_node(num_cpus=2) for _ in range(2)]  # with the fixture's node: 3 nodes for 2 groups
-    c.wait_for_nodes()
-    ray.shutdown()
-    ray.init(address=c.address, logging_level="WARNING")
+    added = add_nodes(c, 2)  # with the fixture's node: 3 nodes for 2 groups
     victim = None
     try:
         cfg = config(tmp_path, mode, algorithm=algorithm, num_groups=2, workers_per_group=2)
@@ -160,10 +164,7 @@ def test_a_global_leader_killed_after_a_group_was_dropped_goes_on_with_the_rest(
     (its LocalLeaders would no longer match their plans), and the run's events (the drop among
     them) carry over."""
     c = cluster
-    victim = c.add_node(num_cpus=2)
-    c.wait_for_nodes()
-    ray.shutdown()
-    ray.init(address=c.address, logging_level="WARNING")
+    (victim,) = add_nodes(c)
     try:
         delays = {r: 0.05 for r in range(4)}
         cfg = config(
@@ -198,10 +199,7 @@ def test_a_checkpoint_written_after_a_group_was_dropped_resumes_on_the_whole_lay
     """The survivors continue from their state in the checkpoint; the dropped group's workers,
     on a node that joined since, start from the checkpoint's leader at its step."""
     c = cluster
-    victim = c.add_node(num_cpus=2)
-    c.wait_for_nodes()
-    ray.shutdown()
-    ray.init(address=c.address, logging_level="WARNING")
+    (victim,) = add_nodes(c)
     try:
         cfg = config(tmp_path, "sync", num_groups=None, workers_per_group=None, checkpoint_every_steps=16)
         with Trainer(MODEL, DATA, cfg) as trainer:

@@ -132,9 +132,9 @@ class GlobalLeader:
 
     def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[dict[str, Any]]:
         """The live groups' results (``calls`` went to ``self.local_leaders`` in order). A
-        LocalLeader that died (with its workers: they share its fate) is re-formed on its node
-        from the leader's weights, or its group is dropped when the node is gone or cannot take
-        it again."""
+        LocalLeader that died (with its workers: they share its fate) is re-formed from the
+        leader's weights on its node, or, the node gone, on another with room for its workers;
+        its group is dropped when no node can take it."""
         leaders = list(self.local_leaders)
         replies = replies_or_deaths(calls, timeout_s, self._names)
         results = [reply for reply, died in replies if not died]

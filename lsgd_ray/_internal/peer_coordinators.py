@@ -47,7 +47,8 @@ class PeerCoordinator(PeerRecovery):
         make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
-        # a LocalLeader that dies is replaced on its node from its plan (the algorithms that can)
+        # a LocalLeader that dies is replaced from its plan, on its node or, the node lost, on
+        # another with room (the algorithms that can)
         self.plans, self.make_local_leader = plans, make_local_leader if self.reform_groups else None
         self._fresh: set[int] = set()  # ranks whose worker is a new process not yet restarted
         self._async_args: tuple = ()
