@@ -168,3 +168,23 @@ def test_mix_in_place():
     x = t(1.0, 2.0)
     gossip.mix_(x, 0.5, [t(3.0, 0.0), t(1.0, 1.0)], [0.25, 0.25])
     torch.testing.assert_close(x, t(0.5 + 0.75 + 0.25, 1.0 + 0.0 + 0.25))
+
+
+def test_a_gossip_round_goes_on_without_the_weights_lost_with_a_local_leader():
+    """The coordinator's bookkeeping (no Ray): a neighbour keeps the share of a lost input as its
+    own weight, and a re-formed group's new workers start from the mean of what survives."""
+    from lsgd_ray import TrainConfig
+    from lsgd_ray._internal.peer_coordinators import Gossip
+
+    coordinator = Gossip(
+        [None, None], [2, 2], TrainConfig(algorithm="dpsgd", num_groups=2, workers_per_group=2, max_steps=8), 10.0
+    )
+    coordinator.setup()
+    coordinator.pending_from = [[1, 2], [0, 3], [0, 3], [1, 2]]
+    coordinator.published = ["w0", "w1", "w2", "w3"]
+    coordinator._group_lost(1)  # ranks 2 and 3: their published weights died with their LocalLeader
+    steps, own, shares, *refs = coordinator._without_lost_inputs(0, (4, 0.4, [0.25, 0.35], "w1", "w2"))
+    assert (steps, shares, refs) == (4, [0.25], ["w1"]) and own == pytest.approx(0.75)
+    assert coordinator._without_lost_inputs(1, (4, 1.0, [])) is None  # not this round's mix: replace it
+    source, args, origin = coordinator._replacement(2, (4, 0.5, [0.5], "w1"))
+    assert args == (4, 0.0, [0.5, 0.5], "w0", "w1") and origin == "the mean of the other workers' weights"

@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray._internal.waiting import LOST_INPUT, get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker, WorkerSpec, node_id
 from lsgd_ray.algorithms.lsgd import crossed, select_leader
 from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
@@ -412,7 +412,7 @@ class LocalLeader:
             "group": self.plan.group,
             "results": results,
             "refs": refs,
-            "failed": [(self.ranks[indexes[j]], reason or "lost an input") for j, reason in failed],
+            "failed": [(self.ranks[indexes[j]], reason or LOST_INPUT) for j, reason in failed],
             "broken": [(self.ranks[indexes[j]], error) for j, error in broken or []],
         }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
+from lsgd_ray._internal.waiting import LOST_INPUT, get_all, replies_or_deaths, startup_timeout
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -30,6 +30,14 @@ class PeerRecovery:
         """(wrapped weights to start from or ``[None]``, the round's arguments for the new
         worker, the name of those weights) for worker ``rank`` lost in a round called with ``args``."""
         raise NotImplementedError(f"{type(self).__name__} cannot replace a worker in place")
+
+    def _without_lost_inputs(self, rank: int, args: tuple) -> tuple | None:
+        """The round's arguments for live worker ``rank`` without the inputs lost with a
+        LocalLeader, or ``None``: it cannot go on without them and is replaced."""
+        return None
+
+    def _group_lost(self, g: int) -> None:
+        """Group ``g``'s LocalLeader died: what it owned (the weights its group published) is gone."""
 
     def _call(self, method: str, args: list[tuple], num_returns: int = 1) -> tuple[list[Any], list[Any]]:
         """``method`` on every worker (``args`` by global rank) through the LocalLeaders:
@@ -47,8 +55,12 @@ class PeerRecovery:
                     errors = "; ".join(f"worker {rank}: {error}" for rank, error in broken)
                     raise RuntimeError(f"{method} failed after the group was re-formed: {errors}")
             else:
-                retry = self._replace_lost(failed, args)
-                again, failed, _ = self._call_ranks(method, retry, num_returns)
+                # a live worker that lost an input (its owner, a LocalLeader, died) goes on, if the
+                # algorithm can do without that input; the others are replaced
+                alive = {rank: self._without_lost_inputs(rank, args[rank]) for rank, why in failed if why == LOST_INPUT}
+                alive = {rank: a for rank, a in alive.items() if a is not None and rank not in self._fresh}
+                retry = self._replace_lost([(rank, why) for rank, why in failed if rank not in alive], args)
+                again, failed, _ = self._call_ranks(method, {**retry, **alive}, num_returns)
                 answers.update(again)
         else:
             raise RuntimeError(f"workers keep failing in {method}; continue the run with --resume")
@@ -101,6 +113,7 @@ class PeerRecovery:
                 f"{plan.num_workers} worker(s); {type(self).__name__} cannot go on with fewer workers: "
                 "continue the run with --resume on a cluster that has them"
             )
+        self._group_lost(g)
         replacement = self.make_local_leader(target)
         get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new LocalLeader {g}"])
         self.local_leaders[g], self.plans[g] = replacement, target
