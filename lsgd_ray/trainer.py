@@ -283,10 +283,11 @@ class Trainer:
 
     def _seen(self, status: dict[str, Any]) -> dict[str, Any]:
         """Take note of the coordinator's ``status``: new events may mean new handles."""
-        if status["events"][self._events_seen :]:  # a worker or a group was replaced or dropped
-            self._refresh_handles()
+        new = status["events"][self._events_seen :]
         self._events_seen = len(status["events"])
         self._events_known = status["events"]  # a restarted coordinator takes them over
+        if new:  # a worker or a group was replaced or dropped (noted first: the refresh may fail)
+            self._refresh_handles()
         return status
 
     def _refresh_handles(self) -> None:
@@ -574,8 +575,8 @@ class Trainer:
                 loops.pop(rank, None)  # its group was dropped
             else:
                 loops[rank] = wrapped[0]
+        self.status()  # notes the events first (a restarted coordinator carries them over)
         self._refresh_handles()
-        self.status()  # takes note of the events (a restarted coordinator carries them over)
         return True
 
     def _write_result(self, error: str | None) -> FitResult:
