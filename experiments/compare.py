@@ -11,9 +11,11 @@ with the same workers, data, model, local optimizer and training-time budget. A 
 Output (default experiments/results/compare-<dataset>-<time>/):
     <algorithm>/seed<k>/   result.json, tensorboard/, leader_state_dict.pt of each run
     config.json            the settings, code version and command line
-    curves.csv             algorithm, seed, train_s, samples, leader, test_error
+    curves.csv             algorithm, seed, train_s, samples, leader, test_error (LSGD also
+                           leader_test_error and center_test_error)
     summary.json           per algorithm: final accuracy and time to --target (median, min, max)
     test_error_vs_time.png the evaluated model's test error against training time, per algorithm
+                           (LSGD: its leader and its center, the one not evaluated dashed)
     leaders.png            LSGD: the global leader over training, and how often each worker led
 """
 
@@ -37,7 +39,7 @@ import ray
 
 from lsgd_ray import ALGORITHMS, DATASETS, EASGDConfig, LSGDConfig, TrainConfig, dataset_factory, fit, model_factory
 from lsgd_ray.data import dataset_spec
-from lsgd_ray.results import code_version
+from lsgd_ray.results import code_version, test_error_curves
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,11 +130,14 @@ def time_to(history: list[dict], target: float) -> float | None:
 
 with open(out / "curves.csv", "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["algorithm", "seed", "train_s", "samples", "leader", "test_error"])
+    writer.writerow(
+        ["algorithm", "seed", "train_s", "samples", "leader", "test_error", "leader_test_error", "center_test_error"]
+    )
     for name, runs in results.items():
         for seed, r in runs:
             for h in r.history:
-                writer.writerow([name, seed, h["train_s"], h["samples"], h["leader"], 1 - h["test_accuracy"]])
+                both = [1 - h[k] if k in h else "" for k in ("leader_test_accuracy", "center_test_accuracy")]
+                writer.writerow([name, seed, h["train_s"], h["samples"], h["leader"], 1 - h["test_accuracy"], *both])
 
 
 def spread(values: list[float]) -> dict:
@@ -153,17 +158,21 @@ for name, runs in results.items():
 (out / "summary.json").write_text(json.dumps({**record, "target": args.target, "algorithms": summary}, indent=2))
 
 # The paper's figure: test error of the evaluated model against training time, one line per
-# algorithm (each seed drawn thin, the first seed labelled).
+# algorithm (each seed drawn thin, the first seed labelled). LSGD records both its leader and
+# its center: the one it evaluates solid, the other dashed.
 fig, ax = plt.subplots(figsize=(7, 4.5))
 for k, (name, runs) in enumerate(results.items()):
     for i, (_seed, r) in enumerate(runs):
-        ax.plot(
-            [h["train_s"] for h in r.history],
-            [1 - h["test_accuracy"] for h in r.history],
-            color=f"C{k}",
-            alpha=1.0 if i == 0 else 0.4,
-            label=f"{name} ({r.evaluated.split(' (')[0]})" if i == 0 else None,  # "leader", "center", ...
-        )
+        evaluated = r.evaluated.split(" (")[0]  # "leader", "center", ...
+        for model, (times, errors) in test_error_curves(r.history).items():
+            ax.plot(
+                times,
+                errors,
+                color=f"C{k}",
+                linestyle="-" if model in ("", evaluated) else "--",
+                alpha=1.0 if i == 0 else 0.4,
+                label=f"{name} ({model or evaluated})" if i == 0 else None,
+            )
 ax.set(xlabel="training time (s, evaluation excluded)", ylabel="test error", yscale="log")
 ax.set_title(f"{args.dataset}, {args.model}, {args.groups}x{args.workers_per_group} workers, seeds {args.seeds}")
 ax.legend()

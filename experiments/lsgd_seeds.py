@@ -9,7 +9,8 @@ Reads top to bottom. Each seed is one `lsgd_ray.fit` run; everything needed to r
 
 Output (default experiments/results/<dataset>-<time>/):
     seed<k>/result.json, seed<k>/tensorboard/, seed<k>/leader_state_dict.pt   one run each
-    curves.csv        seed, train_s, samples, leader, test_error
+    curves.csv        seed, train_s, samples, leader, test_error (the evaluated model's), and
+                      leader_test_error, center_test_error (both are recorded at every evaluation)
     summary.json      median / min / max final accuracy, code version, config, command
 """
 
@@ -80,13 +81,14 @@ for seed in args.seeds:
     config = replace(base, seed=seed, output_dir=str(out / f"seed{seed}"))
     results.append((seed, fit(model, data, config, run_name=f"lsgd-{args.dataset}")))
 
-# Curves: the leader's test error against training time (evaluation excluded).
+# Curves: test error against training time (evaluation excluded): the evaluated model, the leader, the center.
 with open(out / "curves.csv", "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["seed", "train_s", "samples", "leader", "test_error"])
+    writer.writerow(["seed", "train_s", "samples", "leader", "test_error", "leader_test_error", "center_test_error"])
     for seed, result in results:
-        for record in result.history:
-            writer.writerow([seed, record["train_s"], record["samples"], record["leader"], 1 - record["test_accuracy"]])
+        for r in result.history:
+            both = [1 - r["leader_test_accuracy"], 1 - r["center_test_accuracy"]]
+            writer.writerow([seed, r["train_s"], r["samples"], r["leader"], 1 - r["test_accuracy"], *both])
 
 # Summary.
 accuracies = [r.final_test_accuracy for _, r in results]

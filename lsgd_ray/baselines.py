@@ -239,6 +239,32 @@ def _digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+COMM_HOOKS = ("powersgd", "bf16")
+
+
+def register_comm_hook(ddp: Any, hook: str | None, rank: int = 2, start_iter: int = 10) -> None:
+    """Gradient compression with torch's own DDP communication hooks, as a Ray Train user would
+    add it: ``powersgd`` (rank-``rank`` PowerSGD with error feedback and warm start, plain
+    all-reduce for the first ``start_iter`` steps, as torch's ``powerSGD_hook``) or ``bf16``."""
+    if hook is None:
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=rank,
+            start_powerSGD_iter=start_iter,
+            use_error_feedback=True,
+            warm_start=True,
+        )
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif hook == "bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    else:
+        raise ValueError(f"comm_hook must be one of {COMM_HOOKS} or None, got {hook!r}")
+
+
 def ddp_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """The per-rank training function of :func:`ray_train_ddp` (runs inside a Ray Train worker).
 
@@ -257,6 +283,7 @@ def ddp_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         config["seed"], rank, world,
     )  # fmt: skip
     ddp = DistributedDataParallel(shard.model)  # broadcasts rank 0's weights; gloo on CPU
+    register_comm_hook(ddp, config.get("comm_hook"), config.get("powersgd_rank", 2), config.get("powersgd_start", 10))
     ddp.train()
     for _ in range(config["warmup_steps"]):
         shard.step(ddp)
@@ -321,6 +348,9 @@ def ray_train_ddp(
     return_weights: bool = False,
     storage_path: str | None = None,
     name: str | None = None,
+    comm_hook: str | None = None,
+    powersgd_rank: int = 2,
+    powersgd_start: int = 10,
 ) -> BaselineResult:
     """Ray Train v2 ``TorchTrainer``: ``num_workers`` DDP ranks of ``cpus_per_worker`` CPUs (and
     torch threads), each on shard ``rank`` of the training set with ``batch_size`` per rank;
@@ -329,7 +359,8 @@ def ray_train_ddp(
     ``decide_every``: steps between rank 0's (evaluate, stop) broadcasts. ``extra`` of the result
     holds every rank's digest of its final parameters (equal if the ranks stayed in step) and,
     with ``return_weights``, rank 0's flat final weights. ``startup_s``: ``fit()`` called until
-    the first timed step (after ``warmup_steps``)."""
+    the first timed step (after ``warmup_steps``). ``comm_hook``: gradient compression with one of
+    torch's DDP communication hooks (:func:`register_comm_hook`)."""
     _check(batch_size, time_budget_s, eval_every_s, target_accuracy, max_steps, warmup_steps)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
@@ -339,6 +370,10 @@ def ray_train_ddp(
         raise ValueError(f"decide_every must be a positive integer, got {decide_every!r}")
     if use_gpu:
         raise ValueError("ray_train_ddp runs on CPUs only here (use_gpu=False)")
+    if comm_hook not in (None, *COMM_HOOKS):
+        raise ValueError(f"comm_hook must be one of {COMM_HOOKS} or None, got {comm_hook!r}")
+    if comm_hook == "powersgd" and not (isinstance(powersgd_rank, int) and powersgd_rank >= 1 and powersgd_start >= 2):
+        raise ValueError(f"powersgd_rank must be >= 1 and powersgd_start >= 2, got {powersgd_rank}, {powersgd_start}")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -361,6 +396,9 @@ def ray_train_ddp(
         "decide_every": decide_every,
         "result_file": result_file,
         "return_weights": return_weights,
+        "comm_hook": comm_hook,
+        "powersgd_rank": powersgd_rank,
+        "powersgd_start": powersgd_start,
     }
     trainer = TorchTrainer(
         ddp_train_loop,

@@ -56,6 +56,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--proximal", type=float, default=0.0, help="lsgd: per-step pull toward the last leaders (p/τ); 0 = off")
     a("--leader-estimate", default="train_loss", choices=LEADER_ESTIMATES)
     a("--loss-window", type=int, default=10, help="batches averaged for the train_loss estimate")
+    a(
+        "--evaluate",
+        default="leader",
+        choices=("leader", "center"),  # lsgd_ray.config.EVALUATED_MODELS
+        help="lsgd: the model behind test_accuracy, the progress line and --target-accuracy "
+        "(both are recorded at every evaluation; center: the mean of all workers, as the reference reports)",
+    )
     a("--beta", type=float, default=0.9, help="easgd: moving rate α = β/p")
     a("--alpha", type=float, default=None, help="easgd: moving rate α (overrides --beta)")
     a("--n-push", type=int, default=4, help="downpour: push period (steps)")
@@ -153,7 +160,30 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="download a torchvision dataset (needs internet)")
     d.add_argument("dataset", choices=[n for n, s in DATASETS.items() if s.needs_data_dir])
     d.add_argument("--data-dir", required=True)
+    _cluster_parser(sub)
     return parser
+
+
+def _cluster_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("cluster", help="an emulated multi-node Ray cluster on this machine, with shaped links")
+    verbs = c.add_subparsers(dest="verb", required=True)
+    up = verbs.add_parser("up", help="create the nodes (network namespaces) and links, start Ray in each")
+    up.add_argument("--nodes", type=int, default=2)
+    up.add_argument("--cpus-per-node", type=int, default=2, help="Ray CPUs of each node (may exceed the cores)")
+    up.add_argument("--link", default="none", help="each node's link rate both ways: 1gbit, 100mbit, 30mbit... or none")
+    up.add_argument("--object-store-mb", type=int, default=1024, help="object store of each node")
+    run = verbs.add_parser("run", help="run a command in node 0, joined to the cluster: cluster run -- COMMAND")
+    run.add_argument("--node", type=int, default=0, help="run it in this node instead")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the command and its arguments")
+    status = verbs.add_parser("status", help="nodes, addresses, link rates, processes, bytes on each link")
+    status.add_argument("--json", action="store_true", help="as one JSON object")
+    verbs.add_parser("measure", help="move a 24 MB object and all-reduce 1 MiB with gloo across a link")
+    link = verbs.add_parser("link", help="change the link rate of a running cluster")
+    link.add_argument("rate", help="1gbit, 100mbit, 30mbit... or none")
+    link.add_argument("--node", type=int, action="append", help="only this node's link (repeatable)")
+    verbs.add_parser("down", help="stop every process in the cluster's namespaces, delete them")
+    for verb in verbs.choices.values():
+        verb.add_argument("--name", default="lsgd", help="which emulated cluster (default: lsgd)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -172,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             leader_estimate=args.leader_estimate,
             loss_window=args.loss_window,
             proximal=args.proximal,
+            evaluate=args.evaluate,
         ),
         easgd=EASGDConfig(beta=args.beta, alpha=args.alpha, tau=tau, mode=args.mode),
         downpour=DownpourConfig(n_push=args.n_push, n_fetch=args.n_fetch),
@@ -224,6 +255,65 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    """``lsgd-ray cluster VERB``: every failure is one line (ClusterError) and exit code 2."""
+    import json
+    import subprocess
+
+    from lsgd_ray.cluster import ClusterError, EmulatedCluster
+
+    try:
+        if args.verb == "up":
+            cluster = EmulatedCluster(
+                args.nodes, args.cpus_per_node, args.link, args.name, args.object_store_mb, quiet=False
+            ).up()
+            print(f"cluster {args.name} is up: {args.nodes} node(s), links {args.link}, head at {cluster.address}")
+            print(f"  run a job in node 0:  lsgd-ray cluster run --name {args.name} -- lsgd-ray train --groups 0")
+            return 0
+        if args.verb == "down":
+            EmulatedCluster(name=args.name, quiet=False).down()
+            return 0
+        cluster = EmulatedCluster.attach(args.name)
+        if args.verb == "run":
+            command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not command:
+                raise ClusterError("cluster run needs a command: lsgd-ray cluster run -- COMMAND [ARGS...]")
+            if not 0 <= args.node < cluster.spec.nodes:
+                raise ClusterError(f"--node must be 0..{cluster.spec.nodes - 1}, got {args.node}")
+            try:
+                return cluster.run(command, node=args.node).returncode
+            except FileNotFoundError as exc:
+                raise ClusterError(f"cannot run {command[0]!r}: {exc.strerror}") from exc
+        if args.verb == "link":
+            cluster.set_link(args.rate, args.node)
+            print(f"cluster {args.name}: links {args.rate}" + (f" on node(s) {args.node}" if args.node else ""))
+            return 0
+        if args.verb == "measure":
+            probe = [sys.executable, "-m", "lsgd_ray.cluster_probe"]
+            done = cluster.run(probe, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ClusterError(f"the link probe failed: {done.stderr.strip().splitlines()[-1:]}")
+            print(done.stdout.strip())
+            return 0
+        status = cluster.status()
+        if args.json:
+            print(json.dumps(status, indent=1))
+            return 0
+        print(f"cluster {args.name}: head at {status['address']}, {len(status['nodes'])} node(s)")
+        for n in status["nodes"]:
+            if not n["up"]:
+                print(f"  node {n['node']}  {n['namespace']}  missing")
+                continue
+            print(
+                f"  node {n['node']}  {n['namespace']}  {n['address']}  link {n['link']}  {n['processes']} processes  "
+                f"sent {n['tx'] / 1e6:,.1f} MB  received {n['rx'] / 1e6:,.1f} MB"
+            )
+        return 0
+    except (ClusterError, subprocess.TimeoutExpired) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -231,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "download":
         return _download(args)
+    if args.command == "cluster":
+        return _cluster(args)
     from lsgd_ray.trainer import fit
 
     try:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 MODES = ("sync", "async")
 LEADER_ESTIMATES = ("train_loss", "val_batch")
+EVALUATED_MODELS = ("leader", "center")  # LSGD: which model test_accuracy, the progress line and a target use
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 
 
@@ -93,6 +94,10 @@ class LSGDConfig:
     # The reference's later version: after every local step, a small pull toward the last known
     # local and global leaders with strength proximal/τ and proximal/τ_G. 0 turns it off.
     proximal: float = 0.0
+    # Every evaluation scores both the leader and the center (the mean of all workers, what the
+    # reference code reports); this picks the one behind test_accuracy, the progress line,
+    # target_accuracy and the final summary.
+    evaluate: Literal["leader", "center"] = "leader"
 
     def __post_init__(self) -> None:
         _check_fraction("lam (local pulling strength λ)", self.lam)
@@ -104,6 +109,11 @@ class LSGDConfig:
         _check_positive_int("loss_window (batches averaged for the leader estimate)", self.loss_window)
         _check_positive_int("val_batch_size", self.val_batch_size)
         _check_fraction("proximal (per-period strength of the per-step pull toward the last leaders)", self.proximal)
+        _check(
+            isinstance(self.evaluate, str) and self.evaluate in EVALUATED_MODELS,
+            f"evaluate (the model behind test_accuracy, the progress line and target_accuracy; both are "
+            f"recorded) must be one of: {', '.join(EVALUATED_MODELS)}, got {_got(self.evaluate)}",
+        )
 
 
 @dataclass(frozen=True)

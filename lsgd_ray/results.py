@@ -1,10 +1,16 @@
 """What a run leaves behind: ``result.json``, TensorBoard event files and the leader's weights.
 
 TensorBoard tags (x-axis: samples seen by all workers, unless noted). ``leader/*`` is the model
-the algorithm evaluates: LSGD's leader, EASGD's center, DOWNPOUR's server, data-parallel's
-(shared) weights, the workers' average for local SGD, D-PSGD and AL-DSGD.
+the algorithm evaluates: LSGD's leader (or its center, with ``LSGDConfig.evaluate="center"``),
+EASGD's center, DOWNPOUR's server, data-parallel's (shared) weights, the workers' average for
+local SGD, D-PSGD and AL-DSGD.
   leader/test_accuracy, leader/test_error, leader/test_loss, leader/rank (-1: not a worker)
   leader_by_time/test_error      x-axis: training milliseconds (evaluation excluded)
+  lsgd/<model>/test_accuracy, lsgd/<model>/test_error, lsgd/<model>/test_loss,
+  lsgd/<model>_by_time/test_error
+                                 LSGD only, at every evaluation: <model> is ``leader`` and
+                                 ``center`` (the mean of all workers), whichever ``leader/*`` is
+                                 (``LSGDConfig.evaluate`` picks that one)
   worker/<rank>/loss_estimate    each worker's leader-selection estimate
   worker/<rank>/bytes_sent_per_step, worker/<rank>/bytes_received_per_step
   comm/bytes_per_worker_step     weights, gradients and estimates moved (sent + received)
@@ -63,6 +69,12 @@ class FitResult:
     events: list[dict[str, Any]] = field(default_factory=list)  # failures handled during the run
     checkpoints: list[str] = field(default_factory=list)
     resumed_from: str | None = None
+    # LSGD scores both its leader and its center at every evaluation (``final_test_*`` are those
+    # of the one ``LSGDConfig.evaluate`` picks); None for the peers, which evaluate one model
+    final_leader_test_accuracy: float | None = None
+    final_leader_test_loss: float | None = None
+    final_center_test_accuracy: float | None = None
+    final_center_test_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))
@@ -103,13 +115,26 @@ def communication_summary(
 def summary_lines(result: FitResult) -> str:
     """The closing lines a run prints: the leader's accuracy and where everything is."""
     t = result.timings
+    both = ""
+    if result.final_leader_test_accuracy is not None and result.final_center_test_accuracy is not None:
+        both = f" (leader {result.final_leader_test_accuracy:.4f}, center {result.final_center_test_accuracy:.4f})"
     return (
-        f"lsgd-ray: done ({result.algorithm}). {result.evaluated} test accuracy {result.final_test_accuracy:.4f}; "
+        f"lsgd-ray: done ({result.algorithm}). {result.evaluated} test accuracy {result.final_test_accuracy:.4f}"
+        f"{both}; "
         f"training {t['train_s']:.1f}s, evaluation {t['eval_s']:.1f}s, start-up {t['startup_s']:.1f}s\n"
         f"  results:     {os.path.join(result.output_dir, 'result.json')}\n"
         f"  weights:     {result.weights_path}\n"
         f"  tensorboard: tensorboard --logdir {os.path.join(result.output_dir, 'tensorboard')}"
     )
+
+
+def test_error_curves(history: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """(training seconds, test error) of each model a run's history scores, for plots: LSGD's
+    ``"leader"`` and ``"center"``, which it records at every evaluation; for the peers (or a
+    history without both) only ``""``, the one evaluated model."""
+    models = [m for m in ("leader", "center") if history and all(f"{m}_test_accuracy" in h for h in history)]
+    keys = {m: f"{m}_test_accuracy" for m in models} if len(models) == 2 else {"": "test_accuracy"}
+    return {m: ([h["train_s"] for h in history], [1.0 - h[key] for h in history]) for m, key in keys.items()}
 
 
 def code_version(directory: str | os.PathLike) -> str:
@@ -151,6 +176,14 @@ class RunLogger:
         add("leader/test_loss", record["test_loss"], step, walltime=wall)
         add("leader/rank", record["leader"], step, walltime=wall)
         add("leader_by_time/test_error", 1.0 - record["test_accuracy"], round(record["train_s"] * 1000), walltime=wall)
+        for model in ("leader", "center"):  # LSGD: both models at every evaluation
+            if f"{model}_test_accuracy" not in record:
+                continue
+            accuracy, loss = record[f"{model}_test_accuracy"], record[f"{model}_test_loss"]
+            add(f"lsgd/{model}/test_accuracy", accuracy, step, walltime=wall)
+            add(f"lsgd/{model}/test_error", 1.0 - accuracy, step, walltime=wall)
+            add(f"lsgd/{model}/test_loss", loss, step, walltime=wall)
+            add(f"lsgd/{model}_by_time/test_error", 1.0 - accuracy, round(record["train_s"] * 1000), walltime=wall)
         add("timing/eval_s", record["eval_s"], step, walltime=wall)
         self.writer.flush()
 

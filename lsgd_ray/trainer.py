@@ -100,7 +100,7 @@ class Trainer:
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        if cfg.address:
+        if cfg.address:  # "auto": RAY_ADDRESS (as `lsgd-ray cluster run` sets it), else the local cluster
             ray.init(address=cfg.address, logging_level="WARNING")
         else:
             # An embedded single-node Ray sized for the requested workers: logical CPUs may
@@ -297,16 +297,42 @@ class Trainer:
         self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
 
     def leader_weights_ref(self) -> ray.ObjectRef:
+        """The evaluated model's weights, by reference: LSGD's leader, the peers' own model."""
         return ray.get(self.global_leader.leader_weights.remote())[0]
 
+    def center_weights_ref(self) -> ray.ObjectRef:
+        """LSGD: the mean of all workers' weights, by reference (averaged per group on each
+        node, combined by the GlobalLeader; never through this driver)."""
+        return ray.get(self.global_leader.center_weights.remote())[0]
+
+    def _evaluated_models(self) -> dict[str, Callable[[], ray.ObjectRef]]:
+        """What each evaluation scores: LSGD both its leader and its center, a peer the one
+        model it evaluates (its center or workers' mean, under the name "leader")."""
+        if self.config.algorithm == "lsgd":
+            return {"leader": self.leader_weights_ref, "center": self.center_weights_ref}
+        return {"leader": self.leader_weights_ref}
+
+    def _score(self) -> dict[str, dict[str, Any]]:
+        """Each evaluated model's test scores: every evaluation started, then one wait."""
+        calls = {name: self.evaluator.evaluate.remote(ref()) for name, ref in self._evaluated_models().items()}
+        return dict(zip(calls, ray.get(list(calls.values()))))
+
     def evaluate_leader(self) -> dict[str, Any]:
-        """Test loss and accuracy of the current leader, recorded in the history."""
+        """Test loss and accuracy of the evaluated model, recorded in the history. LSGD scores
+        both its leader and its center: ``test_*`` are those of ``lsgd.evaluate``'s choice,
+        ``leader_test_*`` and ``center_test_*`` both."""
         status = self.status()
         try:
-            result = ray.get(self.evaluator.evaluate.remote(self.leader_weights_ref()))
+            scores = self._score()
         except ray.exceptions.ActorDiedError:  # e.g. its node was removed: a new one, once
             self.evaluator = self._make_evaluator()
-            result = ray.get(self.evaluator.evaluate.remote(self.leader_weights_ref()))
+            scores = self._score()
+        chosen = self.config.lsgd.evaluate if "center" in scores else "leader"
+        result = {**scores[chosen], "eval_s": sum(score["eval_s"] for score in scores.values())}
+        if "center" in scores:  # LSGD: both models, by name
+            for name, score in scores.items():
+                result[f"{name}_test_accuracy"] = score["test_accuracy"]
+                result[f"{name}_test_loss"] = score["test_loss"]
         samples = status["total_steps"] * self.config.batch_size
         record = {
             "train_s": self.train_s,
@@ -330,8 +356,11 @@ class Trainer:
         line = (
             f"[step {record['step']:>6} | {self.train_s:7.1f}s] {record['evaluated']}: "
             f"test_acc={record['test_accuracy']:.4f} test_loss={record['test_loss']:.4f} "
-            f"samples={record['samples']:,} ({rate:,.0f}/s)"
         )
+        other = "center" if self.config.lsgd.evaluate == "leader" else "leader"
+        if f"{other}_test_accuracy" in record:  # LSGD: the model not chosen, in brief
+            line += f"({other} {record[f'{other}_test_accuracy']:.4f}) "
+        line += f"samples={record['samples']:,} ({rate:,.0f}/s)"
         budget = self._budget_fraction(record["step"])
         if 0 < budget < 1:
             line += f" eta {self.train_s * (1 - budget) / budget:.0f}s"
@@ -447,7 +476,8 @@ class Trainer:
     # ------------------------------------------------------------------ whole runs
 
     def fit(self) -> FitResult:
-        """Train to the budget, evaluating the leader every ``eval_every_s`` training seconds."""
+        """Train to the budget, evaluating every ``eval_every_s`` training seconds (LSGD: the leader
+        and the center)."""
         error = None
         try:
             self.start()
@@ -603,6 +633,10 @@ class Trainer:
             evaluated=final.get("evaluated", status.get("evaluated", "")),
             final_test_accuracy=final.get("test_accuracy"),
             final_test_loss=final.get("test_loss"),
+            final_leader_test_accuracy=final.get("leader_test_accuracy"),  # LSGD only, like the center's
+            final_leader_test_loss=final.get("leader_test_loss"),
+            final_center_test_accuracy=final.get("center_test_accuracy"),
+            final_center_test_loss=final.get("center_test_loss"),
             leader=final.get("leader", status.get("leader", -1)),
             steps_per_worker=max((s["steps"] for s in stats), default=0),
             samples=sum(s["steps"] for s in stats) * self.config.batch_size,
@@ -615,7 +649,7 @@ class Trainer:
             checkpoints=self.checkpoints,
             resumed_from=self.resumed_from,
             topology=[
-                {"group": g["group"], "node_id": g["node_id"], "workers": g["workers"]}
+                {k: g[k] for k in ("group", "node_id", "node_ip", "pid", "workers")}
                 for g in getattr(self, "group_infos", [])
             ],
             config=self.config.to_dict(),

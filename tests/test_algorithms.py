@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from lsgd_ray.algorithms.lsgd import (
     pulls_due,
     select_leader,
     sync_round,
+    weighted_mean,
 )
 
 
@@ -76,6 +78,23 @@ def test_crossed():
     assert crossed(10, 40, 16)
     assert not crossed(16, 31, 16)
     assert not crossed(0, 0, 4)
+
+
+def test_center_from_group_means_is_the_plain_mean_of_all_workers():
+    # group A: 3 workers, group B: 1 worker (float32 flat buffers, as the workers' get_weights)
+    group_a = [np.array(v, np.float32) for v in ([1.0, -2.0, 0.5], [2.0, 0.0, 0.5], [6.0, 5.0, 2.0])]
+    group_b = [np.array([11.0, 1.0, -5.0], np.float32)]
+    mean_a = weighted_mean(group_a, [1, 1, 1])
+    np.testing.assert_array_equal(mean_a, np.array([3.0, 1.0, 1.0], np.float32))  # (1+2+6)/3, (-2+0+5)/3, 3/3
+    assert mean_a.dtype == np.float32
+    mean_b = weighted_mean(iter(group_b), [1])  # any iterable: the GlobalLeader fetches one at a time
+    center = weighted_mean(iter([mean_a, mean_b]), [3, 1])
+    # by hand: (3·3 + 11)/4, (3·1 + 1)/4, (3·1 − 5)/4; unweighted means of the two groups would differ
+    np.testing.assert_array_equal(center, np.array([5.0, 1.0, -0.5], np.float32))
+    np.testing.assert_allclose(center, np.mean(np.stack(group_a + group_b), axis=0), rtol=0, atol=1e-7)
+    assert center.dtype == np.float32
+    with pytest.raises(ValueError, match="nothing to average"):
+        weighted_mean([], [])
 
 
 def test_sync_round_by_hand():

@@ -208,6 +208,13 @@ TABLE = [
     ),
     Row("proximal above 1", lsgd(proximal=2.0), ConfigError, rf"^proximal .*{FRACTION}.*got 2\.0$"),
     Row("proximal infinite", lsgd(proximal=INF), ConfigError, rf"^proximal .*{FRACTION}.*got inf$"),
+    Row(
+        "unknown evaluate",
+        lsgd(evaluate="mean"),
+        ConfigError,
+        r"^evaluate \(the model behind test_accuracy.*\) must be one of: leader, center, got 'mean' \(str\)$",
+    ),
+    Row("evaluate not a string", lsgd(evaluate=None), ConfigError, r"^evaluate .* one of: leader, center, got None"),
     # ------------------------------------------------------------------ EASGDConfig
     Row(
         "beta above 1",
@@ -696,10 +703,16 @@ TABLE = [
         r"argument --leader-estimate: invalid choice: 'ema' \(choose from 'train_loss', 'val_batch'\)",
     ),
     Row(
+        "unknown --evaluate",
+        cli("--evaluate", "mean"),
+        CliExit,
+        r"argument --evaluate: invalid choice: 'mean' \(choose from 'leader', 'center'\)",
+    ),
+    Row(
         "unknown command",
         cli("fit"),
         CliExit,
-        r"^lsgd-ray: error: argument command: invalid choice: 'fit' \(choose from 'train', 'download'\)",
+        r"^lsgd-ray: error: argument command: invalid choice: 'fit' \(choose from 'train', 'download', 'cluster'\)",
     ),
     Row(
         "--lam above 1",

@@ -91,6 +91,12 @@ def test_peer_flags_reach_their_configs():
     assert (cfg.local_sgd.tau, cfg.local_sgd.tau_global) == (8, 32)
 
 
+def test_evaluate_flag_picks_the_lsgd_model_behind_test_accuracy():
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["train"])).lsgd.evaluate == "leader"
+    assert config_from_args(parse(["train", "--evaluate", "center"])).lsgd.evaluate == "center"
+
+
 @pytest.mark.timeout(300)
 def test_cifar10_files_train_cnn7_with_the_reference_augmentation(tmp_path):
     """CIFAR-10 batches in the original format, read by the real loader inside the workers, 28x28

@@ -283,6 +283,81 @@ def test_target_accuracy_ends_the_run_at_the_first_evaluation_that_reaches_it(tm
     assert result.final_test_accuracy >= (0.8 if mode == "sync" else 0.5)
 
 
+BOTH = ("leader_test_accuracy", "leader_test_loss", "center_test_accuracy", "center_test_loss")
+
+
+@pytest.mark.timeout(180)
+def test_every_evaluation_scores_the_leader_and_the_center(tmp_path):
+    cfg = config(
+        tmp_path,
+        max_steps=40,
+        eval_every_s=0.1,
+        straggler_delay_s={r: 0.01 for r in range(4)},  # ~0.4 s of training: a few evaluations
+        lsgd=LSGDConfig(tau=2, tau_global=4),
+    )
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        result = trainer.fit()
+        weights = trainer.worker_weights()  # the final weights, through the workers' handles
+        center = ray.get(trainer.center_weights_ref())
+        mean = np.stack(weights).astype(np.float64).mean(axis=0).astype(np.float32)
+        expected_center = ray.get(trainer.evaluator.evaluate.remote(mean))
+        expected_leader = ray.get(trainer.evaluator.evaluate.remote(weights[result.leader]))
+    assert result.status == "completed" and len(result.history) >= 2
+    np.testing.assert_allclose(center, mean, rtol=1e-6, atol=1e-7)  # group means, combined by worker count
+    assert result.final_center_test_accuracy == expected_center["test_accuracy"]
+    assert result.final_center_test_loss == pytest.approx(expected_center["test_loss"], rel=1e-5)
+    assert result.final_leader_test_accuracy == expected_leader["test_accuracy"]
+    assert result.final_test_accuracy == result.final_leader_test_accuracy  # evaluate="leader", the default
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["final_center_test_accuracy"] == result.final_center_test_accuracy
+    assert saved["final_leader_test_loss"] == pytest.approx(result.final_leader_test_loss)
+    for record in saved["history"]:
+        assert set(BOTH) <= set(record), record
+        assert (record["test_accuracy"], record["test_loss"]) == (
+            record["leader_test_accuracy"],
+            record["leader_test_loss"],
+        )
+        assert record["evaluated"].startswith("leader (worker")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for model in ("leader", "center"):
+        assert {f"lsgd/{model}/{kind}" for kind in ("test_accuracy", "test_error", "test_loss")} <= tags
+        assert f"lsgd/{model}_by_time/test_error" in tags
+    accuracy = events.Scalars("lsgd/center/test_accuracy")
+    assert len(accuracy) == len(result.history)
+    assert accuracy[-1].value == pytest.approx(result.final_center_test_accuracy, abs=1e-6)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_evaluate_center_is_behind_test_accuracy_and_the_target(tmp_path, mode):
+    cfg = config(
+        tmp_path,
+        epochs=200,  # far more than needed: the target must end the run
+        eval_every_s=0.5,
+        target_accuracy=0.8,
+        lsgd=LSGDConfig(mode=mode, tau=2, tau_global=4, evaluate="center"),
+    )
+    result = fit(MODEL, DATA, cfg)
+    assert result.status == "completed" and result.evaluated.startswith("center")
+    for record in result.history:  # both recorded at every evaluation, in either mode
+        assert set(BOTH) <= set(record), record
+        assert (record["test_accuracy"], record["test_loss"]) == (
+            record["center_test_accuracy"],
+            record["center_test_loss"],
+        )
+    reached = [h for h in result.history if h["center_test_accuracy"] >= 0.8]
+    assert reached, result.history
+    first = result.history.index(reached[0])
+    # at most one more evaluation (async: the final one, after the workers stopped)
+    assert len(result.history) - first <= (1 if mode == "sync" else 2), result.history
+    assert result.steps_per_worker < 200 * 256 // 32 // 4, result.steps_per_worker
+    assert result.final_test_accuracy == result.final_center_test_accuracy
+
+
 @pytest.mark.timeout(60)
 def test_unplaceable_topology_is_refused_within_seconds(tmp_path):
     cfg = config(tmp_path, num_groups=2, workers_per_group=50, epochs=1)

@@ -47,6 +47,7 @@ def test_each_group_runs_on_its_own_node_and_converges(cluster, tmp_path):
         result = trainer.fit()
     assert result.status == "completed"
     assert result.final_test_accuracy > 0.7  # chance is 0.25
+    assert result.final_center_test_accuracy > 0.7  # group means from both nodes, combined on the head
     assert {g["node_id"] for g in result.topology} == {n.node_id for n in nodes}
     # leader weights crossed nodes: every worker received some
     assert all(w["bytes_received"] > 0 for w in result.communication["per_worker"])

@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
-from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader
+from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader, weighted_mean
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
 
 if TYPE_CHECKING:  # the coordinators never import torch (the workers' module does)
     from lsgd_ray._internal.local_leader import LocalLeaderFactory
+
+
+CENTER = "center (mean of all workers)"  # what a run evaluating the center names its model
 
 
 class GlobalLeader:
@@ -295,6 +298,17 @@ class GlobalLeader:
             self.leader = ranks[max(select_leader([s["estimate"] for s in stats]), 0)]
         return [handles[self.leader].get_weights.remote(False)]
 
+    def center_weights(self) -> list[ray.ObjectRef]:
+        """A reference to the center, the mean of every worker's weights (wrapped). Each
+        LocalLeader averages its own workers on its node; here the group means are combined,
+        weighted by their worker counts, one at a time, into one array put in the object
+        store: no weights pass through the driver. A LocalLeader that died is handled as
+        everywhere (``_gather_groups``: its group is re-formed or dropped) and its group is
+        left out of this center."""
+        replies = self._gather_groups([ll.group_mean.remote() for ll in self.local_leaders], self.timeout_s)
+        means = (ray.get(reply["mean"][0]) for reply in replies)  # fetched one at a time
+        return [ray.put(weighted_mean(means, [reply["count"] for reply in replies]))]
+
     def status(self) -> dict[str, Any]:
         replies = self._gather_groups([ll.status.remote() for ll in self.local_leaders], self.timeout_s)
         self._record_events([e for reply in replies for e in reply["events"]])
@@ -303,7 +317,7 @@ class GlobalLeader:
             "step": self.step,
             "rounds": self.rounds,
             "leader": self.leader,
-            "evaluated": f"leader (worker {self.leader})",
+            "evaluated": CENTER if self.cfg.evaluate == "center" else f"leader (worker {self.leader})",
             "leader_estimate": self.leader_estimate,
             "estimates": list(self.estimates),
             "leader_counts": list(self.leader_counts),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,8 +23,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lsgd_ray._internal.waiting import LOST_INPUT, get_all, startup_timeout
-from lsgd_ray._internal.worker import Worker, WorkerSpec, node_id
-from lsgd_ray.algorithms.lsgd import crossed, select_leader
+from lsgd_ray._internal.worker import Worker, WorkerSpec, node_id, node_ip
+from lsgd_ray.algorithms.lsgd import crossed, select_leader, weighted_mean
 from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
 
 LEADER_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
@@ -123,7 +124,8 @@ class LocalLeader:
             [f"worker {r} (group {self.plan.group})" for r in self.ranks],
             hint="its node may lack the resources it asked for, or its model/dataset factory failed",
         )
-        return {"group": self.plan.group, "node_id": node_id(), "workers": infos}
+        here = {"node_id": node_id(), "node_ip": node_ip(), "pid": os.getpid()}
+        return {"group": self.plan.group, **here, "workers": infos}
 
     def worker_handles(self) -> list[Any]:
         return list(self.workers)
@@ -493,6 +495,18 @@ class LocalLeader:
         """Asynchronous global pull: forward the reference without waiting on anyone."""
         skip = self.ranks.index(skip_rank) if skip_rank in self.ranks else -1
         self._pull_each(lambda: wrapped_ref[0], strength, skip=skip, kind="global")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def group_mean(self) -> dict[str, Any]:
+        """The mean of this group's workers' weights, put once in the object store (wrapped, so
+        the GlobalLeader gets the reference) with the number of workers it averages. The
+        workers' arrays are read-only views of this node's shared memory, summed into one
+        buffer; in asynchronous mode each worker takes its snapshot between two steps, as for
+        ``GlobalLeader.leader_weights``. A worker that died or hangs fails the call."""
+        arrays = get_all([w.get_weights.remote(False) for w in self.workers], self.timeout_s, self._names())
+        mean = weighted_mean(arrays, [1] * len(arrays))
+        return {"group": self.plan.group, "mean": [ray.put(mean)], "count": len(arrays)}
 
     def status(self) -> dict[str, Any]:
         """The events since the last call and the pulls left out so far (backpressure)."""

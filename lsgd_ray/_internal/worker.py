@@ -52,6 +52,12 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 class Worker(PeerWorkerMixin):
     def __init__(
         self,
@@ -119,6 +125,7 @@ class Worker(PeerWorkerMixin):
             "rank": self.rank,
             "group": self.group,
             "node_id": node_id(),
+            "node_ip": node_ip(),
             "pid": os.getpid(),
             "num_params": self.state.num_params,
             "nbytes": self.state.nbytes,

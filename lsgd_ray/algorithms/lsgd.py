@@ -5,14 +5,19 @@
 
 The local pull comes before the global one when both fall on the same step, as in the
 reference code. With a single group only the global pull acts.
+
+Besides the leader, a run may evaluate the *center*, the mean of all workers' weights (what the
+reference code reports), computed hierarchically with ``weighted_mean``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:  # no torch at run time: the GlobalLeader imports this module
     import torch
@@ -35,6 +40,32 @@ def select_leader(estimates: Sequence[float]) -> int:
         if math.isfinite(value) and value < best_value:
             best, best_value = index, value
     return best
+
+
+def weighted_mean(arrays: Iterable[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """``Σ_k w_k·a_k / Σ_k w_k`` of flat weight arrays, in the arrays' dtype.
+
+    The center, hierarchically: each LocalLeader averages its own workers (all weights 1), the
+    GlobalLeader combines the group means weighted by their worker counts, which is the plain
+    mean of all workers. ``arrays`` is read one at a time (a generator may fetch each only when
+    its turn comes) into one float64 accumulator, so float32 weights lose nothing to the sum.
+    """
+    total: np.ndarray | None = None
+    scratch: np.ndarray | None = None
+    weight_sum = 0.0
+    for array, weight in zip(arrays, weights, strict=True):
+        if total is None:
+            total, dtype = np.zeros(array.shape, np.float64), array.dtype
+        if weight == 1:
+            total += array  # numpy casts chunk by chunk: no float64 copy of the array
+        else:
+            scratch = np.multiply(array, weight, out=scratch, dtype=np.float64)
+            total += scratch
+        weight_sum += weight
+    if total is None or weight_sum <= 0:
+        raise ValueError(f"nothing to average: {len(weights)} arrays, weights summing to {weight_sum:g}")
+    total /= weight_sum
+    return total.astype(dtype, copy=False)
 
 
 class LossWindow:
