@@ -261,6 +261,10 @@ class EmulatedCluster:
         """Build the namespaces and links, then start one Ray node in each (head in node 0)."""
         check_prerequisites()
         spec = self.spec
+        if self.is_up():
+            raise ClusterError(
+                f"emulated cluster {spec.name!r} is already up: `lsgd-ray cluster down --name {spec.name}` first"
+            )
         if namespaces_of(spec.name):
             self._say("cleaning up what an earlier run left behind")
             self.down()
@@ -272,6 +276,17 @@ class EmulatedCluster:
             raise
         self._save_state()
         return self
+
+    def is_up(self) -> bool:
+        """Whether a cluster of this name is running: its state saved and every node it was
+        started with in its namespace, with processes (anything less is what a crash left)."""
+        try:
+            with open(os.path.join(self.spec.state_dir, "cluster.json")) as f:
+                nodes = json.load(f)["spec"]["nodes"]
+        except (OSError, ValueError, KeyError):
+            return False
+        present = set(namespaces_of(self.spec.name))
+        return all(self.spec.namespace(i) in present and namespace_pids(self.spec.namespace(i)) for i in range(nodes))
 
     def _save_state(self) -> None:
         """What ``attach`` (the CLI's other verbs, another process) finds the cluster by."""

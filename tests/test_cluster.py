@@ -130,6 +130,8 @@ def shaped():
         up = _cli("up", "--nodes", "2", "--cpus-per-node", "2", "--link", "100mbit", "--object-store-mb", "256")
         assert up.returncode == 0, up.stderr
         assert f"{NAME}-n7" not in emu.namespaces_of(NAME)
+        again = _cli("up", "--nodes", "2")  # a running cluster is not taken down by a second `up`
+        assert again.returncode == 2 and "already up" in again.stderr
         yield EmulatedCluster.attach(NAME)
     finally:
         EmulatedCluster(name=NAME).down()
