@@ -194,18 +194,22 @@ def test_ray_train_ddp_trains_in_step_and_stops_at_the_target(local_ray, tmp_pat
     assert (tmp_path / "ddp" / "ddp_result.json").exists()
 
 
+# over 1 MiB of gradients: DDP makes two buckets, whose PowerSGD collectives must not interleave
+WIDE = functools.partial(mlp, (16,), 4, hidden=640)
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("hook", ["powersgd", "bf16"])
-def test_ray_train_ddp_compresses_gradients_with_torchs_comm_hooks(local_ray, tmp_path, hook):
+@pytest.mark.parametrize("hook,model", [("powersgd", MODEL), ("powersgd", WIDE), ("bf16", MODEL)])
+def test_ray_train_ddp_compresses_gradients_with_torchs_comm_hooks(local_ray, tmp_path, hook, model):
     steps = 24
     result = ray_train_ddp(
-        MODEL, DATA, num_workers=2, batch_size=16, optimizer=SGD, seed=1, max_steps=steps, eval_every_s=60,
+        model, DATA, num_workers=2, batch_size=16, optimizer=SGD, seed=1, max_steps=steps, eval_every_s=60,
         return_weights=True, storage_path=str(tmp_path), name=hook, comm_hook=hook, powersgd_start=4,
     )  # fmt: skip
     digests = result.extra["digests"]
     assert result.steps == steps and digests[0] == digests[1]  # the replicas still agree
     cfg = TrainConfig(batch_size=16, seed=1, optimizer=SGD, epochs=1)
-    exact = big_batch_loop(2, steps, cfg, MODEL, DATA)  # uncompressed DDP's weights
+    exact = big_batch_loop(2, steps, cfg, model, DATA)  # uncompressed DDP's weights
     gap = (torch.tensor(result.extra["weights"]) - exact).abs().max().item()
     # the hook is in the path: the weights are not those of exact averaging, yet close to them
     assert 1e-4 < gap < (0.5 if hook == "powersgd" else 0.05), gap
