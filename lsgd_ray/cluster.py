@@ -113,10 +113,6 @@ class ClusterSpec:
         parse_rate(self.link)
 
     @property
-    def rate_bits(self) -> int | None:
-        return parse_rate(self.link)
-
-    @property
     def switch(self) -> str:
         return f"{self.name}-sw"
 
