@@ -81,3 +81,24 @@ class StepLoop:
                 n = p.numel()
                 p.lerp_(target[offset : offset + n].view_as(p), strength)
                 offset += n
+
+
+def once_checkpointed(run_dir, action, poll_s: float = 0.02, give_up_s: float = 120.0):
+    """Call ``action()`` from a thread as soon as the run in ``run_dir`` has committed its first
+    checkpoint (a fixed timer raced the run's start-up on a loaded machine and struck first)."""
+    import threading
+    import time
+
+    from lsgd_ray.checkpoint import list_checkpoints
+
+    def wait_then_act():
+        deadline = time.monotonic() + give_up_s
+        while not list_checkpoints(run_dir):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(poll_s)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
+    thread.start()
+    return thread

@@ -16,6 +16,7 @@ from lsgd_ray import LSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
 from lsgd_ray.topology import nodes_from_ray
+from tests.helpers import once_checkpointed
 
 MODEL = functools.partial(mlp, (16,), 4, hidden=32)
 DATA = functools.partial(synthetic, n_train=1024, n_test=256)
@@ -71,8 +72,9 @@ def test_a_killed_local_leader_is_re_formed_on_its_node(local_ray, tmp_path, mod
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_killed_global_leader_continues_from_the_last_checkpoint(local_ray, tmp_path, mode):
-    with Trainer(MODEL, DATA, config(tmp_path, mode, checkpoint_every_steps=16)) as trainer:
-        later(2.0, lambda: ray.kill(trainer.global_leader))
+    cfg = config(tmp_path, mode, checkpoint_every_steps=16)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        once_checkpointed(cfg.output_dir, lambda: ray.kill(trainer.global_leader))
         result = trainer.fit()
         steps = [s["steps"] for s in trainer.worker_stats()]
     restarts = [e for e in result.events if e["event"] == "coordinator_restarted"]

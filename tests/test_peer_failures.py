@@ -15,6 +15,7 @@ from ray import cloudpickle
 
 from lsgd_ray import EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.worker import Worker
+from tests.helpers import once_checkpointed
 from tests.test_failures import DATA, MODEL, pids, strike
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's classes
@@ -188,7 +189,7 @@ def test_a_killed_peer_coordinator_continues_from_the_last_checkpoint(tmp_path, 
         tmp_path, algorithm, num_groups=2, workers_per_group=1, straggler_delay_s=delays, checkpoint_every_steps=16
     )
     with Trainer(MODEL, DATA, cfg) as trainer:
-        threading.Timer(1.5, ray.kill, (trainer.global_leader,)).start()
+        once_checkpointed(cfg.output_dir, lambda: ray.kill(trainer.global_leader))
         result = trainer.fit()
         weights = trainer.worker_weights()
     restarts = [e for e in result.events if e["event"] == "coordinator_restarted"]
