@@ -154,6 +154,7 @@ for name, runs in results.items():
         entry["time_to_target_s"] = spread(reached)
         entry["reached_target"] = f"{len(reached)}/{len(times)}"
     entry["bytes_per_worker_step"] = spread([r.communication["bytes_per_worker_step"] for _, r in runs])
+    entry["diverged"] = f"{sum(r.status == 'diverged' for _, r in runs)}/{len(runs)}"  # see docs/divergence.md
     summary[name] = entry
 (out / "summary.json").write_text(json.dumps({**record, "target": args.target, "algorithms": summary}, indent=2))
 
@@ -201,5 +202,7 @@ for name, entry in summary.items():
         line += f"; {args.target:.0%} after {entry['time_to_target_s']['median']:.1f}s ({entry['reached_target']})"
     elif args.target is not None:
         line += f"; never reached {args.target:.0%}"
+    if not entry["diverged"].startswith("0/"):
+        line += f"; diverged in {entry['diverged']} runs"
     print(line)
 print(f"written to {out}")

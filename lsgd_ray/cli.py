@@ -17,6 +17,7 @@ from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.algorithms.gossip import GRAPHS, ROTATIONS
 from lsgd_ray.augment import AUGMENTS
 from lsgd_ray.config import (
+    DOWNPOUR_RULES,
     LEADER_ESTIMATES,
     MODES,
     OPTIMIZERS,
@@ -67,6 +68,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--alpha", type=float, default=None, help="easgd: moving rate α (overrides --beta)")
     a("--n-push", type=int, default=4, help="downpour: push period (steps)")
     a("--n-fetch", type=int, default=4, help="downpour: fetch period (steps)")
+    a(
+        "--downpour-rule",
+        default="mean",
+        choices=DOWNPOUR_RULES,
+        help="downpour: the server adds each push times 1/W (mean) or whole (sum: Dean et al.'s rule)",
+    )
     a("--graph", default="ring", choices=GRAPHS, help="dpsgd/aldsgd: base communication graph")
     a("--degree", type=int, default=3, help="dpsgd/aldsgd: degree of the random_regular graph")
     a("--rotation", default="matchings", choices=ROTATIONS, help="dpsgd/aldsgd: one matching per round, or none")
@@ -87,6 +94,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--output-dir", default=None, help="default: runs/<algorithm>-<dataset>-<time>")
     a("--address", default=None, help="Ray cluster address ('auto' for the running one); default: embedded")
     a("--quiet", action="store_true", help="only the final summary")
+    a(
+        "--stop-on-divergence",
+        action="store_true",
+        help="stop at the first evaluation whose model is non-finite or back at chance (it is reported either way)",
+    )
     a("--checkpoint-every", type=int, default=None, help="checkpoint every N steps per worker")
     a("--checkpoint-every-s", type=float, default=None, help="checkpoint every N training seconds")
     a("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep")
@@ -205,7 +217,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             evaluate=args.evaluate,
         ),
         easgd=EASGDConfig(beta=args.beta, alpha=args.alpha, tau=tau, mode=args.mode),
-        downpour=DownpourConfig(n_push=args.n_push, n_fetch=args.n_fetch),
+        downpour=DownpourConfig(n_push=args.n_push, n_fetch=args.n_fetch, rule=args.downpour_rule),
         local_sgd=LocalSGDConfig(tau=tau, tau_global=args.tau_global),
         gossip=GossipConfig(
             graph=args.graph,
@@ -238,6 +250,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         output_dir=args.output_dir,
         address=args.address,
         quiet=args.quiet,
+        stop_on_divergence=args.stop_on_divergence,
         checkpoint_every_steps=args.checkpoint_every,
         checkpoint_every_s=args.checkpoint_every_s,
         keep_checkpoints=args.keep_checkpoints,

@@ -75,6 +75,8 @@ class FitResult:
     final_leader_test_loss: float | None = None
     final_center_test_accuracy: float | None = None
     final_center_test_loss: float | None = None
+    # status "diverged": the first sign (kind, step, train_s, model, evidence); see divergence.py
+    divergence: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))
@@ -185,6 +187,13 @@ class RunLogger:
             add(f"lsgd/{model}/test_loss", loss, step, walltime=wall)
             add(f"lsgd/{model}_by_time/test_error", 1.0 - accuracy, round(record["train_s"] * 1000), walltime=wall)
         add("timing/eval_s", record["eval_s"], step, walltime=wall)
+        self.writer.flush()
+
+    def log_divergence(self, divergence: Any, samples: int) -> None:
+        """A marker where the run diverged: a scalar spike and the evidence as text."""
+        wall = self.start_wall + divergence.train_s
+        self.writer.add_scalar("run/diverged", 1.0, samples, walltime=wall)
+        self.writer.add_text("run/diverged", divergence.warning(), samples, walltime=wall)
         self.writer.flush()
 
     def log_workers(self, estimates: list[float], samples: int, comm: dict[str, Any]) -> None:

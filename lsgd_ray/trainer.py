@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from lsgd_ray.algorithms.gossip import base_graph
 from lsgd_ray.checkpoint import list_checkpoints, load_latest, map_leaves, save_checkpoint
 from lsgd_ray.config import ConfigError, TrainConfig
 from lsgd_ray.data import DatasetFactory
+from lsgd_ray.divergence import DivergenceWatch, divergence_line
 from lsgd_ray.flat import load_flat
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory
@@ -81,6 +83,7 @@ class Trainer:
         self._next_eval_s = 0.0
         self._events_seen = 0
         self._events_known: list[dict[str, Any]] = []
+        self._watch = DivergenceWatch(chance=0.0)  # set from the test set's classes in start()
 
     # ------------------------------------------------------------------ set-up
 
@@ -194,6 +197,8 @@ class Trainer:
             limits.append(math.ceil(cfg.epochs * shard / cfg.batch_size))
         self.max_step = min(limits)
         self.steps_per_epoch = shard / cfg.batch_size
+        # a model no better than a constant answer after two epochs has learned nothing
+        self._watch = DivergenceWatch(**ray.get(self.evaluator.baseline.remote()), min_steps=2 * self.steps_per_epoch)
         if cfg.resume:
             self._resume(cfg.resume)
         self._logger = RunLogger(self.output_dir)
@@ -344,11 +349,16 @@ class Trainer:
         }
         self.eval_s += result["eval_s"]
         self.history.append(record)
+        divergence = self._watch.check(record)
         if self._logger:
             self._logger.log_eval(record)
             comm = communication_summary(self.worker_stats(), self.weight_bytes, status)
             self._logger.log_workers(status["estimates"], samples, comm)
+            if divergence:
+                self._logger.log_divergence(divergence, samples)
         self._progress(record)
+        if divergence:  # even when quiet: the run goes on, but it should not go unnoticed
+            print(divergence.warning(), file=sys.stderr, flush=True)
         return record
 
     def _progress(self, record: dict[str, Any]) -> None:
@@ -390,7 +400,12 @@ class Trainer:
             "algorithm": self.config.algorithm,
             "coordinator": _tensors(coordinator),
             "workers": workers,
-            "trainer": {"history": self.history, "train_s": self.train_s, "eval_s": self.eval_s},
+            "trainer": {
+                "history": self.history,
+                "train_s": self.train_s,
+                "eval_s": self.eval_s,
+                "divergence": self._watch.found.to_dict() if self._watch.found else None,
+            },
         }
         meta = {
             "algorithm": self.config.algorithm,
@@ -459,6 +474,7 @@ class Trainer:
             self._say(f"lsgd-ray: workers {event['ranks']} {event['reason']}: started from {origin}")
         trainer = state["trainer"]
         self.history = list(trainer["history"])
+        self._watch.resume(self.history, trainer.get("divergence"))
         self.train_s, self.eval_s = float(trainer["train_s"]), float(trainer["eval_s"])
         self._checkpoint_step = min(w["steps"] for w in state["workers"])
         self._checkpoint_train_s = self._next_eval_s = self.train_s
@@ -485,7 +501,7 @@ class Trainer:
                 self._fit_sync()
             else:
                 self._fit_async()
-            if self.config.mode != "sync" or not self._reached_target():  # else it was just evaluated
+            if self.config.mode != "sync" or not self._evaluation_ends_run():  # else it was just evaluated
                 self.evaluate_leader()
         except BaseException as exc:  # keep what we have, then re-raise
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -497,8 +513,11 @@ class Trainer:
         budget = self.config.time_budget_s
         return math.inf if budget is None else budget - self.train_s
 
-    def _reached_target(self) -> bool:
-        """Whether the last evaluation reached ``target_accuracy`` (never, without one)."""
+    def _evaluation_ends_run(self) -> bool:
+        """Whether the last evaluation ends the run: it reached ``target_accuracy``, or it showed
+        a divergence and ``stop_on_divergence`` is set."""
+        if self.config.stop_on_divergence and self._watch.found is not None:
+            return True
         target = self.config.target_accuracy
         return target is not None and bool(self.history) and self.history[-1]["test_accuracy"] >= target
 
@@ -522,7 +541,7 @@ class Trainer:
             if self.train_s >= self._next_eval_s:
                 self.evaluate_leader()
                 self._next_eval_s = self.train_s + cfg.eval_every_s
-                if self._reached_target():
+                if self._evaluation_ends_run():
                     if self._checkpointing():
                         self.checkpoint()
                     return
@@ -547,7 +566,7 @@ class Trainer:
                     continue
                 if not pending:
                     break
-                if self._time_left() <= 0 or self._reached_target():
+                if self._time_left() <= 0 or self._evaluation_ends_run():
                     for worker in self.workers:
                         worker.stop.remote()
                     get_all(list(loops.values()), cfg.actor_timeout_s, [f"worker {r}" for r in loops])
@@ -560,7 +579,7 @@ class Trainer:
                 if self.train_s >= next_eval:
                     self.evaluate_leader()  # the workers keep training meanwhile
                     # reached the target: stop at the next turn, without waiting
-                    next_eval = self.train_s + (0.0 if self._reached_target() else cfg.eval_every_s)
+                    next_eval = self.train_s + (0.0 if self._evaluation_ends_run() else cfg.eval_every_s)
             except ray.exceptions.RayActorError as exc:
                 if isinstance(exc, ray.exceptions.RayTaskError) or self._coordinator_alive():
                     raise
@@ -628,7 +647,7 @@ class Trainer:
         }
         result = FitResult(
             output_dir=os.path.abspath(self.output_dir),
-            status="failed" if error else "completed",
+            status="failed" if error else "diverged" if self._watch.found else "completed",
             algorithm=self.config.algorithm,
             evaluated=final.get("evaluated", status.get("evaluated", "")),
             final_test_accuracy=final.get("test_accuracy"),
@@ -654,11 +673,15 @@ class Trainer:
             ],
             config=self.config.to_dict(),
             error=error,
+            divergence=self._watch.found.to_dict() if self._watch.found else None,
         )
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, "result.json"), result.to_dict())
         if error is None:
             print(summary_lines(result), flush=True)  # even when quiet: it says where the results are
+            if self._watch.found:
+                opt = self.config.optimizer
+                print(f"lsgd-ray: {divergence_line(result, self._watch.found, opt.lr, opt.name)}", flush=True)
         return result
 
     def _save_leader_weights(self) -> None:
@@ -696,6 +719,7 @@ RESUMABLE_CHANGES = {
     "address",
     "quiet",
     "resume",
+    "stop_on_divergence",
     "checkpoint_every_steps",
     "checkpoint_every_s",
     "keep_checkpoints",
@@ -759,7 +783,7 @@ def algorithm_summary(cfg: TrainConfig) -> str:
     if cfg.algorithm == "easgd":
         return f"tau={cfg.easgd.tau} beta={cfg.easgd.beta} alpha={cfg.easgd.alpha or 'beta/p'}"
     if cfg.algorithm == "downpour":
-        return f"n_push={cfg.downpour.n_push} n_fetch={cfg.downpour.n_fetch}"
+        return f"n_push={cfg.downpour.n_push} n_fetch={cfg.downpour.n_fetch} rule={cfg.downpour.rule}"
     if cfg.algorithm == "local_sgd":
         return f"tau={cfg.local_sgd.tau} tau_G={cfg.local_sgd.tau_global}"
     if cfg.algorithm in ("dpsgd", "aldsgd"):

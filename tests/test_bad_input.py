@@ -240,6 +240,12 @@ TABLE = [
         rf"^n_push \(DOWNPOUR push period, in steps\) {POSITIVE_INT}, got 0$",
     ),
     Row("n_fetch a float", downpour(n_fetch=4.0), ConfigError, rf"^n_fetch .*{POSITIVE_INT}, got 4\.0$"),
+    Row(
+        "DOWNPOUR unknown rule",
+        downpour(rule="avg"),
+        ConfigError,
+        r"^unknown DOWNPOUR rule 'avg'; choose one of: mean, sum$",
+    ),
     # ------------------------------------------------------------------ LocalSGDConfig
     Row(
         "local tau negative",
@@ -515,6 +521,12 @@ TABLE = [
         r"^straggler_delay_s maps worker rank -> seconds >= 0, e\.g\. \{0: 0\.05\}, got \[0\.1\] \(list\)$",
     ),
     Row("quiet a string", train(quiet="no"), ConfigError, r"^quiet must be True or False, got 'no' \(str\)$"),
+    Row(
+        "stop_on_divergence a number",
+        train(stop_on_divergence=1),
+        ConfigError,
+        r"^stop_on_divergence must be True or False, got 1$",
+    ),
     Row(
         "checkpoint_every_steps zero",
         train(checkpoint_every_steps=0),

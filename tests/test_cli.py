@@ -86,7 +86,12 @@ def test_peer_flags_reach_their_configs():
     assert config_from_args(parse(["train", "--algorithm", "dpsgd"])).gossip.tau == 1  # gossip's own default
     cfg = config_from_args(parse(["train", "--algorithm", "easgd", "--mode", "async", "--beta", "0.5"]))
     assert cfg.mode == "async" and cfg.easgd.beta == 0.5 and cfg.easgd.moving_rate(4) == 0.125
-    assert config_from_args(parse(["train", "--algorithm", "downpour"])).mode == "async"
+    cfg = config_from_args(parse(["train", "--algorithm", "downpour"]))
+    assert cfg.mode == "async" and cfg.downpour.rule == "mean" and not cfg.stop_on_divergence
+    cfg = config_from_args(
+        parse(["train", "--algorithm", "downpour", "--downpour-rule", "sum", "--stop-on-divergence"])
+    )
+    assert cfg.downpour.rule == "sum" and cfg.stop_on_divergence
     cfg = config_from_args(parse(["train", "--algorithm", "local_sgd", "--tau", "8", "--tau-global", "32"]))
     assert (cfg.local_sgd.tau, cfg.local_sgd.tau_global) == (8, 32)
 

@@ -57,6 +57,7 @@ def test_compare_runs_every_algorithm_and_draws_the_papers_plots(tmp_path):
     assert set(summary["algorithms"]) == {"lsgd", "easgd"}
     assert summary["algorithms"]["easgd"]["evaluated"] == "center"
     assert summary["algorithms"]["lsgd"]["reached_target"] == "1/1"
+    assert summary["algorithms"]["lsgd"]["diverged"] == summary["algorithms"]["easgd"]["diverged"] == "0/1"
     assert summary["algorithms"]["lsgd"]["final_test_accuracy"]["median"] > 0.6
     with open(out / "curves.csv") as f:
         rows = list(csv.DictReader(f))

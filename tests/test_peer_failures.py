@@ -118,8 +118,6 @@ def test_local_sgd_re_forms_its_group(tmp_path):
 )
 def test_a_killed_async_worker_is_replaced_from_the_server(tmp_path, algorithm, origin):
     extra: dict = {"easgd": EASGDConfig(mode="async")} if algorithm == "easgd" else {}
-    if algorithm == "downpour":  # momentum on stale, summed updates is slow to settle (see test_peers_ray)
-        extra["optimizer"] = OptimizerConfig(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0)
     cfg = config(tmp_path, algorithm, straggler_delay_s={r: 0.03 for r in range(2)}, **extra)
     with Trainer(MODEL, DATA, cfg) as trainer:
         old_pid, node = pids(trainer)[1]

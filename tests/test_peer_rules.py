@@ -53,6 +53,19 @@ def test_downpour_push_and_fetch_by_hand():
     assert downpour.expected_bytes(64, 4, 8) == {"sent": 16.0, "received": 8.0}
 
 
+def test_downpour_server_rules_by_hand():
+    """ "sum" adds each push whole (Dean et al.); "mean" adds it over W, so one push from each of
+    the W workers moves the server by their average change; with one worker they agree."""
+    assert downpour.server_scale("sum", 4) == 1.0 and downpour.server_scale("mean", 4) == 0.25
+    assert downpour.server_scale("mean", 1) == downpour.server_scale("sum", 1) == 1.0
+    pushes = [t(0.4, -0.8), t(0.0, 0.4), t(-0.4, 0.0), t(0.8, 0.0)]
+    for rule, expected in [("sum", t(1.8, 0.6)), ("mean", t(1.2, 0.9))]:
+        server = t(1.0, 1.0)
+        for push in pushes:
+            downpour.apply_update(server, push, downpour.server_scale(rule, len(pushes)))
+        torch.testing.assert_close(server, expected)
+
+
 def test_local_sgd_largest_due_period_wins():
     scopes = [local_sgd.averaging_scope(s, 2, 8) for s in range(1, 17)]
     assert scopes == [None, "local", None, "local", None, "local", None, "global"] * 2

@@ -70,8 +70,6 @@ def test_hand_theory_agrees_with_the_library_table():
 def test_trains_and_moves_the_bytes_theory_says(tmp_path, name):
     algorithm = name.removesuffix("_async")
     extra = {"easgd": EASGDConfig(mode="async")} if name == "easgd_async" else {}
-    if name == "downpour":  # momentum on stale, already-summed updates diverges under load (README)
-        extra["optimizer"] = PLAIN_SGD
     cfg = config(tmp_path, algorithm, epochs=8, lsgd=LSGDConfig(tau=4, tau_global=16), **extra)
     with Trainer(MODEL, DATA, cfg) as trainer:
         result = trainer.fit()

@@ -36,12 +36,21 @@ class Evaluator:
     def ready(self) -> int:
         return len(self.y)
 
+    def baseline(self) -> dict[str, float]:
+        """What a constant answer scores on the test set: the accuracy of always answering its
+        most common class (``chance``) and the least loss of any constant answer (the entropy
+        of its labels, ``constant_loss``)."""
+        frequency = torch.bincount(self.y.cpu()).double() / max(len(self.y), 1)
+        present = frequency[frequency > 0]
+        return {"chance": float(frequency.max()), "constant_loss": float(-(present * present.log()).sum())}
+
     def evaluate(self, weights: np.ndarray) -> dict[str, Any]:
         """Test loss and accuracy of the flat ``weights`` (BatchNorm in eval mode, its own statistics)."""
         start = time.perf_counter()
         self.state.load(weights)
         scores = score(self.model, self.x, self.y, self.batch_size, self.device)
-        return {**scores, "eval_s": time.perf_counter() - start}
+        finite = bool(np.isfinite(weights).all())
+        return {**scores, "weights_finite": finite, "eval_s": time.perf_counter() - start}
 
 
 def score(model: torch.nn.Module, x: Any, y: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, float]:

@@ -23,7 +23,7 @@ from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout, worker_handles
 from lsgd_ray._internal.worker_peers import DownpourExchange, ElasticExchange
-from lsgd_ray.algorithms import gossip, local_sgd
+from lsgd_ray.algorithms import downpour, gossip, local_sgd
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.topology import GroupPlan
 
@@ -341,7 +341,7 @@ class Downpour(EASGD):
 
     def _exchange(self) -> Any:
         c = self.cfg.downpour
-        return DownpourExchange(self.server, c.n_push, c.n_fetch)
+        return DownpourExchange(self.server, c.n_push, c.n_fetch, downpour.server_scale(c.rule, self.num_workers))
 
     def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
         raise NotImplementedError("DOWNPOUR is asynchronous only")

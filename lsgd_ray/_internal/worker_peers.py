@@ -58,11 +58,13 @@ class ElasticExchange:
 
 @dataclass(frozen=True)
 class DownpourExchange:
-    """DOWNPOUR: push the accumulated update every ``n_push`` steps, fetch every ``n_fetch``."""
+    """DOWNPOUR: push the accumulated update every ``n_push`` steps (the server adds it times
+    ``scale``), fetch every ``n_fetch``."""
 
     server: Any
     n_push: int
     n_fetch: int
+    scale: float
 
     def start(self, worker: Any) -> None:
         """The weights the first push is measured from: the worker's before its first step."""
@@ -72,7 +74,7 @@ class DownpourExchange:
         flat = worker.state.flat
         if downpour.due(worker.steps, self.n_push):
             update = downpour.accumulated_update(flat, worker.base)
-            self.server.add.remote(update.cpu().numpy(), 1.0)
+            self.server.add.remote(update.cpu().numpy(), self.scale)
             worker.base.copy_(flat)
             worker.bytes_sent += worker.state.nbytes
             worker.exchanges += 1
