@@ -108,3 +108,20 @@ def test_bench_core_throughput(tmp_path):
     assert row["lsgd_samples_per_s"] > 0 and row["independent_samples_per_s"] > 0
     assert row["ratio"] == pytest.approx(row["lsgd_samples_per_s"] / row["independent_samples_per_s"])
     assert 0 <= row["coordination_share_of_round"] < 1
+
+
+@pytest.mark.timeout(300)
+def test_startup_breakdown_names_every_actor_and_its_phases(tmp_path):
+    out = tmp_path / "startup.json"
+    argv = ("--", "--dataset", "synthetic", "--groups", "1", "--workers-per-group", "2")
+    done = run_script("startup_breakdown.py", "--json", str(out), *argv, timeout=270)
+    report = json.loads(out.read_text())
+    actors = sorted(row["actor"] for row in report["actors"])
+    assert actors == ["Evaluator", "GlobalLeader", "LocalLeader", "Worker", "Worker"], report
+    for row in report["actors"]:
+        assert 0 <= row["asked_s"] <= row["ready_at_s"] <= report["total_s"], row
+        assert row["waited_for_process_s"] >= 0 and row["loading_arguments_s"] >= 0 and row["init_s"] >= 0, row
+    workers = [row for row in report["actors"] if row["actor"] == "Worker"]
+    leader = next(row for row in report["actors"] if row["actor"] == "LocalLeader")
+    assert all(w["asked_s"] >= leader["asked_s"] for w in workers)  # the LocalLeader asks for its workers
+    assert 0 < report["ray_init_s"] < report["total_s"] and "every actor ready" in done.stdout
