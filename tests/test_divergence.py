@@ -166,13 +166,14 @@ def test_a_diverging_async_run_stops_at_the_first_sign_when_asked(local_ray, tmp
 
 
 @pytest.mark.timeout(180)
-def test_downpour_summing_every_push_is_reported_and_its_exit_status_says_so(local_ray, tmp_path, capsys):
-    """Today's rule by name (--downpour-rule sum) on the issue's command: its server dies and the
-    run says so (the default rule, "mean", trains: see above)."""
+def test_the_cli_reports_a_diverged_run_and_exits_with_status_1(local_ray, tmp_path, capsys):
+    """DOWNPOUR by the papers' rule (--downpour-rule sum) at a learning rate no network survives.
+    (With the defaults the sum rule died on the digits in some runs and not in others, 0.30-0.48
+    after 8 s: whether it collapses is timing, so it is measured in docs/divergence.md, not here.)"""
     out = tmp_path / "sum"
-    argv = ["train", "--algorithm", "downpour", "--downpour-rule", "sum", "--time-budget", "8", "--eval-every", "1"]
-    assert main([*argv, "--quiet", "--stop-on-divergence", "--output-dir", str(out)]) == 1
+    argv = ["train", "--algorithm", "downpour", "--downpour-rule", "sum", "--lr", "1e4", "--time-budget", "8"]
+    assert main([*argv, "--eval-every", "1", "--quiet", "--stop-on-divergence", "--output-dir", str(out)]) == 1
     result = json.loads((out / "result.json").read_text())
-    assert result["status"] == "diverged", result["history"]
-    assert result["divergence"]["kind"] in ("collapse", "dead", "non-finite")
-    assert "parameter server" in capsys.readouterr().out
+    assert result["status"] == "diverged" and result["divergence"]["kind"] == "non-finite", result["history"]
+    assert result["config"]["downpour"]["rule"] == "sum"
+    assert "lsgd-ray: the parameter server diverged at step" in capsys.readouterr().out
