@@ -22,6 +22,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from lsgd_ray._internal.deferred import DeferredFactory
 from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.global_leader import GlobalLeader
 from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory
@@ -171,6 +172,7 @@ class Trainer:
         self._make_local_leader = LocalLeaderFactory(
             spec, self.model_factory, self.dataset_factory, self.optimizer_factory, self.worker_cls, cfg.actor_timeout_s
         )
+        self._coordinator_factory = DeferredFactory(self._make_local_leader)  # loaded only to re-form a group
         self.groups = list(topo.groups)  # the groups still in the run (a dropped one leaves)
         self.local_leaders = [self._make_local_leader(plan) for plan in self.groups]
         self.global_leader = self._make_coordinator()
@@ -215,12 +217,12 @@ class Trainer:
         coordinator = ray.remote(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=_on_driver_node())
         if cfg.algorithm == "lsgd":
             return coordinator(GlobalLeader).remote(
-                self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._make_local_leader
+                self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._coordinator_factory
             )
         # the peers' coordinators play the GlobalLeader's role
         sizes = [g.num_workers for g in groups]
         return coordinator(COORDINATORS[cfg.algorithm]).remote(
-            self.local_leaders, sizes, cfg, cfg.actor_timeout_s, groups, self._make_local_leader
+            self.local_leaders, sizes, cfg, cfg.actor_timeout_s, groups, self._coordinator_factory
         )
 
     def _make_evaluator(self) -> Any:

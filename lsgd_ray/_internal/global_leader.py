@@ -22,7 +22,7 @@ from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
 
 if TYPE_CHECKING:  # the coordinators never import torch (the workers' module does)
-    from lsgd_ray._internal.local_leader import LocalLeaderFactory
+    from lsgd_ray._internal.deferred import DeferredFactory
 
 
 CENTER = "center (mean of all workers)"  # what a run evaluating the center names its model
@@ -35,7 +35,7 @@ class GlobalLeader:
         plans: list[GroupPlan],
         lsgd: LSGDConfig,
         timeout_s: float,
-        make_local_leader: LocalLeaderFactory | None = None,
+        make_local_leader: DeferredFactory | None = None,
     ) -> None:
         self.local_leaders, self.plans, self.cfg, self.timeout_s = list(local_leaders), list(plans), lsgd, timeout_s
         self.make_local_leader = make_local_leader

@@ -28,7 +28,7 @@ from lsgd_ray.config import TrainConfig
 from lsgd_ray.topology import GroupPlan
 
 if TYPE_CHECKING:  # the coordinators never import torch (the workers' module does)
-    from lsgd_ray._internal.local_leader import LocalLeaderFactory
+    from lsgd_ray._internal.deferred import DeferredFactory
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
@@ -43,7 +43,7 @@ class PeerCoordinator(PeerRecovery):
         config: TrainConfig,
         timeout_s: float,
         plans: list[GroupPlan] | None = None,
-        make_local_leader: LocalLeaderFactory | None = None,
+        make_local_leader: DeferredFactory | None = None,
     ) -> None:
         self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
         # a LocalLeader that dies is replaced from its plan, on its node or, the node lost, on
