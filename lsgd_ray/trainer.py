@@ -27,8 +27,9 @@ from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.global_leader import GlobalLeader
 from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory
 from lsgd_ray._internal.peer_coordinators import COORDINATORS
+from lsgd_ray._internal.protocol import WorkerSpec
 from lsgd_ray._internal.waiting import get_all, startup_timeout
-from lsgd_ray._internal.worker import Worker, WorkerSpec
+from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.gossip import base_graph
 from lsgd_ray.checkpoint import list_checkpoints, load_latest, map_leaves, save_checkpoint
 from lsgd_ray.config import ConfigError, TrainConfig

@@ -133,3 +133,24 @@ def test_cifar10_missing_files_say_how_to_get_them(tmp_path):
         dataset_factory("synthetic", augment="crop28-flip")
     with pytest.raises(ConfigError, match="crops 28 pixels"):
         dataset_factory("digits", augment="crop28-flip")
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """Every worker loads the digits: importing sklearn would cost each about a second of CPU."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lsgd_ray.data import digits; d = digits(); "
+        "print(len(d.y_train) + len(d.y_test), 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1797", "False"]
+    from sklearn.datasets import load_digits
+
+    from lsgd_ray.data import _digits_arrays
+
+    bunch = load_digits()
+    images, target = _digits_arrays()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(target, bunch.target)

@@ -21,8 +21,8 @@ import ray
 
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
+from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout, worker_handles
-from lsgd_ray._internal.worker_peers import DownpourExchange, ElasticExchange
 from lsgd_ray.algorithms import downpour, gossip, local_sgd
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.topology import GroupPlan

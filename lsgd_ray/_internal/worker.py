@@ -14,48 +14,20 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lsgd_ray._internal.protocol import WorkerSpec, node_id, node_ip
 from lsgd_ray._internal.worker_peers import PeerWorkerMixin
 from lsgd_ray.algorithms.lsgd import LossWindow, pull_toward
 from lsgd_ray.checkpoint import map_leaves
-from lsgd_ray.config import LSGDConfig, OptimizerConfig
 from lsgd_ray.data import BatchStream, DatasetFactory, ImageFiles, resident, shard_indices, worker_seed
 from lsgd_ray.flat import FlatState, all_finite
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory, build_optimizer
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker needs to know about the run (built once by the trainer)."""
-
-    num_workers: int
-    batch_size: int
-    seed: int
-    lsgd: LSGDConfig
-    optimizer: OptimizerConfig
-    cpus: float = 1.0
-    gpus: float = 0.0
-    step_delay_s: dict[int, float] = field(default_factory=dict)
-    collective_timeout_s: float = 120.0
-
-
-def node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
-
-
-def node_ip() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()
 
 
 class Worker(PeerWorkerMixin):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import copy
 import datetime
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from lsgd_ray.algorithms import downpour, easgd
+from lsgd_ray.algorithms import easgd
 from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
 from lsgd_ray.algorithms.gossip import mix_
 from lsgd_ray.flat import as_tensor
@@ -30,60 +29,6 @@ def free_address() -> str:
         s.bind(("", 0))
         port = s.getsockname()[1]
     return f"tcp://{ray.util.get_node_ip_address()}:{port}"
-
-
-@dataclass(frozen=True)
-class ElasticExchange:
-    """Asynchronous EASGD: every ``tau`` of this worker's steps, exchange with the center."""
-
-    server: Any
-    tau: int
-    alpha: float
-
-    def start(self, worker: Any) -> None:
-        """Nothing to remember: the center is read fresh at every exchange."""
-
-    def after_step(self, worker: Any) -> None:
-        if worker.steps % self.tau:
-            return
-        import ray
-
-        center = worker.on_device(ray.get(self.server.get.remote()))
-        diff = easgd.elastic_worker_step(worker.state.flat, center, self.alpha)
-        self.server.add.remote(diff.cpu().numpy(), self.alpha)  # fire and forget
-        worker.bytes_received += worker.state.nbytes
-        worker.bytes_sent += worker.state.nbytes
-        worker.exchanges += 1
-
-
-@dataclass(frozen=True)
-class DownpourExchange:
-    """DOWNPOUR: push the accumulated update every ``n_push`` steps (the server adds it times
-    ``scale``), fetch every ``n_fetch``."""
-
-    server: Any
-    n_push: int
-    n_fetch: int
-    scale: float
-
-    def start(self, worker: Any) -> None:
-        """The weights the first push is measured from: the worker's before its first step."""
-        worker.base = worker.state.flat.clone()
-
-    def after_step(self, worker: Any) -> None:
-        flat = worker.state.flat
-        if downpour.due(worker.steps, self.n_push):
-            update = downpour.accumulated_update(flat, worker.base)
-            self.server.add.remote(update.cpu().numpy(), self.scale)
-            worker.base.copy_(flat)
-            worker.bytes_sent += worker.state.nbytes
-            worker.exchanges += 1
-        if downpour.due(worker.steps, self.n_fetch):
-            import ray
-
-            flat.copy_(worker.on_device(ray.get(self.server.get.remote())))
-            worker.base.copy_(flat)
-            worker.bytes_received += worker.state.nbytes
 
 
 class PeerWorkerMixin:

@@ -1,0 +1,96 @@
+"""What the actors tell each other about the run, in a module every actor can import cheaply.
+
+Nothing here imports torch: the coordinators and LocalLeaders import this module (Ray imports an
+actor's class module wherever a handle to it is unpickled), and on a small machine the torch
+import of each process is most of a run's start-up (``scripts/startup_breakdown.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from lsgd_ray.algorithms import downpour, easgd
+from lsgd_ray.config import LSGDConfig, OptimizerConfig
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to know about the run (built once by the trainer)."""
+
+    num_workers: int
+    batch_size: int
+    seed: int
+    lsgd: LSGDConfig
+    optimizer: OptimizerConfig
+    cpus: float = 1.0
+    gpus: float = 0.0
+    step_delay_s: dict[int, float] = field(default_factory=dict)
+    collective_timeout_s: float = 120.0
+
+
+def node_id() -> str:
+    """The Ray node this process runs on."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def node_ip() -> str:
+    """The address this process's Ray node was started with."""
+    return ray.util.get_node_ip_address()
+
+
+# ---------------------------------------------------------------- standing orders to a worker
+# A coordinator hands one to each asynchronous worker; the worker calls ``start`` once and
+# ``after_step`` after each of its steps, on its training thread.
+
+
+@dataclass(frozen=True)
+class ElasticExchange:
+    """Asynchronous EASGD: every ``tau`` of this worker's steps, exchange with the center."""
+
+    server: Any
+    tau: int
+    alpha: float
+
+    def start(self, worker: Any) -> None:
+        """Nothing to remember: the center is read fresh at every exchange."""
+
+    def after_step(self, worker: Any) -> None:
+        if worker.steps % self.tau:
+            return
+        center = worker.on_device(ray.get(self.server.get.remote()))
+        diff = easgd.elastic_worker_step(worker.state.flat, center, self.alpha)
+        self.server.add.remote(diff.cpu().numpy(), self.alpha)  # fire and forget
+        worker.bytes_received += worker.state.nbytes
+        worker.bytes_sent += worker.state.nbytes
+        worker.exchanges += 1
+
+
+@dataclass(frozen=True)
+class DownpourExchange:
+    """DOWNPOUR: push the accumulated update every ``n_push`` steps (the server adds it times
+    ``scale``), fetch every ``n_fetch``."""
+
+    server: Any
+    n_push: int
+    n_fetch: int
+    scale: float
+
+    def start(self, worker: Any) -> None:
+        """The weights the first push is measured from: the worker's before its first step."""
+        worker.base = worker.state.flat.clone()
+
+    def after_step(self, worker: Any) -> None:
+        flat = worker.state.flat
+        if downpour.due(worker.steps, self.n_push):
+            update = downpour.accumulated_update(flat, worker.base)
+            self.server.add.remote(update.cpu().numpy(), self.scale)
+            worker.base.copy_(flat)
+            worker.bytes_sent += worker.state.nbytes
+            worker.exchanges += 1
+        if downpour.due(worker.steps, self.n_fetch):
+            flat.copy_(worker.on_device(ray.get(self.server.get.remote())))
+            worker.base.copy_(flat)
+            worker.bytes_received += worker.state.nbytes
