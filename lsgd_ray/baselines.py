@@ -417,8 +417,9 @@ def ray_train_ddp(
         "powersgd_rank": powersgd_rank,
         "powersgd_start": powersgd_start,
     }
+    train_loop: Any = ddp_train_loop  # Ray Train v2 takes the loop's return value; the v1 hints do not
     trainer = TorchTrainer(
-        ddp_train_loop,
+        train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}
@@ -428,7 +429,9 @@ def ray_train_ddp(
     begin_wall, begin = time.time(), time.perf_counter()
     result = trainer.fit()  # raises TrainingFailedError if a rank failed
     wall_s = time.perf_counter() - begin
-    out = result.return_value  # rank 0's return value (Result.metrics only holds checkpointed reports)
+    out = getattr(
+        result, "return_value", None
+    )  # rank 0's return value (Ray Train v2) (Result.metrics only holds checkpointed reports)
     if out is None:
         with open(result_file) as f:
             out = json.load(f)

@@ -122,7 +122,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _known_flags(parser: argparse.ArgumentParser) -> set[str]:
     """Every option string of ``parser`` and of its sub-commands."""
-    flags = set()
+    flags: set[str] = set()
     for action in parser._actions:
         flags.update(action.option_strings)
         if isinstance(action, argparse._SubParsersAction):

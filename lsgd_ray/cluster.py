@@ -367,7 +367,7 @@ class EmulatedCluster:
         """Until the head sees every node alive (a worker node registers shortly after its start)."""
         check = "import ray; ray.init(logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
         deadline = time.monotonic() + RAY_START_TIMEOUT_S
-        alive = 0
+        alive = "0"
         while time.monotonic() < deadline:
             done = self.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=RAY_START_TIMEOUT_S)
             if done.returncode == 0 and done.stdout.split() and int(done.stdout.split()[-1]) >= self.spec.nodes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from lsgd_ray._internal.protocol import actor_class
 
 
 class _Holder:
@@ -59,7 +62,7 @@ def measure(object_mb: float = 24.0, allreduce_mib: float = 1.0, repeats: int = 
     if not others:
         raise RuntimeError("the cluster has one node: nothing crosses a link")
     other, me = others[0], next(n for n in ray.nodes() if n["NodeID"] == here)
-    holder = ray.remote(num_cpus=0, scheduling_strategy=_on(other["NodeID"]))(_Holder).remote()
+    holder = actor_class(_Holder, num_cpus=0, scheduling_strategy=_on(other["NodeID"])).remote()
     nbytes = int(object_mb * 1e6)
     transfers = []
     for seed in range(repeats):
@@ -70,7 +73,7 @@ def measure(object_mb: float = 24.0, allreduce_mib: float = 1.0, repeats: int = 
         del ref
     master = me["NodeManagerAddress"]
     ranks = [
-        ray.remote(num_cpus=0, scheduling_strategy=_on(node["NodeID"]))(_GlooRank).remote(rank, master, port)
+        actor_class(_GlooRank, num_cpus=0, scheduling_strategy=_on(node["NodeID"])).remote(rank, master, port)
         for rank, node in enumerate((me, other))
     ]
     ar_bytes = int(allreduce_mib * 2**20)
@@ -97,7 +100,7 @@ def main() -> None:
     p.add_argument("--allreduce-mib", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    ray.init(logging_level="ERROR")
+    ray.init(logging_level=logging.ERROR)
     print(json.dumps(measure(args.object_mb, args.allreduce_mib, args.repeats)))
 
 

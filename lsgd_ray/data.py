@@ -140,7 +140,8 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The digits' 8x8 images and labels, read straight from the file scikit-learn ships: importing
     sklearn costs every worker about a second of CPU, and the tests start hundreds of them."""
     spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else None
+    where = spec.submodule_search_locations if spec else None
+    path = Path(where[0], "datasets", "data", "digits.csv.gz") if where else None
     if path is None or not path.exists():  # another layout: let sklearn find it
         from sklearn.datasets import load_digits
 

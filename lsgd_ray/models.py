@@ -133,8 +133,9 @@ def vgg16(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         if item == "M":
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
         else:
-            layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.BatchNorm2d(int(item)), nn.ReLU()]
-            channels = int(item)
+            assert isinstance(item, int)
+            layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU()]
+            channels = item
     classifier = [nn.Flatten(), nn.Dropout(0.5), nn.Linear(512, 512), nn.ReLU(), nn.Dropout(0.5)]
     return nn.Sequential(*layers, *classifier, nn.Linear(512, num_classes))
 

@@ -94,6 +94,7 @@ def plan_topology(
         return _build(sizes, needs)
 
     if workers_per_group is None:
+        assert num_groups is not None  # both None returned above
         # As many equal groups as asked, as large as the smallest chosen node allows.
         ranked = sorted(usable, key=lambda n: -free[n.node_id])
         chosen = ranked[:num_groups]

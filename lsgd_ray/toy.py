@@ -189,9 +189,12 @@ def run_lsgd(
     seed: int = 0,
 ) -> LandscapeRun:
     """LSGD on the 2-D landscape: noisy gradients and a leader elected on noisy values."""
-    noise = {"grad_noise": grad_noise, "value_noise": value_noise, "seed": seed}
-    positions, leaders = zip(*leader_steps(start, gradient, objective, steps=steps, lr=lr, lam=lam, tau=tau, **noise))
-    positions = np.stack(positions)
+    steps_taken = leader_steps(
+        start, gradient, objective, steps=steps, lr=lr, lam=lam, tau=tau,
+        grad_noise=grad_noise, value_noise=value_noise, seed=seed,
+    )  # fmt: skip
+    path, leaders = zip(*steps_taken)
+    positions = np.stack(path)
     return LandscapeRun(positions, objective(positions), leaders=np.array(leaders))
 
 
@@ -210,9 +213,11 @@ def run_easgd(
     seed: int = 0,
 ) -> LandscapeRun:
     """EASGD on the 2-D landscape, center started at the workers' mean."""
-    noise = {"grad_noise": grad_noise, "seed": seed}
     positions, center = map(
-        np.stack, zip(*elastic_steps(start, gradient, steps=steps, lr=lr, alpha=alpha, tau=tau, **noise))
+        np.stack,
+        zip(
+            *elastic_steps(start, gradient, steps=steps, lr=lr, alpha=alpha, tau=tau, grad_noise=grad_noise, seed=seed)
+        ),
     )
     return LandscapeRun(positions, objective(positions), center=center, center_values=objective(center))
 
@@ -296,7 +301,7 @@ def run_completion(
     x0 = init_scale * np.random.default_rng(seed).standard_normal((workers, (n + m) * problem.rank))
     if method == "lgd":
         leader_states = leader_steps(x0, problem.gradient, problem.objective, steps=steps, lr=lr, lam=strength, tau=tau)
-        states = ((x, x[leader]) for x, leader in leader_states)
+        states: Iterator[tuple[np.ndarray, np.ndarray]] = ((x, x[leader]) for x, leader in leader_states)
     elif method == "eagd":
         states = elastic_steps(x0, problem.gradient, steps=steps, lr=lr, alpha=strength, tau=tau)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -27,7 +28,7 @@ from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.global_leader import GlobalLeader
 from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory
 from lsgd_ray._internal.peer_coordinators import COORDINATORS
-from lsgd_ray._internal.protocol import WorkerSpec
+from lsgd_ray._internal.protocol import WorkerSpec, actor_class
 from lsgd_ray._internal.waiting import get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.gossip import base_graph
@@ -106,7 +107,7 @@ class Trainer:
             return
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         if cfg.address:  # "auto": RAY_ADDRESS (as `lsgd-ray cluster run` sets it), else the local cluster
-            ray.init(address=cfg.address, logging_level="WARNING")
+            ray.init(address=cfg.address, logging_level=logging.WARNING)
         else:
             # An embedded single-node Ray sized for the requested workers: logical CPUs may
             # exceed physical cores; each worker then runs torch with one thread.
@@ -114,7 +115,7 @@ class Trainer:
             num_cpus = max(os.cpu_count() or 1, math.ceil(wanted))
             # address="local": a new instance even if `ray start` left a cluster address behind
             # (plain ray.init() would try to join it, and refuses num_cpus then).
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         self._owns_ray = True
 
     def start(self) -> None:
@@ -134,7 +135,7 @@ class Trainer:
         try:
             from ray._private.state import available_resources_per_node
         except ImportError:  # a private API: without it, the actors' ready() timeout still applies
-            available_resources_per_node = None
+            available_resources_per_node = None  # type: ignore[assignment]
         if available_resources_per_node is not None:
             # A run that just ended frees its resources a moment after ray.kill: wait briefly.
             deadline = time.perf_counter() + AVAILABILITY_GRACE_S
@@ -215,20 +216,20 @@ class Trainer:
     def _make_coordinator(self) -> Any:
         """The GlobalLeader (LSGD) or the peer's coordinator, on the driver's node."""
         cfg, groups = self.config, self.groups
-        coordinator = ray.remote(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=_on_driver_node())
+        options = dict(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=_on_driver_node())
         if cfg.algorithm == "lsgd":
-            return coordinator(GlobalLeader).remote(
+            return actor_class(GlobalLeader, **options).remote(
                 self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._coordinator_factory
             )
         # the peers' coordinators play the GlobalLeader's role
         sizes = [g.num_workers for g in groups]
-        return coordinator(COORDINATORS[cfg.algorithm]).remote(
+        return actor_class(COORDINATORS[cfg.algorithm], **options).remote(
             self.local_leaders, sizes, cfg, cfg.actor_timeout_s, groups, self._coordinator_factory
         )
 
     def _make_evaluator(self) -> Any:
         cfg = self.config
-        return ray.remote(num_cpus=0, scheduling_strategy=_on_driver_node())(Evaluator).remote(
+        return actor_class(Evaluator, num_cpus=0, scheduling_strategy=_on_driver_node()).remote(
             self.model_factory, self.dataset_factory, cfg.eval_batch_size, cfg.gpus_per_worker > 0, cfg.mode == "sync"
         )
 

@@ -108,8 +108,8 @@ class GlobalLeader:
         if self._total_steps:  # asynchronous: count the steps of the groups in the run, these at ``step``
             self._group_steps = {p.group: self._group_steps.get(p.group, self.step * p.num_workers) for p in self.plans}
             self._total_steps = sum(self._group_steps.values())
-        self.leader_changes = [tuple(c) for c in self.leader_changes]
-        self._group_best = [tuple(b) for b in self._group_best]
+        self.leader_changes = [(int(step), int(rank)) for step, rank in self.leader_changes]
+        self._group_best = [(int(step), float(loss)) for step, loss in self._group_best]
         self._pending_global, self.leader_ref = None, None
 
     def _handles(self) -> dict[int, Any]:
@@ -167,12 +167,13 @@ class GlobalLeader:
             "step": self.step,
             "time": time.time(),
         }
-        target = self.make_local_leader.placed(plan) if self.make_local_leader is not None else None
-        if target is None:
+        factory = self.make_local_leader
+        target = factory.placed(plan) if factory is not None else None
+        if factory is None or target is None:
             event["reason"] = f"{reason} with its node, and no live node has the free resources for its workers"
         else:
             try:
-                replacement = self.make_local_leader(target)
+                replacement = factory(target)
                 get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new {name}"])
                 g = self.plans.index(plan)
                 self.local_leaders[g], self.plans[g] = replacement, target

@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lsgd_ray._internal.protocol import WorkerSpec, node_id, node_ip
+from lsgd_ray._internal.protocol import WorkerSpec, actor_class, node_id, node_ip
 from lsgd_ray._internal.waiting import LOST_INPUT, get_all, startup_timeout
 from lsgd_ray.algorithms.lsgd import crossed, select_leader, weighted_mean
 from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
@@ -46,7 +46,7 @@ class LocalLeaderFactory:
 
     def __call__(self, plan: GroupPlan) -> Any:
         pinned = NodeAffinitySchedulingStrategy(plan.node_id, soft=False)
-        actor = ray.remote(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=pinned)(LocalLeader)
+        actor = actor_class(LocalLeader, num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=pinned)
         return actor.remote(
             plan,
             self.spec,
@@ -82,16 +82,19 @@ class LocalLeader:
         worker_cls: type | None = None,
         timeout_s: float = 120.0,
     ) -> None:
-        if worker_cls is None:
-            from lsgd_ray._internal.worker import Worker as worker_cls  # imports torch: only here
+        if worker_cls is None:  # imported here: this module must not import torch (protocol.py)
+            from lsgd_ray._internal.worker import Worker
+
+            worker_cls = Worker
         self.plan, self.spec, self.timeout_s = plan, spec, timeout_s
         pinned = NodeAffinitySchedulingStrategy(node_id=plan.node_id, soft=False)
-        remote_cls = ray.remote(
+        remote_cls = actor_class(
+            worker_cls,
             num_cpus=spec.cpus,
             num_gpus=spec.gpus,
             max_concurrency=WORKER_CONCURRENCY,
             scheduling_strategy=pinned,
-        )(worker_cls)
+        )
         self._spawn = lambda index, rank: remote_cls.remote(
             rank, plan.group, index, model_factory, dataset_factory, spec, optimizer_factory
         )
@@ -175,13 +178,14 @@ class LocalLeader:
             for i, w in enumerate(self.workers)
         ]
         self._pending_local = None
-        results, failed = self._gather(calls)
-        lost = [i for i, reason in failed if reason is None]
+        results, gathered = self._gather(calls)
+        failed = [(i, reason) for i, reason in gathered if reason is not None]
+        lost = [i for i, reason in gathered if reason is None]
         if lost:  # a pull's weights were lost with the worker that published them: train without it
             again, still = self._gather([self.workers[i].train.remote(num_steps) for i in lost])
             for i, result in zip(lost, again):
                 results[i] = result
-            failed = [(i, r) for i, r in failed if r is not None] + [(lost[j], r or "lost") for j, r in still]
+            failed += [(lost[j], r or "lost") for j, r in still]
         self.estimates = [r["estimate"] if r else math.inf for r in results]
         leader = select_leader(self.estimates)
         self.leader_index = leader
@@ -212,7 +216,7 @@ class LocalLeader:
 
     def _gather(
         self, calls: list[ray.ObjectRef], timeout_s: float | None = None, broken: list | None = None
-    ) -> tuple[list[Any], list[tuple[int, str]]]:
+    ) -> tuple[list[Any], list[tuple[int, str | None]]]:
         """Every worker's answer, waiting at most the timeout in all: a worker that died or did
         not answer in time gets ``None`` and is listed with the reason (the caller replaces it);
         reason ``None``: the worker is alive but an argument (a dead worker's weights) was lost.
@@ -220,7 +224,8 @@ class LocalLeader:
         propagates, unless ``broken`` collects it (a collective that failed with a dead peer)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
-        results, failed = [], []
+        results: list[Any] = []
+        failed: list[tuple[int, str | None]] = []
         for index, ref in enumerate(calls):
             try:
                 results.append(ray.get(ref, timeout=0))

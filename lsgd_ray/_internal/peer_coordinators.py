@@ -21,7 +21,7 @@ import ray
 
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
-from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange
+from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout, worker_handles
 from lsgd_ray.algorithms import downpour, gossip, local_sgd
 from lsgd_ray.config import TrainConfig
@@ -191,7 +191,8 @@ class PeerCoordinator(PeerRecovery):
         replaced on its node from the server's weights and its loop started again; a group
         whose LocalLeader died gets a new one with new workers, started the same way. Returns
         the new loops (wrapped)."""
-        source, restarted = self.leader_weights(), {}
+        source = self.leader_weights()
+        restarted: dict[int, list[ray.ObjectRef | None]] = {}
         timeout = startup_timeout(self.timeout_s) + 2 * self.timeout_s
         for rank, reason in sorted(failed.items()):
             if rank in restarted:
@@ -209,7 +210,9 @@ class PeerCoordinator(PeerRecovery):
         self._worker_handles = None
         return restarted
 
-    def _reform_group_async(self, g: int, reason: str, source: list[ray.ObjectRef]) -> dict[int, list[ray.ObjectRef]]:
+    def _reform_group_async(
+        self, g: int, reason: str, source: list[ray.ObjectRef]
+    ) -> dict[int, list[ray.ObjectRef | None]]:
         """A new LocalLeader and workers for group ``g`` (or the run stops, see ``_reform_group``),
         the workers started from ``source`` at the current step; their new loops by rank."""
         self._reform_group(g, reason)
@@ -296,7 +299,7 @@ class EASGD(PeerCoordinator):
 
     def setup(self) -> None:
         first = self._handles()[0].get_weights.remote(False)  # every worker starts from the same weights
-        self.server = ray.remote(num_cpus=0, max_concurrency=1)(ParameterServer).remote(first)
+        self.server = actor_class(ParameterServer, num_cpus=0, max_concurrency=1).remote(first)
         self.center_ref = self.server.get.remote()
         self.alpha = self.cfg.easgd.moving_rate(self.num_workers)
 

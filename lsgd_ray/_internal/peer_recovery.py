@@ -11,18 +11,35 @@ rendezvous address; then the round goes on from where each worker stopped.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from lsgd_ray._internal.waiting import LOST_INPUT, get_all, replies_or_deaths, startup_timeout
 
+if TYPE_CHECKING:
+    from lsgd_ray._internal.deferred import DeferredFactory
+    from lsgd_ray.topology import GroupPlan
+
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
 
 class PeerRecovery:
-    """Mixed into ``PeerCoordinator``; uses its ``local_leaders``, ``group_ranks``, ``timeout_s``,
-    ``events``, ``step``, ``_handles``, ``plans``, ``make_local_leader`` and ``_fresh``."""
+    """Mixed into ``PeerCoordinator``, whose state it uses (declared below)."""
+
+    # what the PeerCoordinator provides
+    local_leaders: list[Any]
+    group_ranks: list[list[int]]
+    timeout_s: float
+    events: list[dict[str, Any]]
+    step: int
+    plans: list[GroupPlan] | None
+    make_local_leader: DeferredFactory | None
+    _fresh: set[int]  # ranks whose worker is a new process not yet restarted
+    _worker_handles: list[Any] | None  # cached; None: ask the LocalLeaders again
+    _handles: Callable[[], list[Any]]  # every worker's handle, by global rank
+    setup: Callable[[], None]  # (re-)forms the workers' torch.distributed group
 
     collective = False  # the workers share a torch.distributed group
 
@@ -57,8 +74,8 @@ class PeerRecovery:
             else:
                 # a live worker that lost an input (its owner, a LocalLeader, died) goes on, if the
                 # algorithm can do without that input; the others are replaced
-                alive = {rank: self._without_lost_inputs(rank, args[rank]) for rank, why in failed if why == LOST_INPUT}
-                alive = {rank: a for rank, a in alive.items() if a is not None and rank not in self._fresh}
+                kept = {rank: self._without_lost_inputs(rank, args[rank]) for rank, why in failed if why == LOST_INPUT}
+                alive = {rank: a for rank, a in kept.items() if a is not None and rank not in self._fresh}
                 retry = self._replace_lost([(rank, why) for rank, why in failed if rank not in alive], args)
                 again, failed, _ = self._call_ranks(method, {**retry, **alive}, num_returns)
                 answers.update(again)
@@ -103,10 +120,11 @@ class PeerRecovery:
     def _reform_group(self, g: int, reason: str) -> None:
         """A new LocalLeader for group ``g``, whose LocalLeader died: it starts new workers on the
         node, which the caller restarts as lost workers (``_fresh``); or the run stops."""
-        plan = self.plans[g] if self.plans else None
-        if plan is None or self.make_local_leader is None:
+        plans, factory = self.plans, self.make_local_leader
+        if not plans or factory is None:
             raise RuntimeError(f"LocalLeader {g}: {reason}; continue the run with --resume")
-        target = self.make_local_leader.placed(plan)  # its node, or another with room if it was lost
+        plan = plans[g]
+        target = factory.placed(plan)  # its node, or another with room if it was lost
         if target is None:
             raise RuntimeError(
                 f"LocalLeader {g}: {reason} with its node, and no live node has the free resources for its "
@@ -114,9 +132,9 @@ class PeerRecovery:
                 "continue the run with --resume on a cluster that has them"
             )
         self._group_lost(g)
-        replacement = self.make_local_leader(target)
+        replacement = factory(target)
         get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new LocalLeader {g}"])
-        self.local_leaders[g], self.plans[g] = replacement, target
+        self.local_leaders[g], plans[g] = replacement, target
         self._worker_handles = None
         self._fresh.update(self.group_ranks[g])
         self.events.append(

@@ -31,6 +31,12 @@ class WorkerSpec:
     collective_timeout_s: float = 120.0
 
 
+def actor_class(cls: type, **options: Any) -> Any:
+    """``ray.remote(**options)(cls)``. Ray's type hints for ``ray.remote`` know neither
+    ``max_concurrency`` nor node-affinity scheduling, so the one exemption for them lives here."""
+    return ray.remote(**options)(cls)  # type: ignore[call-overload]
+
+
 def node_id() -> str:
     """The Ray node this process runs on."""
     return ray.get_runtime_context().get_node_id()

@@ -14,7 +14,7 @@ import math
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ class Worker(PeerWorkerMixin):
         # proximal option: the last leaders seen, pulled toward a little after every step
         self._last_leaders: dict[str, tuple[torch.Tensor, float]] = {}
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
-        self._pending: list[tuple[np.ndarray, float, str]] = []
+        self._pending: list[tuple[np.ndarray | None, float, str]] = []  # None: a reset keeping the weights
         self._snapshot_requests: list[dict[str, Any]] = []
         self._async = False
         self._stop = threading.Event()
@@ -127,7 +127,8 @@ class Worker(PeerWorkerMixin):
     def _step(self) -> None:
         index = self.stream.next()
         if self.streamed:  # decoded from disk, per-sample transforms seeded from augment_rng
-            x, index = self.x.load(index, self.augment_rng).to(self.device), index.to(self.device)
+            files = cast(ImageFiles, self.x)
+            x, index = files.load(index, self.augment_rng).to(self.device), index.to(self.device)
         else:  # the fast path: the shard is on the device, augmented a whole batch at a time
             index = index.to(self.device)
             x = self.x[index]
@@ -410,7 +411,7 @@ class Worker(PeerWorkerMixin):
         for leader, strength, kind in pending:
             if kind == "reset":
                 self._reset(leader)
-            else:
+            elif leader is not None:  # pulls always carry weights
                 self._apply_pull(leader, strength, kind)
 
     def _report(self, local_leader: Any, steps: int) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import datetime
 import socket
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +21,10 @@ from lsgd_ray.algorithms import easgd
 from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
 from lsgd_ray.algorithms.gossip import mix_
 from lsgd_ray.flat import as_tensor
+
+if TYPE_CHECKING:
+    from lsgd_ray._internal.protocol import WorkerSpec
+    from lsgd_ray.flat import FlatState
 
 
 def free_address() -> str:
@@ -33,6 +39,18 @@ def free_address() -> str:
 
 class PeerWorkerMixin:
     """Methods the peer coordinators call on a Worker."""
+
+    # what the Worker provides
+    rank: int
+    spec: WorkerSpec
+    state: FlatState
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    bytes_sent: float
+    bytes_received: float
+    _lock: threading.Lock
+    train: Callable[..., dict[str, Any]]
+    estimate: Callable[[], float]
 
     _dist_group: Any = None  # this worker's group's process group (local SGD)
     _allreduce_grads = False  # data-parallel SGD
