@@ -23,7 +23,6 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lsgd_ray._internal.deferred import DeferredFactory
 from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.global_leader import GlobalLeader
 from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory
@@ -174,7 +173,6 @@ class Trainer:
         self._make_local_leader = LocalLeaderFactory(
             spec, self.model_factory, self.dataset_factory, self.optimizer_factory, self.worker_cls, cfg.actor_timeout_s
         )
-        self._coordinator_factory = DeferredFactory(self._make_local_leader)  # loaded only to re-form a group
         self.groups = list(topo.groups)  # the groups still in the run (a dropped one leaves)
         self.local_leaders = [self._make_local_leader(plan) for plan in self.groups]
         self.global_leader = self._make_coordinator()
@@ -219,12 +217,12 @@ class Trainer:
         options = dict(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=_on_driver_node())
         if cfg.algorithm == "lsgd":
             return actor_class(GlobalLeader, **options).remote(
-                self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._coordinator_factory
+                self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._make_local_leader
             )
         # the peers' coordinators play the GlobalLeader's role
         sizes = [g.num_workers for g in groups]
         return actor_class(COORDINATORS[cfg.algorithm], **options).remote(
-            self.local_leaders, sizes, cfg, cfg.actor_timeout_s, groups, self._coordinator_factory
+            self.local_leaders, sizes, cfg, cfg.actor_timeout_s, groups, self._make_local_leader
         )
 
     def _make_evaluator(self) -> Any:
@@ -555,7 +553,8 @@ class Trainer:
         report_every = async_report_period(cfg)
         max_steps = None if not math.isfinite(self.max_step) else int(self.max_step)
         begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
-        loops = dict(zip(self._ranks(), ray.get(self.global_leader.start_async.remote(report_every, max_steps))))
+        loops: dict[int, ray.ObjectRef] = {}
+        self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
         next_eval = trained + cfg.eval_every_s
         while True:
             try:
@@ -593,9 +592,8 @@ class Trainer:
                 ray.wait(list(loops.values()), num_returns=len(loops), timeout=startup_timeout(cfg.actor_timeout_s))
                 self._restart_coordinator(f"died ({type(exc).__name__})")
                 begin, trained = time.perf_counter(), self.train_s  # the checkpoint's clock
-                loops = dict(
-                    zip(self._ranks(), ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
-                )
+                loops = {}
+                self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
                 next_eval = trained + cfg.eval_every_s
         ray.get(list(loops.values()))  # a loop that failed raises here
         if self._checkpointing():
@@ -623,14 +621,19 @@ class Trainer:
                 failed[rank_of[ref]] = f"died ({type(exc).__name__})"
         if not failed:
             return False
-        for rank, wrapped in ray.get(self.global_leader.restart_loops.remote(failed)).items():
-            if wrapped[0] is None:
-                loops.pop(rank, None)  # its group was dropped
+        self._take_loops(loops, ray.get(self.global_leader.restart_loops.remote(failed)))
+        return True
+
+    def _take_loops(self, loops: dict[int, ray.ObjectRef], wrapped: dict[int, list[ray.ObjectRef | None]]) -> None:
+        """Asynchronous mode: the coordinator's loops by rank (``[ref]``; ``[None]``: the rank's
+        group was dropped) into ``loops``, then the events and handles a recovery may have changed."""
+        for rank, (ref,) in wrapped.items():
+            if ref is None:
+                loops.pop(rank, None)
             else:
-                loops[rank] = wrapped[0]
+                loops[rank] = ref
         self.status()  # notes the events first (a restarted coordinator carries them over)
         self._refresh_handles()
-        return True
 
     def _write_result(self, error: str | None) -> FitResult:
         status, stats, final = {}, [], self.history[-1] if self.history else {}

@@ -37,24 +37,6 @@ def config(tmp_path, **kw):
     return TrainConfig(lsgd=lsgd, output_dir=str(tmp_path / "run"), **defaults)
 
 
-def imports_torch(actor) -> bool:
-    return ray.get(actor.__ray_call__.remote(lambda self: "torch" in __import__("sys").modules))
-
-
-def test_the_global_leader_starts_without_torch_and_loads_the_factory_only_to_re_form_a_group(tmp_path):
-    """It holds the LocalLeader factory (worker class, model, dataset) unloaded, and the module of
-    the LocalLeaders it holds handles to does not import torch (Ray imports an actor's class
-    module where its handle is unpickled): importing it while every other actor starts would
-    only slow the start-up (scripts/startup_breakdown.py). The peers' coordinators still hold
-    worker handles, so they import the Worker's module and torch."""
-    with Trainer(MODEL, DATA, config(tmp_path, max_steps=4)) as trainer:
-        assert not imports_torch(trainer.global_leader)
-        plan = ray.get(
-            trainer.global_leader.__ray_call__.remote(lambda self: self.make_local_leader.placed(self.plans[0]))
-        )
-        assert plan == trainer.groups[0] and imports_torch(trainer.global_leader)  # loaded on first use
-
-
 @pytest.mark.timeout(240)
 def test_fit_end_to_end_writes_results(tmp_path):
     cfg = config(tmp_path, epochs=6, lsgd=LSGDConfig(tau=2, tau_global=4))

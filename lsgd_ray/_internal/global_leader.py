@@ -21,8 +21,8 @@ from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
 
-if TYPE_CHECKING:  # the coordinators never import torch (the workers' module does)
-    from lsgd_ray._internal.deferred import DeferredFactory
+if TYPE_CHECKING:
+    from lsgd_ray._internal.local_leader import LocalLeaderFactory
 
 
 CENTER = "center (mean of all workers)"  # what a run evaluating the center names its model
@@ -35,7 +35,7 @@ class GlobalLeader:
         plans: list[GroupPlan],
         lsgd: LSGDConfig,
         timeout_s: float,
-        make_local_leader: DeferredFactory | None = None,
+        make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         self.local_leaders, self.plans, self.cfg, self.timeout_s = list(local_leaders), list(plans), lsgd, timeout_s
         self.make_local_leader = make_local_leader
@@ -114,14 +114,12 @@ class GlobalLeader:
 
     def _handles(self) -> dict[int, Any]:
         """Worker handles by global rank (a dropped group's ranks are absent)."""
-        if self._worker_handles is None:
-            self._gather_groups([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s)  # all alive?
-            per_group = get_all([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s, self._names)
-            self._worker_handles = {
-                rank: handle
-                for plan, handles in zip(self.plans, per_group)
-                for rank, handle in zip(plan.ranks, handles)
-            }
+        while self._worker_handles is None:
+            leaders, plans = list(self.local_leaders), list(self.plans)
+            per_group = self._gather_groups([ll.worker_handles.remote() for ll in leaders], self.timeout_s)
+            if leaders == self.local_leaders:  # every one answered: none was re-formed or dropped
+                handles = {rank: h for plan, hs in zip(plans, per_group) for rank, h in zip(plan.ranks, hs)}
+                self._worker_handles = handles
         return self._worker_handles
 
     def local_leader_handles(self) -> list[Any]:
@@ -133,19 +131,23 @@ class GlobalLeader:
 
     # ------------------------------------------------------------------ lost groups
 
-    def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[dict[str, Any]]:
-        """The live groups' results (``calls`` went to ``self.local_leaders`` in order). A
-        LocalLeader that died (with its workers: they share its fate) is re-formed from the
-        leader's weights on its node, or, the node gone, on another with room for its workers;
-        its group is dropped when no node can take it."""
+    def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[Any]:
+        """The live groups' results (``calls`` went to ``self.local_leaders`` in order)."""
+        return [reply for reply, died in self._replies(calls, timeout_s) if not died]
+
+    def _replies(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[tuple[Any, str]]:
+        """Each group's ``(reply, "")``, or ``(None, reason)`` for one whose LocalLeader died
+        (``calls`` went to ``self.local_leaders`` in order). A LocalLeader that died (with its
+        workers: they share its fate) is re-formed from the leader's weights on its node, or,
+        the node gone, on another with room for its workers; its group is dropped when no node
+        can take it."""
         leaders = list(self.local_leaders)
         replies = replies_or_deaths(calls, timeout_s, self._names)
-        results = [reply for reply, died in replies if not died]
         for handle, reason in [(leaders[g], died) for g, (_, died) in enumerate(replies) if died]:
             with self._recovering:
                 if handle in self.local_leaders:  # not recovered meanwhile by another call
                     self._recover_group(self.local_leaders.index(handle), reason)
-        return results
+        return replies
 
     def _survivor_source(self, exclude: Collection[int]) -> tuple[list[ray.ObjectRef | None], str]:
         """The current leader's weights if its worker lives (outside ``exclude``), else another
@@ -335,18 +337,24 @@ class GlobalLeader:
 
     # ------------------------------------------------------------------ asynchronous mode
 
-    def start_async(self, report_every: int, max_steps: int | None) -> list[ray.ObjectRef]:
-        """Start every worker's loop through its LocalLeader; returns the loops' references."""
+    def start_async(self, report_every: int, max_steps: int | None) -> dict[int, list[ray.ObjectRef | None]]:
+        """Start every worker's loop through its LocalLeader; returns the loops by rank, wrapped
+        as ``restart_loops`` returns them (a group whose LocalLeader died meanwhile was re-formed
+        and started, or dropped: ``[None]``)."""
         self._global_period = self.cfg.tau_global * self.num_workers  # n·l·τ_G summed over workers
         self._async_started = True
         handle = ray.get_runtime_context().current_actor
         lam = self.cfg.lam if self.num_groups > 1 else 0.0  # one group: only the global leader acts
         self._async_args = (handle, lam, self.cfg.tau, report_every, max_steps)
-        per_group = get_all(
-            [ll.start_async.remote(*self._async_args) for ll in self.local_leaders], self.timeout_s, self._names
-        )
+        plans = list(self.plans)
+        replies = self._replies([ll.start_async.remote(*self._async_args) for ll in self.local_leaders], self.timeout_s)
         self._handles()
-        return [ref for group in per_group for ref in group]
+        loops: dict[int, list[ray.ObjectRef | None]] = {}
+        with self._recovering:
+            for plan, (refs, died) in zip(plans, replies):
+                for i, rank in enumerate(plan.ranks):
+                    loops[rank] = self._restarted.pop(rank, [None]) if died else [refs[i]]
+        return loops
 
     def restart_loops(self, failed: dict[int, str]) -> dict[int, list[ray.ObjectRef | None]]:
         """Asynchronous mode: the loops of ``failed`` (rank -> reason) ended because a process

@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lsgd_ray._internal.protocol import WorkerSpec, actor_class, node_id, node_ip
 from lsgd_ray._internal.waiting import LOST_INPUT, get_all, startup_timeout
+from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import crossed, select_leader, weighted_mean
 from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
 
@@ -79,13 +80,9 @@ class LocalLeader:
         model_factory: Any,
         dataset_factory: Any,
         optimizer_factory: Any = None,
-        worker_cls: type | None = None,
+        worker_cls: type = Worker,
         timeout_s: float = 120.0,
     ) -> None:
-        if worker_cls is None:  # imported here: this module must not import torch (protocol.py)
-            from lsgd_ray._internal.worker import Worker
-
-            worker_cls = Worker
         self.plan, self.spec, self.timeout_s = plan, spec, timeout_s
         pinned = NodeAffinitySchedulingStrategy(node_id=plan.node_id, soft=False)
         remote_cls = actor_class(

@@ -27,8 +27,8 @@ from lsgd_ray.algorithms import downpour, gossip, local_sgd
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.topology import GroupPlan
 
-if TYPE_CHECKING:  # the coordinators never import torch (the workers' module does)
-    from lsgd_ray._internal.deferred import DeferredFactory
+if TYPE_CHECKING:
+    from lsgd_ray._internal.local_leader import LocalLeaderFactory
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
@@ -43,7 +43,7 @@ class PeerCoordinator(PeerRecovery):
         config: TrainConfig,
         timeout_s: float,
         plans: list[GroupPlan] | None = None,
-        make_local_leader: DeferredFactory | None = None,
+        make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
         # a LocalLeader that dies is replaced from its plan, on its node or, the node lost, on
@@ -176,13 +176,19 @@ class PeerCoordinator(PeerRecovery):
     def _exchange(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no asynchronous mode")
 
-    def start_async(self, report_every: int, max_steps: int | None) -> list[ray.ObjectRef]:
+    def start_async(self, report_every: int, max_steps: int | None) -> dict[int, list[ray.ObjectRef | None]]:
+        """Start every worker's loop; returns them by rank, wrapped as ``restart_loops`` does (a
+        group whose LocalLeader died meanwhile is re-formed and started)."""
         handle = ray.get_runtime_context().current_actor
         self._async_args = (handle, 0.0, 1, report_every, max_steps, self._exchange())
-        per_group = get_all(
-            [ll.start_async.remote(*self._async_args) for ll in self.local_leaders], self.timeout_s, self._names
-        )
-        return [ref for group in per_group for ref in group]
+        calls = [ll.start_async.remote(*self._async_args) for ll in self.local_leaders]
+        loops: dict[int, list[ray.ObjectRef | None]] = {}
+        for g, (refs, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names)):
+            if died:
+                loops.update(self._reform_group_async(g, f"its LocalLeader {died}", self.leader_weights()))
+            else:
+                loops.update({rank: [ref] for rank, ref in zip(self.group_ranks[g], refs)})
+        return loops
 
     replacement_origin = "the leader's weights"
 

@@ -19,7 +19,7 @@ import ray
 from lsgd_ray._internal.waiting import LOST_INPUT, get_all, replies_or_deaths, startup_timeout
 
 if TYPE_CHECKING:
-    from lsgd_ray._internal.deferred import DeferredFactory
+    from lsgd_ray._internal.local_leader import LocalLeaderFactory
     from lsgd_ray.topology import GroupPlan
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
@@ -35,7 +35,7 @@ class PeerRecovery:
     events: list[dict[str, Any]]
     step: int
     plans: list[GroupPlan] | None
-    make_local_leader: DeferredFactory | None
+    make_local_leader: LocalLeaderFactory | None
     _fresh: set[int]  # ranks whose worker is a new process not yet restarted
     _worker_handles: list[Any] | None  # cached; None: ask the LocalLeaders again
     _handles: Callable[[], list[Any]]  # every worker's handle, by global rank

@@ -1,8 +1,11 @@
-"""What the actors tell each other about the run, in a module every actor can import cheaply.
+"""What the actors tell each other about the run: the workers' spec, the standing orders a
+coordinator gives asynchronous workers, and how actors are made and find their node.
 
-Nothing here imports torch: the coordinators and LocalLeaders import this module (Ray imports an
-actor's class module wherever a handle to it is unpickled), and on a small machine the torch
-import of each process is most of a run's start-up (``scripts/startup_breakdown.py``).
+Nothing here imports torch. Note for start-up work: Ray imports an actor's class module wherever
+a handle to it is unpickled, so every process that holds Worker handles (the LocalLeaders, and
+the coordinators, which pull and replace workers directly) imports the Worker's module and torch;
+keeping a coordinator free of torch at start only moved that import into the training
+(``scripts/startup_breakdown.py`` measures where start-up goes).
 """
 
 from __future__ import annotations
