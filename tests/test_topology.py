@@ -86,3 +86,20 @@ def test_a_lost_group_goes_to_the_first_node_with_free_room_for_all_its_workers(
     assert node_with_room(nodes, free, {"CPU": 1.0, "GPU": 1.0}, 1) == "b"
     assert node_with_room(nodes, free, {"CPU": 1.0, "GPU": 1.0}, 2) is None  # b lacks CPUs, c a GPU
     assert node_with_room(nodes, free, {"CPU": 0.5}, 2) == "a"
+
+
+def test_actors_report_through_logging_one_tagged_line_each(capfd):
+    """What actors handled (a worker replaced, a group re-formed) goes to their stderr, which Ray
+    forwards to the driver: one line tagged with the reporting actor, however often asked for."""
+    import logging
+
+    from lsgd_ray._internal.protocol import actor_log
+
+    actor_log("LocalLeader 1").warning("worker 3 died: replaced")
+    actor_log("GlobalLeader").info("group re-formed")
+    err = capfd.readouterr().err.splitlines()
+    assert err == ["lsgd-ray LocalLeader 1: worker 3 died: replaced", "lsgd-ray GlobalLeader: group re-formed"]
+    logging.getLogger("lsgd_ray.actors").setLevel(logging.WARNING)  # a user's choice is kept
+    actor_log("GlobalLeader").info("quiet now")
+    assert capfd.readouterr().err == ""
+    logging.getLogger("lsgd_ray.actors").setLevel(logging.INFO)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from lsgd_ray._internal.protocol import actor_log
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader, weighted_mean
 from lsgd_ray.config import LSGDConfig
@@ -38,6 +39,7 @@ class GlobalLeader:
         make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         self.local_leaders, self.plans, self.cfg, self.timeout_s = list(local_leaders), list(plans), lsgd, timeout_s
+        self.log = actor_log("GlobalLeader")
         self.make_local_leader = make_local_leader
         self.group_sizes = [p.num_workers for p in plans]
         self.num_groups = len(local_leaders)
@@ -187,7 +189,7 @@ class GlobalLeader:
                     self._restart_group_async(target, replacement)
                 self.events.append({"event": "group_replaced", **event, "from": origin, "node_id": target.node_id})
                 where = "its node" if target == plan else f"node {target.node_id[:8]} (its own was lost)"
-                print(f"lsgd-ray: {name} {reason}: group re-formed on {where} from {origin}", flush=True)
+                self.log.warning(f"{name} {reason}: group re-formed on {where} from {origin}")
                 return
             except Exception as exc:  # re-placing failed: drop the group instead
                 event["reason"] = f"{reason}; could not re-form it: {type(exc).__name__}: {exc}"
@@ -201,7 +203,7 @@ class GlobalLeader:
         if self._async_started:
             self._drop_group_async(plan)
         self.events.append({"event": "group_dropped", **event})
-        print(f"lsgd-ray: {name} {event['reason']}: group dropped, training goes on with the rest", flush=True)
+        self.log.warning(f"{name} {event['reason']}: group dropped, training goes on with the rest")
 
     def _restart_group_async(self, plan: GroupPlan, replacement: Any) -> None:
         """Asynchronous mode: start the re-formed group's loops (its workers are at ``self.step``);

@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lsgd_ray._internal.protocol import WorkerSpec, actor_class, node_id, node_ip
+from lsgd_ray._internal.protocol import WorkerSpec, actor_class, actor_log, node_id, node_ip
 from lsgd_ray._internal.waiting import LOST_INPUT, get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import crossed, select_leader, weighted_mean
@@ -84,6 +84,7 @@ class LocalLeader:
         timeout_s: float = 120.0,
     ) -> None:
         self.plan, self.spec, self.timeout_s = plan, spec, timeout_s
+        self.log = actor_log(f"LocalLeader {plan.group}")
         pinned = NodeAffinitySchedulingStrategy(node_id=plan.node_id, soft=False)
         remote_cls = actor_class(
             worker_cls,
@@ -288,7 +289,7 @@ class LocalLeader:
             "time": time.time(),
         }
         self.events.append(event)
-        print(f"lsgd-ray: {name} {reason}: replaced (new pid {info['pid']}) from {origin}", flush=True)
+        self.log.warning(f"{name} {reason}: replaced (new pid {info['pid']}) from {origin}")
         return event
 
     def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
@@ -311,9 +312,7 @@ class LocalLeader:
                 "time": time.time(),
             }
         )
-        print(
-            f"lsgd-ray: worker {rank} (group {self.plan.group}): loss NaN or infinite, reset to the leader", flush=True
-        )
+        self.log.warning(f"worker {rank}: loss NaN or infinite, reset to the leader")
 
     def settle(self) -> None:
         """Wait for a round still running (its coordinator died) and drop what it left pending."""

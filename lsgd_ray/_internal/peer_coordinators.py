@@ -21,7 +21,7 @@ import ray
 
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
-from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class
+from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class, actor_log
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout, worker_handles
 from lsgd_ray.algorithms import downpour, gossip, local_sgd
 from lsgd_ray.config import TrainConfig
@@ -46,6 +46,7 @@ class PeerCoordinator(PeerRecovery):
         make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
+        self.log = actor_log(type(self).__name__)
         # a LocalLeader that dies is replaced from its plan, on its node or, the node lost, on
         # another with room (the algorithms that can)
         self.plans, self.make_local_leader = plans, make_local_leader

@@ -10,6 +10,7 @@ rendezvous address; then the round goes on from where each worker stopped.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ class PeerRecovery:
     _worker_handles: list[Any] | None  # cached; None: ask the LocalLeaders again
     _handles: Callable[[], list[Any]]  # every worker's handle, by global rank
     setup: Callable[[], None]  # (re-)forms the workers' torch.distributed group
+    log: logging.LoggerAdapter
 
     collective = False  # the workers share a torch.distributed group
 
@@ -149,7 +151,7 @@ class PeerRecovery:
             }
         )
         where = "its node" if target == plan else f"node {target.node_id[:8]} (its own was lost)"
-        print(f"lsgd-ray: LocalLeader {g}: {reason}: a new one and new workers on {where}", flush=True)
+        self.log.warning(f"LocalLeader {g}: {reason}: a new one and new workers on {where}")
 
     def _locate(self, rank: int) -> tuple[int, int]:
         """(group, index in the group) of global ``rank``."""
@@ -217,7 +219,7 @@ class PeerRecovery:
         now = get_all([h.stats.remote() for h in handles], self.timeout_s, everyone)
         target = self.step + args[0][0]
         retry = {r: (max(target - s["steps"], 0), *args[r][1:]) for r, s in enumerate(now)}
-        print(f"lsgd-ray: collective group re-formed with {len(handles)} workers; the round goes on", flush=True)
+        self.log.warning(f"collective group re-formed with {len(handles)} workers; the round goes on")
         return self._call_ranks(method, retry, 1)
 
 

@@ -10,6 +10,7 @@ keeping a coordinator free of torch at start only moved that import into the tra
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,21 @@ def actor_class(cls: type, **options: Any) -> Any:
     """``ray.remote(**options)(cls)``. Ray's type hints for ``ray.remote`` know neither
     ``max_concurrency`` nor node-affinity scheduling, so the one exemption for them lives here."""
     return ray.remote(**options)(cls)  # type: ignore[call-overload]
+
+
+def actor_log(tag: str) -> logging.LoggerAdapter:
+    """How an actor reports what it handled (a worker replaced, a group re-formed): a line
+    ``lsgd-ray TAG: message`` on the actor's stderr, which Ray forwards to the driver prefixed
+    with the actor and its pid. Through ``logging`` (logger ``lsgd_ray.actors``), so a user can
+    raise its level or add handlers from a ``worker_process_setup_hook``."""
+    logger = logging.getLogger("lsgd_ray.actors")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("lsgd-ray %(tag)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # one line each, whatever the process's root logger does
+    return logging.LoggerAdapter(logger, {"tag": tag})
 
 
 def node_id() -> str:
