@@ -28,6 +28,7 @@ from lsgd_ray._internal.global_leader import GlobalLeader
 from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory
 from lsgd_ray._internal.peer_coordinators import COORDINATORS
 from lsgd_ray._internal.protocol import WorkerSpec, actor_class
+from lsgd_ray._internal.schedule import ASYNC_POLL_S, Schedule
 from lsgd_ray._internal.waiting import get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.gossip import base_graph
@@ -42,7 +43,6 @@ from lsgd_ray.results import FitResult, RunLogger, code_version, communication_s
 from lsgd_ray.topology import PlacementError, Topology, check_available, nodes_from_ray, plan_topology
 
 AVAILABILITY_GRACE_S = 5.0  # how long busy resources may take to free up before placement is refused
-ASYNC_POLL_S = 1.0  # asynchronous runs checkpointing by steps: how often the driver reads the step count
 
 
 class Trainer:
@@ -80,9 +80,12 @@ class Trainer:
         self._logger: RunLogger | None = None
         self.resumed_from: str | None = None
         self.checkpoints: list[str] = []  # written by this process, oldest first
-        self._checkpoint_step = 0  # steps per worker at the last checkpoint
-        self._checkpoint_train_s = 0.0
-        self._next_eval_s = 0.0
+        self.schedule = Schedule(
+            config.eval_every_s,
+            config.time_budget_s,
+            checkpoint_every_s=config.checkpoint_every_s,
+            checkpoint_every_steps=config.checkpoint_every_steps,
+        )
         self._events_seen = 0
         self._events_known: list[dict[str, Any]] = []
         self._watch = DivergenceWatch(chance=0.0)  # set from the test set's classes in start()
@@ -197,7 +200,7 @@ class Trainer:
         limits = [cfg.max_steps or math.inf]
         if cfg.epochs is not None:
             limits.append(math.ceil(cfg.epochs * shard / cfg.batch_size))
-        self.max_step = min(limits)
+        self.schedule.max_step = min(limits)
         self.steps_per_epoch = shard / cfg.batch_size
         # a model no better than a constant answer after two epochs has learned nothing
         self._watch = DivergenceWatch(**ray.get(self.evaluator.baseline.remote()), min_steps=2 * self.steps_per_epoch)
@@ -264,7 +267,7 @@ class Trainer:
     def run_rounds(self, seconds: float = math.inf, max_step: int | None = None) -> dict[str, Any]:
         """Synchronous mode: run rounds for ``seconds`` or until workers reach ``max_step``."""
         self.start()
-        limit = self.max_step if max_step is None else max_step
+        limit = self.schedule.max_step if max_step is None else max_step
         limit = limit if math.isfinite(limit) else 2**62
         begin = time.perf_counter()
         try:
@@ -380,8 +383,8 @@ class Trainer:
 
     def _budget_fraction(self, step: int) -> float:
         fractions = []
-        if math.isfinite(self.max_step):
-            fractions.append(step / self.max_step)
+        if math.isfinite(self.schedule.max_step):
+            fractions.append(step / self.schedule.max_step)
         if self.config.time_budget_s:
             fractions.append(self.train_s / self.config.time_budget_s)
         return max(fractions, default=0.0)
@@ -419,7 +422,7 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         path = save_checkpoint(self.output_dir, step, state, meta, self.config.keep_checkpoints)
-        self._checkpoint_step, self._checkpoint_train_s = step, self.train_s
+        self.schedule.checkpointed(step, self.train_s)
         self.checkpoints.append(str(path))
         self._say(f"lsgd-ray: checkpoint at step {step} -> {path}")
         return str(path)
@@ -432,7 +435,7 @@ class Trainer:
         _check_resumable(saved.get("config", {}), self.config.to_dict(), saved_ranks, self._ranks())
         ray.get(self.global_leader.add_events.remote(self._restore(state, where)))
         self.resumed_from = str(where)
-        self._say(f"lsgd-ray: resumed from {where} (step {self._checkpoint_step}, {self.train_s:.1f}s trained)")
+        self._say(f"lsgd-ray: resumed from {where} (step {self.schedule.checkpoint_step}, {self.train_s:.1f}s trained)")
 
     def _ranks(self) -> list[int]:
         """The global rank of each of ``self.workers``."""
@@ -478,18 +481,9 @@ class Trainer:
         self.history = list(trainer["history"])
         self._watch.resume(self.history, trainer.get("divergence"))
         self.train_s, self.eval_s = float(trainer["train_s"]), float(trainer["eval_s"])
-        self._checkpoint_step = min(w["steps"] for w in state["workers"])
-        self._checkpoint_train_s = self._next_eval_s = self.train_s
+        self.schedule.checkpointed(min(w["steps"] for w in state["workers"]), self.train_s)
+        self.schedule.evaluated(self.train_s)
         return events
-
-    def _checkpoint_due(self, step: int) -> bool:
-        cfg = self.config
-        by_steps = cfg.checkpoint_every_steps and step >= self._checkpoint_step + cfg.checkpoint_every_steps
-        by_time = cfg.checkpoint_every_s and self.train_s >= self._checkpoint_train_s + cfg.checkpoint_every_s
-        return bool(by_steps or by_time)
-
-    def _checkpointing(self) -> bool:
-        return bool(self.config.checkpoint_every_steps or self.config.checkpoint_every_s)
 
     # ------------------------------------------------------------------ whole runs
 
@@ -511,10 +505,6 @@ class Trainer:
             raise
         return self._write_result(error)
 
-    def _time_left(self) -> float:
-        budget = self.config.time_budget_s
-        return math.inf if budget is None else budget - self.train_s
-
     def _evaluation_ends_run(self) -> bool:
         """Whether the last evaluation ends the run: it reached ``target_accuracy``, or it showed
         a divergence and ``stop_on_divergence`` is set."""
@@ -525,64 +515,57 @@ class Trainer:
 
     def _fit_sync(self) -> None:
         """Rounds in chunks that end at the next evaluation, checkpoint or end of the budget."""
-        cfg = self.config
-        self._next_eval_s = self.train_s + cfg.eval_every_s
+        schedule = self.schedule
+        schedule.evaluated(self.train_s)
         while True:
-            seconds = min(self._next_eval_s - self.train_s, self._time_left())
-            limit = self.max_step
-            if cfg.checkpoint_every_s:
-                seconds = min(seconds, self._checkpoint_train_s + cfg.checkpoint_every_s - self.train_s)
-            if cfg.checkpoint_every_steps:
-                limit = min(limit, self._checkpoint_step + cfg.checkpoint_every_steps)
-            status = self.run_rounds(max(seconds, 0.0), int(limit) if math.isfinite(limit) else None)
-            done = status["step"] >= self.max_step or self._time_left() <= 0
-            if self._checkpointing() and (done or self._checkpoint_due(status["step"])):
+            limit = schedule.step_limit()
+            status = self.run_rounds(schedule.wait_s(self.train_s), int(limit) if math.isfinite(limit) else None)
+            done = schedule.finished(status["step"], self.train_s)
+            if schedule.checkpointing and (done or schedule.checkpoint_due(status["step"], self.train_s)):
                 self.checkpoint()
             if done:
                 return
-            if self.train_s >= self._next_eval_s:
+            if schedule.evaluation_due(self.train_s):
                 self.evaluate_leader()
-                self._next_eval_s = self.train_s + cfg.eval_every_s
+                schedule.evaluated(self.train_s)
                 if self._evaluation_ends_run():
-                    if self._checkpointing():
+                    if schedule.checkpointing:
                         self.checkpoint()
                     return
 
     def _fit_async(self) -> None:
-        cfg = self.config
+        """Every worker's own loop; the driver wakes for evaluations, checkpoints, failures and
+        the end of the budget."""
+        cfg, schedule = self.config, self.schedule
         report_every = async_report_period(cfg)
-        max_steps = None if not math.isfinite(self.max_step) else int(self.max_step)
+        max_steps = None if not math.isfinite(schedule.max_step) else int(schedule.max_step)
         begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
         loops: dict[int, ray.ObjectRef] = {}
         self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
-        next_eval = trained + cfg.eval_every_s
+        schedule.evaluated(trained)
         while True:
             try:
-                wait = min(next_eval - self.train_s, max(self._time_left(), 0.0))
-                if cfg.checkpoint_every_s:
-                    wait = min(wait, self._checkpoint_train_s + cfg.checkpoint_every_s - self.train_s)
-                if cfg.checkpoint_every_steps:
+                wait = schedule.wait_s(self.train_s)
+                if schedule.checkpoint_every_steps:
                     wait = min(wait, ASYNC_POLL_S)  # look at the step count this often
-                ready, pending = ray.wait(list(loops.values()), num_returns=len(loops), timeout=max(wait, 0.0))
+                ready, pending = ray.wait(list(loops.values()), num_returns=len(loops), timeout=wait)
                 self.train_s = trained + time.perf_counter() - begin
                 if self._restart_dead_loops(loops, ready):
                     continue
                 if not pending:
                     break
-                if self._time_left() <= 0 or self._evaluation_ends_run():
+                if schedule.time_left(self.train_s) <= 0 or self._evaluation_ends_run():
                     for worker in self.workers:
                         worker.stop.remote()
                     get_all(list(loops.values()), cfg.actor_timeout_s, [f"worker {r}" for r in loops])
                     self.train_s = trained + time.perf_counter() - begin
                     break
-                if self._checkpointing():
-                    step = self.status()["step"]
-                    if self._checkpoint_due(step):
-                        self.checkpoint()  # each worker's state between two of its steps
-                if self.train_s >= next_eval:
+                if schedule.checkpointing and schedule.checkpoint_due(self.status()["step"], self.train_s):
+                    self.checkpoint()  # each worker's state between two of its steps
+                if schedule.evaluation_due(self.train_s):
                     self.evaluate_leader()  # the workers keep training meanwhile
                     # reached the target: stop at the next turn, without waiting
-                    next_eval = self.train_s + (0.0 if self._evaluation_ends_run() else cfg.eval_every_s)
+                    schedule.evaluated(self.train_s, now_again=self._evaluation_ends_run())
             except ray.exceptions.RayActorError as exc:
                 if isinstance(exc, ray.exceptions.RayTaskError) or self._coordinator_alive():
                     raise
@@ -594,9 +577,9 @@ class Trainer:
                 begin, trained = time.perf_counter(), self.train_s  # the checkpoint's clock
                 loops = {}
                 self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
-                next_eval = trained + cfg.eval_every_s
+                schedule.evaluated(trained)
         ray.get(list(loops.values()))  # a loop that failed raises here
-        if self._checkpointing():
+        if schedule.checkpointing:
             self.checkpoint()
 
     def _coordinator_alive(self) -> bool:
