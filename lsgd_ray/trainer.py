@@ -223,9 +223,8 @@ class Trainer:
                 self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._make_local_leader
             )
         # the peers' coordinators play the GlobalLeader's role
-        sizes = [g.num_workers for g in groups]
         return actor_class(COORDINATORS[cfg.algorithm], **options).remote(
-            self.local_leaders, sizes, cfg, cfg.actor_timeout_s, groups, self._make_local_leader
+            self.local_leaders, groups, cfg, cfg.actor_timeout_s, self._make_local_leader
         )
 
     def _make_evaluator(self) -> Any:

@@ -7,7 +7,6 @@ sends every group the same reference and each node reads it from its own shared 
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from lsgd_ray._internal.protocol import actor_log
+from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader, weighted_mean
 from lsgd_ray.config import LSGDConfig
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 CENTER = "center (mean of all workers)"  # what a run evaluating the center names its model
 
 
-class GlobalLeader:
+class GlobalLeader(Coordinator):
     def __init__(
         self,
         local_leaders: list[Any],
@@ -38,75 +37,47 @@ class GlobalLeader:
         timeout_s: float,
         make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
-        self.local_leaders, self.plans, self.cfg, self.timeout_s = list(local_leaders), list(plans), lsgd, timeout_s
-        self.log = actor_log("GlobalLeader")
-        self.make_local_leader = make_local_leader
-        self.group_sizes = [p.num_workers for p in plans]
+        super().__init__(local_leaders, plans, timeout_s, make_local_leader)
+        self.cfg = lsgd
         self.num_groups = len(local_leaders)
-        self.num_workers = sum(self.group_sizes)
         # by global rank and group id, which stay those of the run's start when groups are dropped
-        rank_slots = max(p.first_rank + p.num_workers for p in plans)
+        rank_slots = len(self.estimates)
         group_slots = max(p.group for p in plans) + 1
-        self.step = 0  # steps taken by each worker (synchronous mode)
-        self.rounds = 0
         self.leader = -1  # global rank of the current global leader
         self.leader_estimate = math.inf
         self.leader_ref: ray.ObjectRef | None = None
         self.leader_counts = [0] * rank_slots
         self.leader_changes: list[tuple[int, int]] = []  # (step, rank) whenever the leader changes
-        self.estimates = [math.inf] * rank_slots
-        self.round_wall_s = 0.0
-        self.round_compute_s = 0.0
         self.global_pulls = 0
         self.local_pulls = 0
         self.global_pulls_skipped = 0  # async: due while the last leader snapshot was still queued
-        self.events: list[dict[str, Any]] = []  # failures handled: replaced workers, resets, ...
         self._worker_handles: dict[int, Any] | None = None
         self._async_started = False
         self._pending_global: tuple[ray.ObjectRef, int] | None = None
-        self._names = [f"LocalLeader {g}" for g in range(self.num_groups)]
         # asynchronous state
-        self._lock = threading.Lock()
         self._pull_lock = threading.Lock()  # the global pull's snapshot
         self._global_in_flight: list[ray.ObjectRef] = []  # the LocalLeaders' async_pull calls
-        self._total_steps = 0
         self._group_best: list[tuple[int, float]] = [(-1, math.inf)] * group_slots
         self._group_steps: dict[int, int] = {}  # steps summed over each group's workers, by group id
-        self._async_args: tuple = ()
         self._restarted: dict[int, list[ray.ObjectRef | None]] = {}  # new loops not yet taken by the driver
         self._reform_step: int | None = None  # synchronous: the step the round being gathered ends at
         self._recovering = threading.RLock()  # one recovery at a time (reports and the driver may both notice)
 
-    def setup(self) -> None:
-        """Nothing to prepare (the peers' coordinators share this interface)."""
-
     STATE = (
-        "step",
-        "rounds",
+        *Coordinator.STATE,
         "leader",
         "leader_estimate",
         "leader_counts",
         "leader_changes",
-        "estimates",
-        "round_wall_s",
-        "round_compute_s",
         "global_pulls",
         "local_pulls",
         "global_pulls_skipped",
-        "events",
-        "_total_steps",
         "_group_best",
         "_group_steps",
     )
 
-    def get_state(self) -> dict[str, Any]:
-        """Counters, leader history and events for a checkpoint (taken between rounds)."""
-        return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}
-
     def set_state(self, state: dict[str, Any]) -> None:
-        for name in self.STATE:
-            if name in state:
-                setattr(self, name, state[name])
+        super().set_state(state)
         if self._total_steps:  # asynchronous: count the steps of the groups in the run, these at ``step``
             self._group_steps = {p.group: self._group_steps.get(p.group, self.step * p.num_workers) for p in self.plans}
             self._total_steps = sum(self._group_steps.values())
@@ -123,13 +94,6 @@ class GlobalLeader:
                 handles = {rank: h for plan, hs in zip(plans, per_group) for rank, h in zip(plan.ranks, hs)}
                 self._worker_handles = handles
         return self._worker_handles
-
-    def local_leader_handles(self) -> list[Any]:
-        return list(self.local_leaders)
-
-    def group_plans(self) -> list[GroupPlan]:
-        """The plans of the groups still in the run (a dropped group's is gone)."""
-        return list(self.plans)
 
     # ------------------------------------------------------------------ lost groups
 
@@ -290,9 +254,6 @@ class GlobalLeader:
         self.events.extend(events)
         if any(e["event"] == "worker_replaced" for e in events):
             self._worker_handles = None  # a replaced worker has a new handle
-
-    def add_events(self, events: list[dict[str, Any]]) -> None:
-        self.events.extend(events)
 
     def leader_weights(self) -> list[ray.ObjectRef | None]:
         """A reference to the current leader's weights, fresh from the worker (wrapped)."""

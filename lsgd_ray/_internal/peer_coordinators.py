@@ -10,9 +10,7 @@ read each other's published weights), or inside the workers' own collectives.
 
 from __future__ import annotations
 
-import copy
 import math
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +19,7 @@ import ray
 
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
-from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class, actor_log
+from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout, worker_handles
 from lsgd_ray.algorithms import downpour, gossip, local_sgd
 from lsgd_ray.config import TrainConfig
@@ -39,43 +37,16 @@ class PeerCoordinator(PeerRecovery):
     def __init__(
         self,
         local_leaders: list[Any],
-        group_sizes: list[int],
+        plans: list[GroupPlan],
         config: TrainConfig,
         timeout_s: float,
-        plans: list[GroupPlan] | None = None,
         make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
-        self.local_leaders, self.group_sizes, self.cfg, self.timeout_s = local_leaders, group_sizes, config, timeout_s
-        self.log = actor_log(type(self).__name__)
-        # a LocalLeader that dies is replaced from its plan, on its node or, the node lost, on
-        # another with room (the algorithms that can)
-        self.plans, self.make_local_leader = plans, make_local_leader
+        super().__init__(local_leaders, plans, timeout_s, make_local_leader)
+        self.cfg = config
         self._fresh: set[int] = set()  # ranks whose worker is a new process not yet restarted
-        self._async_args: tuple = ()
-        self.num_workers = sum(group_sizes)
-        starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
-        self.group_ranks = [list(range(first, first + size)) for first, size in zip(starts, group_sizes)]
-        self.step = 0
-        self.rounds = 0
-        self.estimates = [math.inf] * self.num_workers
-        self.round_wall_s = 0.0
-        self.round_compute_s = 0.0
-        self._names = [f"LocalLeader {g}" for g in range(len(local_leaders))]
+        self.group_ranks = [list(p.ranks) for p in self.plans]
         self._worker_handles: list[Any] | None = None
-        self._lock = threading.Lock()
-        self._total_steps = 0
-        self.events: list[dict[str, Any]] = []
-
-    STATE = ("step", "rounds", "estimates", "round_wall_s", "round_compute_s", "events", "_total_steps")
-
-    def get_state(self) -> dict[str, Any]:
-        """Counters for a checkpoint (taken between rounds, when nothing is pending)."""
-        return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        for name in self.STATE:
-            if name in state:
-                setattr(self, name, state[name])
 
     # ------------------------------------------------------------------ plumbing
 
@@ -83,16 +54,6 @@ class PeerCoordinator(PeerRecovery):
         if self._worker_handles is None:
             self._worker_handles = worker_handles(self.local_leaders, self.timeout_s)
         return self._worker_handles
-
-    def add_events(self, events: list[dict[str, Any]]) -> None:
-        self.events.extend(events)
-
-    def local_leader_handles(self) -> list[Any]:
-        return list(self.local_leaders)
-
-    def group_plans(self) -> list[GroupPlan] | None:
-        """The groups' plans (the peers never drop a group)."""
-        return self.plans
 
     def _worker_names(self) -> list[str]:
         return [f"worker {r}" for r in range(self.num_workers)]

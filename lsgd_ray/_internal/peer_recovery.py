@@ -10,38 +10,26 @@ rendezvous address; then the round goes on from where each worker stopped.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
+from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.waiting import LOST_INPUT, get_all, replies_or_deaths, startup_timeout
-
-if TYPE_CHECKING:
-    from lsgd_ray._internal.local_leader import LocalLeaderFactory
-    from lsgd_ray.topology import GroupPlan
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
 
-class PeerRecovery:
-    """Mixed into ``PeerCoordinator``, whose state it uses (declared below)."""
+class PeerRecovery(Coordinator):
+    """The base of ``PeerCoordinator``: failures handled in its synchronous rounds."""
 
     # what the PeerCoordinator provides
-    local_leaders: list[Any]
     group_ranks: list[list[int]]
-    timeout_s: float
-    events: list[dict[str, Any]]
-    step: int
-    plans: list[GroupPlan] | None
-    make_local_leader: LocalLeaderFactory | None
     _fresh: set[int]  # ranks whose worker is a new process not yet restarted
     _worker_handles: list[Any] | None  # cached; None: ask the LocalLeaders again
     _handles: Callable[[], list[Any]]  # every worker's handle, by global rank
-    setup: Callable[[], None]  # (re-)forms the workers' torch.distributed group
-    log: logging.LoggerAdapter
 
     collective = False  # the workers share a torch.distributed group
 

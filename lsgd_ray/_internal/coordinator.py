@@ -1,0 +1,77 @@
+"""What LSGD's GlobalLeader and the peers' coordinators share: the LocalLeaders they drive with
+the plans to re-form their groups, the run's events, the counters a checkpoint carries, and the
+driver's questions about the layout."""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from typing import TYPE_CHECKING, Any
+
+from lsgd_ray._internal.protocol import actor_log
+
+if TYPE_CHECKING:
+    from lsgd_ray._internal.local_leader import LocalLeaderFactory
+    from lsgd_ray.topology import GroupPlan
+
+
+class Coordinator:
+    # what a checkpoint carries (subclasses add theirs)
+    STATE: tuple[str, ...] = (
+        "step",
+        "rounds",
+        "estimates",
+        "round_wall_s",
+        "round_compute_s",
+        "events",
+        "_total_steps",
+    )
+
+    def __init__(
+        self,
+        local_leaders: list[Any],
+        plans: list[GroupPlan],
+        timeout_s: float,
+        make_local_leader: LocalLeaderFactory | None = None,
+    ) -> None:
+        self.local_leaders, self.plans, self.timeout_s = list(local_leaders), list(plans), timeout_s
+        # a LocalLeader that dies is replaced from its plan, on its node or, the node lost, on
+        # another with room for its workers
+        self.make_local_leader = make_local_leader
+        self.log = actor_log(type(self).__name__)
+        self.group_sizes = [p.num_workers for p in self.plans]
+        self.num_workers = sum(self.group_sizes)
+        self._names = [f"LocalLeader {g}" for g in range(len(self.local_leaders))]
+        self.step = 0  # steps taken by each worker
+        self.rounds = 0
+        # by global rank, which stays that of the run's start when groups are dropped
+        self.estimates = [math.inf] * max(p.first_rank + p.num_workers for p in self.plans)
+        self.round_wall_s = 0.0
+        self.round_compute_s = 0.0
+        self.events: list[dict[str, Any]] = []  # failures handled: replaced workers, resets, ...
+        self._total_steps = 0  # asynchronous: steps summed over all workers
+        self._lock = threading.Lock()
+        self._async_args: tuple = ()
+
+    def setup(self) -> None:
+        """Anything the algorithm needs before its first step (collectives, a parameter server)."""
+
+    def get_state(self) -> dict[str, Any]:
+        """Counters, histories and events for a checkpoint (taken between rounds)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for name in self.STATE:
+            if name in state:
+                setattr(self, name, state[name])
+
+    def add_events(self, events: list[dict[str, Any]]) -> None:
+        self.events.extend(events)
+
+    def local_leader_handles(self) -> list[Any]:
+        return list(self.local_leaders)
+
+    def group_plans(self) -> list[GroupPlan]:
+        """The groups in the run now (LSGD drops a group no node can take; the peers never do)."""
+        return self.plans
