@@ -513,24 +513,37 @@ class Trainer:
         return target is not None and bool(self.history) and self.history[-1]["test_accuracy"] >= target
 
     def _fit_sync(self) -> None:
-        """Rounds in chunks that end at the next evaluation, checkpoint or end of the budget."""
-        schedule = self.schedule
-        schedule.evaluated(self.train_s)
+        """Rounds in chunks that end at the next evaluation, checkpoint or end of the budget. The
+        coordinator may die in any call between rounds too (a checkpoint, an evaluation): it is
+        restarted as in ``run_rounds`` and the turn taken again."""
+        self.schedule.evaluated(self.train_s)
         while True:
-            limit = schedule.step_limit()
-            status = self.run_rounds(schedule.wait_s(self.train_s), int(limit) if math.isfinite(limit) else None)
-            done = schedule.finished(status["step"], self.train_s)
-            if schedule.checkpointing and (done or schedule.checkpoint_due(status["step"], self.train_s)):
-                self.checkpoint()
-            if done:
-                return
-            if schedule.evaluation_due(self.train_s):
-                self.evaluate_leader()
-                schedule.evaluated(self.train_s)
-                if self._evaluation_ends_run():
-                    if schedule.checkpointing:
-                        self.checkpoint()
+            try:
+                if self._sync_turn():
                     return
+            except ray.exceptions.RayActorError as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError) or self._coordinator_alive():
+                    raise
+                self._restart_coordinator(f"died ({type(exc).__name__})")
+
+    def _sync_turn(self) -> bool:
+        """Rounds up to the next deadline, then what is due; whether the run is over."""
+        schedule = self.schedule
+        limit = schedule.step_limit()
+        status = self.run_rounds(schedule.wait_s(self.train_s), int(limit) if math.isfinite(limit) else None)
+        done = schedule.finished(status["step"], self.train_s)
+        if schedule.checkpointing and (done or schedule.checkpoint_due(status["step"], self.train_s)):
+            self.checkpoint()
+        if done:
+            return True
+        if schedule.evaluation_due(self.train_s):
+            self.evaluate_leader()
+            schedule.evaluated(self.train_s)
+            if self._evaluation_ends_run():
+                if schedule.checkpointing:
+                    self.checkpoint()
+                return True
+        return False
 
     def _fit_async(self) -> None:
         """Every worker's own loop; the driver wakes for evaluations, checkpoints, failures and

@@ -186,7 +186,7 @@ def test_a_global_leader_killed_after_a_group_was_dropped_goes_on_with_the_rest(
                     time.sleep(0.05)
                 ray.kill(coordinator)
 
-            later(1.5, strike)
+            once_checkpointed(cfg.output_dir, strike)  # mid-run (a timer raced the start-up under load)
             result = trainer.fit()
             stats = trainer.worker_stats()
     finally:
