@@ -85,6 +85,29 @@ def test_a_killed_global_leader_continues_from_the_last_checkpoint(local_ray, tm
     assert result.status == "completed" and steps == [120] * 4
 
 
+@pytest.mark.timeout(300)
+def test_a_coordinator_dead_when_a_sync_checkpoint_starts_is_restarted(local_ray, tmp_path, monkeypatch):
+    """Between rounds, not inside one: the coordinator is killed just before the driver's first
+    checkpoint asks it for its state; the run restarts it and goes on to the end."""
+    killed = []
+    checkpoint = Trainer.checkpoint
+
+    def kill_first(trainer):
+        if not killed:
+            killed.append(trainer.global_leader)
+            ray.kill(trainer.global_leader)
+        return checkpoint(trainer)
+
+    monkeypatch.setattr(Trainer, "checkpoint", kill_first)
+    cfg = config(tmp_path, "sync", checkpoint_every_steps=16, straggler_delay_s={})
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        result = trainer.fit()
+        steps = [s["steps"] for s in trainer.worker_stats()]
+    restarts = [e for e in result.events if e["event"] == "coordinator_restarted"]
+    assert killed and len(restarts) == 1, result.events
+    assert result.status == "completed" and steps == [120] * 4
+
+
 @pytest.fixture(scope="module")
 def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
