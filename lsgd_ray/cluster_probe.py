@@ -51,6 +51,25 @@ class _GlooRank:
         return times
 
 
+# per TCP segment: Ethernet header (14 bytes, counted by tc on a veth) on top of the IP packet;
+# IP (20) and TCP with timestamps (32) headers inside it
+ETHERNET_HEADER, IP_TCP_HEADERS = 14, 52
+
+
+def wire_overhead(mtu: int) -> float:
+    """Bytes a link shaper counts per byte of TCP payload, for full segments at ``mtu``."""
+    return (mtu + ETHERNET_HEADER) / (mtu - IP_TCP_HEADERS)
+
+
+def link_mtu(ifname: str) -> int:
+    """The MTU of ``ifname`` in this namespace (1500 where it cannot be read)."""
+    try:
+        with open(f"/sys/class/net/{ifname}/mtu") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1500
+
+
 def _on(node_id: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id, soft=False)
 
@@ -79,6 +98,8 @@ def measure(object_mb: float = 24.0, allreduce_mib: float = 1.0, repeats: int = 
     ar_bytes = int(allreduce_mib * 2**20)
     times = ray.get([r.allreduce_s.remote(ar_bytes, max(repeats, 5)) for r in ranks])
     allreduce_s = statistics.median(max(pair) for pair in zip(*times))
+    ring_bits = 2 * (2 - 1) / 2 * ar_bytes * 8
+    mtu = link_mtu(os.environ.get("GLOO_SOCKET_IFNAME", ""))
     transfer_s = statistics.median(transfers)
     return {
         "from": other["NodeManagerAddress"],
@@ -89,7 +110,10 @@ def measure(object_mb: float = 24.0, allreduce_mib: float = 1.0, repeats: int = 
         "allreduce_bytes": ar_bytes,
         "allreduce_s": allreduce_s,
         # ring all-reduce of n ranks: each sends and receives 2(n-1)/n of the buffer
-        "allreduce_ring_bits": 2 * (2 - 1) / 2 * ar_bytes * 8,
+        "allreduce_ring_bits": ring_bits,
+        # what a shaper counts for it: each TCP segment on the wire carries its headers too
+        "allreduce_wire_bits": ring_bits * wire_overhead(mtu),
+        "mtu": mtu,
         "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME", ""),
     }
 

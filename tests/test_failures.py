@@ -85,6 +85,40 @@ def test_a_hung_worker_is_detected_named_and_replaced(tmp_path):
     assert result.status == "completed" and result.steps_per_worker == 120
 
 
+class LeaderThatHangs(Worker):
+    """The first of group 1's workers asked to publish its weights as the leader after step 30
+    stops its own process there (as a SIGSTOP would): the group's other workers then wait for
+    weights that never come, and must not be taken for hung themselves."""
+
+    marker = ""  # a file: the hung worker's rank and pid
+
+    def get_weights(self, count=True):
+        if count and self.group == 1 and self.steps >= 30:
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().get_weights(count)
+            os.write(fd, f"{self.rank} {os.getpid()}".encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return super().get_weights(count)
+
+
+def test_a_leader_that_hangs_while_publishing_is_the_only_worker_replaced(tmp_path):
+    marker = tmp_path / "hung"
+    worker_cls = type("LeaderThatHangsHere", (LeaderThatHangs,), {"marker": str(marker)})
+    with Trainer(MODEL, DATA, config(tmp_path, actor_timeout_s=4.0), worker_cls=worker_cls) as trainer:
+        try:
+            result = trainer.fit()
+        finally:
+            rank, pid = map(int, marker.read_text().split()) if marker.exists() else (-1, -1)
+            os.kill(pid, signal.SIGKILL) if pid > 0 and _alive(pid) else None
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert rank in (2, 3) and [e["rank"] for e in replaced] == [rank], result.events
+    assert "no answer within 4s" in replaced[0]["reason"]
+    assert result.status == "completed" and result.steps_per_worker == 120
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)

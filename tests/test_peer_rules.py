@@ -188,10 +188,11 @@ def test_a_gossip_round_goes_on_without_the_weights_lost_with_a_local_leader():
     own weight, and a re-formed group's new workers start from the mean of what survives."""
     from lsgd_ray import TrainConfig
     from lsgd_ray._internal.peer_coordinators import Gossip
+    from lsgd_ray.topology import GroupPlan
 
-    coordinator = Gossip(
-        [None, None], [2, 2], TrainConfig(algorithm="dpsgd", num_groups=2, workers_per_group=2, max_steps=8), 10.0
-    )
+    plans = [GroupPlan(group=g, node_id="n", num_workers=2, first_rank=2 * g) for g in range(2)]
+    config = TrainConfig(algorithm="dpsgd", num_groups=2, workers_per_group=2, max_steps=8)
+    coordinator = Gossip([None, None], plans, config, 10.0)
     coordinator.setup()
     coordinator.pending_from = [[1, 2], [0, 3], [0, 3], [1, 2]]
     coordinator.published = ["w0", "w1", "w2", "w3"]

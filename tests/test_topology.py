@@ -91,10 +91,17 @@ def test_a_lost_group_goes_to_the_first_node_with_free_room_for_all_its_workers(
 def test_actors_report_through_logging_one_tagged_line_each(capfd):
     """What actors handled (a worker replaced, a group re-formed) goes to their stderr, which Ray
     forwards to the driver: one line tagged with the reporting actor, however often asked for."""
+    import contextlib
+    import io
     import logging
 
     from lsgd_ray._internal.protocol import actor_log
 
+    logger = logging.getLogger("lsgd_ray.actors")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    with contextlib.redirect_stderr(io.StringIO()):  # made while sys.stderr was another stream
+        actor_log("Worker 0")
     actor_log("LocalLeader 1").warning("worker 3 died: replaced")
     actor_log("GlobalLeader").info("group re-formed")
     err = capfd.readouterr().err.splitlines()

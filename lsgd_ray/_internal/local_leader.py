@@ -22,8 +22,16 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lsgd_ray._internal.protocol import WorkerSpec, actor_class, actor_log, node_id, node_ip
-from lsgd_ray._internal.waiting import LOST_INPUT, get_all, startup_timeout
+from lsgd_ray._internal.protocol import (
+    Failure,
+    FailureKind,
+    WorkerSpec,
+    actor_class,
+    actor_log,
+    node_id,
+    node_ip,
+)
+from lsgd_ray._internal.waiting import get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import crossed, select_leader, weighted_mean
 from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
@@ -171,19 +179,22 @@ class LocalLeader:
         lam_global: float,
         global_rank: int,
     ) -> dict[str, Any]:
-        calls = [
-            w.train.remote(num_steps, *self._pulls_for(i, global_pull, lam_global, global_rank))
-            for i, w in enumerate(self.workers)
-        ]
+        pulls = [self._pulls_for(i, global_pull, lam_global, global_rank) for i in range(len(self.workers))]
+        calls = [w.train.remote(num_steps, *p) for w, p in zip(self.workers, pulls)]
+        local_leader = self._pending_local[2] if self._pending_local else None
         self._pending_local = None
-        results, gathered = self._gather(calls)
-        failed = [(i, reason) for i, reason in gathered if reason is not None]
-        lost = [i for i, reason in gathered if reason is None]
-        if lost:  # a pull's weights were lost with the worker that published them: train without it
+        results, failures = self._gather(calls)
+        failures = self._waiting_on_inputs(failures, pulls, (local_leader, self._index_of(global_rank)))
+        failed = [f for f in failures if f.kind is not FailureKind.LOST_INPUT]
+        lost = [f.rank for f in failures if f.kind is FailureKind.LOST_INPUT]
+        if lost:  # a pull's weights were lost with (or are held by) a failed worker: train without it
+            for f in failed:  # a hung one's stuck calls end when it does
+                with contextlib.suppress(Exception):
+                    ray.kill(self.workers[f.rank])
             again, still = self._gather([self.workers[i].train.remote(num_steps) for i in lost])
             for i, result in zip(lost, again):
                 results[i] = result
-            failed += [(lost[j], r or "lost") for j, r in still]
+            failed += [dataclasses.replace(f, rank=lost[f.rank]) for f in still]
         self.estimates = [r["estimate"] if r else math.inf for r in results]
         leader = select_leader(self.estimates)
         self.leader_index = leader
@@ -191,8 +202,8 @@ class LocalLeader:
         diverged = [i for i, r in enumerate(results) if r and not math.isfinite(r["estimate"]) and i != leader]
         if failed or diverged:  # only then: a snapshot of the leader's weights to restart from
             source = self._weights_source(leader, global_pull)
-            for index, reason in failed:
-                self.replace_worker(index, reason, [source], steps)
+            for f in failed:
+                self.replace_worker(f.rank, f.reason, [source], steps)
             self._reset_diverged(diverged, source, steps)
         results = [r or {"compute_s": 0.0} for r in results]
         leader_ref = None
@@ -213,33 +224,60 @@ class LocalLeader:
     # ------------------------------------------------------------------ failures
 
     def _gather(
-        self, calls: list[ray.ObjectRef], timeout_s: float | None = None, broken: list | None = None
-    ) -> tuple[list[Any], list[tuple[int, str | None]]]:
-        """Every worker's answer, waiting at most the timeout in all: a worker that died or did
-        not answer in time gets ``None`` and is listed with the reason (the caller replaces it);
-        reason ``None``: the worker is alive but an argument (a dead worker's weights) was lost.
-        An exception raised by the worker's own code is not a failure of the worker: it
-        propagates, unless ``broken`` collects it (a collective that failed with a dead peer)."""
+        self, calls: list[ray.ObjectRef], timeout_s: float | None = None, collective: bool = False
+    ) -> tuple[list[Any], list[Failure]]:
+        """Every worker's answer, waiting at most the timeout in all, and the failures (by index
+        in the group): a worker that died or did not answer in time gets ``None``, and so does
+        one that lives but lost an argument (a dead worker's weights). An exception raised by the
+        worker's own code is not a failure of the worker: it propagates, unless ``collective``
+        (a collective that failed with a dead peer: ``BROKEN``)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
         results: list[Any] = []
-        failed: list[tuple[int, str | None]] = []
+        failures: list[Failure] = []
         for index, ref in enumerate(calls):
             try:
                 results.append(ray.get(ref, timeout=0))
+                continue
             except GetTimeoutError:
-                results.append(None)
-                failed.append((index, f"no answer within {timeout_s:g}s (hung)"))
-            except RayActorError as exc:
-                results.append(None)
-                # RayTaskError(ActorDiedError): the worker is alive, an argument's producer died
-                failed.append((index, None if isinstance(exc, RayTaskError) else f"died ({type(exc).__name__})"))
+                failures.append(Failure(index, FailureKind.HUNG, f"{timeout_s:g}s"))
             except RayTaskError as exc:
-                if broken is None:
+                if isinstance(exc, RayActorError):  # RayTaskError(ActorDiedError): an argument's producer died
+                    failures.append(Failure(index, FailureKind.LOST_INPUT))
+                elif collective:
+                    failures.append(Failure(index, FailureKind.BROKEN, str(exc).strip().splitlines()[-1]))
+                else:
                     raise
-                results.append(None)
-                broken.append((index, str(exc).strip().splitlines()[-1]))
-        return results, failed
+            except RayActorError as exc:
+                failures.append(Failure(index, FailureKind.DIED, type(exc).__name__))
+            results.append(None)
+        return results, failures
+
+    def _index_of(self, rank: int) -> int | None:
+        """The index in this group of global ``rank`` (``None``: another group's)."""
+        return self.ranks.index(rank) if rank in self.ranks else None
+
+    @staticmethod
+    def _waiting_on_inputs(
+        failures: list[Failure], pulls: list[tuple], producers: tuple[int | None, int | None]
+    ) -> list[Failure]:
+        """A worker that did not answer may only be waiting for a pull's weights that a failed
+        worker (a hung leader) never published: ``LOST_INPUT``, not hung itself. ``producers``:
+        the indexes of the workers whose weights the local and the global pull carry (``None``:
+        not this group's)."""
+        hung = {f.rank for f in failures if f.kind is FailureKind.HUNG}
+        out = []
+        for f in failures:
+            local_ref, _, global_ref, _ = pulls[f.rank]
+            waits_on = [
+                p
+                for ref, p in zip((local_ref, global_ref), producers)
+                if ref is not None and p != f.rank and not ray.wait([ref], timeout=0, fetch_local=False)[0]
+            ]
+            if f.kind is FailureKind.HUNG and waits_on and all(p is None or p in hung for p in waits_on):
+                f = Failure(f.rank, FailureKind.LOST_INPUT, "its pull's weights never came")
+            out.append(f)
+        return out
 
     def _weights_source(self, leader: int, global_pull: list[ray.ObjectRef] | None) -> ray.ObjectRef | None:
         """Where a replaced or diverged worker restarts from: the group leader's weights, or
@@ -392,10 +430,10 @@ class LocalLeader:
         (started together, then one wait). Object references in ``args`` reach the workers as
         top-level arguments, so each worker reads them straight from its node's object store.
         With ``num_returns=2`` the second returns (published weights) come back as wrapped
-        references, never fetched here. A worker that died or hung is listed under ``failed``
-        by global rank with a ``None`` result: the coordinator replaces it, since only it knows
-        the algorithm's weights to restart from. ``collective``: a survivor whose collective
-        failed with a dead peer is listed under ``broken`` with its error."""
+        references, never fetched here. A worker that died, hung or lost an input gets a ``None``
+        result and a ``Failure`` (by global rank) under ``failures``: the coordinator decides,
+        since only it knows the algorithm's weights to restart from. ``collective``: a survivor
+        whose collective failed with a dead peer is reported too (``BROKEN``)."""
         with self._busy:  # a new coordinator's settle() waits for a dead one's round
             return self._call_workers(method, args, num_returns, indexes, collective)
 
@@ -407,18 +445,16 @@ class LocalLeader:
             getattr(self.workers[i], method).options(num_returns=num_returns).remote(*a) for i, a in zip(indexes, args)
         ]
         firsts = calls if num_returns == 1 else [c[0] for c in calls]
-        broken: list[tuple[int, str]] | None = [] if collective else None
         # a survivor's collective gives up within the gloo timeout (actor_timeout_s) after a
         # peer dies mid-call: wait that out too, so it is not taken for hung and killed
         timeout = 2 * self.timeout_s if collective else self.timeout_s
-        results, failed = self._gather(firsts, timeout, broken)
+        results, failures = self._gather(firsts, timeout, collective)
         refs = [] if num_returns == 1 else [[c[1]] for c in calls]
         return {
             "group": self.plan.group,
             "results": results,
             "refs": refs,
-            "failed": [(self.ranks[indexes[j]], reason or LOST_INPUT) for j, reason in failed],
-            "broken": [(self.ranks[indexes[j]], error) for j, error in broken or []],
+            "failures": [dataclasses.replace(f, rank=self.ranks[indexes[f.rank]]) for f in failures],
         }
 
     # ------------------------------------------------------------------ asynchronous mode

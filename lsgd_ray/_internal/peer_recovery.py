@@ -17,7 +17,8 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
-from lsgd_ray._internal.waiting import LOST_INPUT, get_all, replies_or_deaths, startup_timeout
+from lsgd_ray._internal.protocol import Failure, FailureKind
+from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -50,35 +51,34 @@ class PeerRecovery(Coordinator):
         """``method`` on every worker (``args`` by global rank) through the LocalLeaders:
         (results, wrapped second returns) by rank. Workers lost meanwhile are replaced and
         their part of the round done again by the new ones."""
-        answers, failed, broken = self._call_ranks(method, dict(enumerate(args)), num_returns)
-        if broken and not failed:  # nobody died: a worker's own error (the others' collectives failed with it)
-            raise RuntimeError(f"{method} failed: " + "; ".join(f"worker {rank}: {error}" for rank, error in broken))
+        answers, failures = self._call_ranks(method, dict(enumerate(args)), num_returns)
+        _raise_if_only_broken(method, failures, "")  # a worker's own error (the others' collectives failed with it)
         for _ in range(len(args) + 1):  # each pass replaces at least one worker
-            if not failed:
+            if not failures:
                 break
             if self.collective:
-                answers, failed, broken = self._recover_collective(method, args, failed)
-                if broken and not failed:
-                    errors = "; ".join(f"worker {rank}: {error}" for rank, error in broken)
-                    raise RuntimeError(f"{method} failed after the group was re-formed: {errors}")
+                answers, failures = self._recover_collective(method, args, _lost(failures))
+                _raise_if_only_broken(method, failures, " after the group was re-formed")
             else:
                 # a live worker that lost an input (its owner, a LocalLeader, died) goes on, if the
                 # algorithm can do without that input; the others are replaced
-                kept = {rank: self._without_lost_inputs(rank, args[rank]) for rank, why in failed if why == LOST_INPUT}
+                kept = {
+                    f.rank: self._without_lost_inputs(f.rank, args[f.rank])
+                    for f in failures
+                    if f.kind is FailureKind.LOST_INPUT
+                }
                 alive = {rank: a for rank, a in kept.items() if a is not None and rank not in self._fresh}
-                retry = self._replace_lost([(rank, why) for rank, why in failed if rank not in alive], args)
-                again, failed, _ = self._call_ranks(method, {**retry, **alive}, num_returns)
+                retry = self._replace_lost([f for f in failures if f.rank not in alive], args)
+                again, failures = self._call_ranks(method, {**retry, **alive}, num_returns)
                 answers.update(again)
         else:
             raise RuntimeError(f"workers keep failing in {method}; continue the run with --resume")
         ranks = range(len(args))
         return [answers[r][0] for r in ranks], [answers[r][1] for r in ranks]
 
-    def _call_ranks(
-        self, method: str, args: dict[int, tuple], num_returns: int
-    ) -> tuple[Answers, list[tuple[int, str]], list[tuple[int, str]]]:
+    def _call_ranks(self, method: str, args: dict[int, tuple], num_returns: int) -> tuple[Answers, list[Failure]]:
         """``method`` on the workers named in ``args`` (global rank -> arguments): their answers,
-        the (rank, reason) of those that died or hung, the (rank, error) of broken collectives."""
+        and the failures of those that gave none (by global rank)."""
         by_group: dict[int, tuple[list[int], list[tuple]]] = {}
         for rank, a in args.items():
             g, index = self._locate(rank)
@@ -93,19 +93,18 @@ class PeerRecovery(Coordinator):
         timeout = (2 if self.collective else 1) * self.timeout_s + 30
         replies = replies_or_deaths(calls, timeout, [f"LocalLeader {g}" for g in by_group])
         answers: Answers = {}
-        failed, broken = [], []
+        failures: list[Failure] = []
         for (g, (indexes, _)), (reply, died) in zip(by_group.items(), replies):
             if died:  # its workers died with it: a new LocalLeader and workers, each restarted as a lost worker
-                reason = f"its LocalLeader {died}"
-                self._reform_group(g, reason)
-                failed += [(self.group_ranks[g][i], reason) for i in indexes]
+                lost = [Failure(self.group_ranks[g][i], FailureKind.GROUP_LOST, died) for i in indexes]
+                self._reform_group(g, lost[0].reason)
+                failures += lost
                 continue
             refs = reply["refs"] or [None] * len(indexes)
             for index, result, ref in zip(indexes, reply["results"], refs):
                 answers[self.group_ranks[g][index]] = (result, ref)
-            failed += [tuple(f) for f in reply["failed"]]
-            broken += [tuple(b) for b in reply["broken"]]
-        return answers, failed, broken
+            failures += reply["failures"]
+        return answers, failures
 
     def _reform_group(self, g: int, reason: str) -> None:
         """A new LocalLeader for group ``g``, whose LocalLeader died: it starts new workers on the
@@ -146,19 +145,19 @@ class PeerRecovery(Coordinator):
         g = next(g for g, ranks in enumerate(self.group_ranks) if rank in ranks)
         return g, rank - self.group_ranks[g][0]
 
-    def _replace(self, failed: list[tuple[int, str]], sources: dict[int, tuple[list[Any], int, str]]) -> None:
-        """Replace each (rank, reason) of ``failed`` on its node, from ``sources[rank]``:
+    def _replace(self, failed: list[Failure], sources: dict[int, tuple[list[Any], int, str]]) -> None:
+        """Replace the worker of each of ``failed`` on its node, from ``sources[rank]``:
         (wrapped weights, step count, their name); the events go into this run's."""
         calls, groups = [], set()
-        for rank, reason in failed:
-            g, index = self._locate(rank)
-            source, steps, origin = sources[rank]
-            respawn = rank not in self._fresh
-            calls.append(self.local_leaders[g].replace_worker.remote(index, reason, source, steps, origin, respawn))
+        for f in failed:
+            g, index = self._locate(f.rank)
+            source, steps, origin = sources[f.rank]
+            respawn = f.rank not in self._fresh
+            calls.append(self.local_leaders[g].replace_worker.remote(index, f.reason, source, steps, origin, respawn))
             groups.add(g)
-        names = [f"replacement of worker {rank}" for rank, _ in failed]
+        names = [f"replacement of worker {f.rank}" for f in failed]
         get_all(calls, startup_timeout(self.timeout_s) + 2 * self.timeout_s, names)
-        self._fresh.difference_update(rank for rank, _ in failed)
+        self._fresh.difference_update(f.rank for f in failed)
         for events in get_all(
             [self.local_leaders[g].take_events.remote() for g in groups],
             self.timeout_s,
@@ -169,9 +168,9 @@ class PeerRecovery(Coordinator):
 
     # ------------------------------------------------------------------ object-store peers
 
-    def _replace_lost(self, failed: list[tuple[int, str]], args: list[tuple]) -> dict[int, tuple]:
+    def _replace_lost(self, failed: list[Failure], args: list[tuple]) -> dict[int, tuple]:
         """Replace the lost workers; returns the round's arguments for each new one."""
-        plans = {rank: self._replacement(rank, args[rank]) for rank, _ in failed}
+        plans = {f.rank: self._replacement(f.rank, args[f.rank]) for f in failed}
         self._replace(failed, {rank: (source, self.step, origin) for rank, (source, _, origin) in plans.items()})
         return {rank: retry for rank, (_, retry, _) in plans.items()}
 
@@ -185,11 +184,11 @@ class PeerRecovery(Coordinator):
         """Anything the re-formed group needs before it goes on (data-parallel: one replica)."""
 
     def _recover_collective(
-        self, method: str, args: list[tuple], failed: list[tuple[int, str]]
-    ) -> tuple[Answers, list[tuple[int, str]], list[tuple[int, str]]]:
+        self, method: str, args: list[tuple], failed: list[Failure]
+    ) -> tuple[Answers, list[Failure]]:
         """Replace the lost workers, re-form the group with everyone, and finish the round:
         each worker takes the steps it has left (its first argument is the round's step count)."""
-        lost = {rank for rank, _ in failed}
+        lost = {f.rank for f in failed}
         live = [r for r in range(len(args)) if r not in lost]
         if not live:
             raise RuntimeError("every worker of the collective group was lost: continue the run with --resume")
@@ -209,6 +208,18 @@ class PeerRecovery(Coordinator):
         retry = {r: (max(target - s["steps"], 0), *args[r][1:]) for r, s in enumerate(now)}
         self.log.warning(f"collective group re-formed with {len(handles)} workers; the round goes on")
         return self._call_ranks(method, retry, 1)
+
+
+def _lost(failures: list[Failure]) -> list[Failure]:
+    """The workers to replace: all but those whose collective broke with a lost peer."""
+    return [f for f in failures if f.kind is not FailureKind.BROKEN]
+
+
+def _raise_if_only_broken(method: str, failures: list[Failure], when: str) -> None:
+    """Collectives broke but no worker was lost: a worker's own error, which no replacement mends."""
+    if failures and not _lost(failures):
+        errors = "; ".join(f"worker {f.rank}: {f.detail}" for f in failures)
+        raise RuntimeError(f"{method} failed{when}: {errors}")
 
 
 def wrapped_weights(handle: Any) -> list[ray.ObjectRef]:

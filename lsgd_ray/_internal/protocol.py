@@ -11,7 +11,9 @@ keeping a coordinator free of torch at start only moved that import into the tra
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import ray
@@ -41,6 +43,23 @@ def actor_class(cls: type, **options: Any) -> Any:
     return ray.remote(**options)(cls)  # type: ignore[call-overload]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a line is emitted, not as it was when the handler
+    was made: pytest and notebooks replace ``sys.stderr``, and a handler holding an old one
+    writes where nobody reads."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
 def actor_log(tag: str) -> logging.LoggerAdapter:
     """How an actor reports what it handled (a worker replaced, a group re-formed): a line
     ``lsgd-ray TAG: message`` on the actor's stderr, which Ray forwards to the driver prefixed
@@ -48,7 +67,7 @@ def actor_log(tag: str) -> logging.LoggerAdapter:
     raise its level or add handlers from a ``worker_process_setup_hook``."""
     logger = logging.getLogger("lsgd_ray.actors")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("lsgd-ray %(tag)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -64,6 +83,41 @@ def node_id() -> str:
 def node_ip() -> str:
     """The address this process's Ray node was started with."""
     return ray.util.get_node_ip_address()
+
+
+# ---------------------------------------------------------------- failures
+
+
+class FailureKind(StrEnum):
+    """Why a worker gave no answer to a call."""
+
+    DIED = "died"  # its process is gone
+    HUNG = "hung"  # no answer within the timeout (stopped, deadlocked, swapped out)
+    LOST_INPUT = "lost an input"  # alive, but an argument's producer died or hung
+    BROKEN = "broken collective"  # alive; its collective failed with a lost peer
+    GROUP_LOST = "group lost"  # its LocalLeader died, and the worker with it
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One worker's failed call, as a LocalLeader reports it to its coordinator (``rank``: the
+    worker's global rank; inside the LocalLeader, its index in the group) and the coordinator
+    decides on it: replace the worker, re-run it without the lost input, or re-form the group."""
+
+    rank: int
+    kind: FailureKind
+    detail: str = ""  # the error's name, the timeout, the collective's message
+
+    @property
+    def reason(self) -> str:
+        """The words for events and logs."""
+        return {
+            FailureKind.DIED: f"died ({self.detail})",
+            FailureKind.HUNG: f"no answer within {self.detail} (hung)",
+            FailureKind.LOST_INPUT: f"lost an input ({self.detail})" if self.detail else "lost an input",
+            FailureKind.BROKEN: self.detail,
+            FailureKind.GROUP_LOST: f"its LocalLeader {self.detail}",
+        }[self.kind]
 
 
 # ---------------------------------------------------------------- standing orders to a worker

@@ -9,7 +9,6 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 STARTUP_TIMEOUT_S = 300.0  # an actor's start-up (imports, data loading) may take longer than a round
-LOST_INPUT = "lost an input"  # a worker that lives, but an argument's owner (a LocalLeader) died
 
 
 def startup_timeout(timeout_s: float) -> float:
