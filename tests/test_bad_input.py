@@ -25,6 +25,7 @@ import pytest
 import ray
 
 from lsgd_ray import PlacementError, fit
+from lsgd_ray._internal.driver.placement import AVAILABILITY_GRACE_S
 from lsgd_ray.cli import main
 from lsgd_ray.config import (
     ConfigError,
@@ -38,7 +39,6 @@ from lsgd_ray.config import (
 )
 from lsgd_ray.data import DatasetNotFoundError, dataset_factory, synthetic
 from lsgd_ray.models import mlp, model_factory
-from lsgd_ray.trainer import AVAILABILITY_GRACE_S
 
 NAN, INF = float("nan"), float("inf")
 WITHIN_S = 5.0  # every row, placement included, is refused this fast

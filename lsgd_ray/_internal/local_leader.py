@@ -4,6 +4,10 @@ Every local period it picks the group's best worker, has that worker publish its
 once to the object store, and sends every other worker of the group the *reference*: each reads
 the same shared memory. It forwards global-leader references the same way. It never holds
 weights itself.
+
+This module holds the synchronous rounds, the peers' calls and the group mean; the
+asynchronous mode is in ``async_group.py``, the repair of a group's failed workers in
+``group_repair.py`` (both bases of ``LocalLeader``).
 """
 
 from __future__ import annotations
@@ -13,27 +17,17 @@ import dataclasses
 import math
 import os
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lsgd_ray._internal.protocol import (
-    Failure,
-    FailureKind,
-    WorkerSpec,
-    actor_class,
-    actor_log,
-    node_id,
-    node_ip,
-)
+from lsgd_ray._internal.async_group import AsyncGroup
+from lsgd_ray._internal.protocol import FailureKind, WorkerSpec, actor_class, actor_log, node_id, node_ip
 from lsgd_ray._internal.waiting import get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker
-from lsgd_ray.algorithms.lsgd import crossed, select_leader, weighted_mean
+from lsgd_ray.algorithms.lsgd import select_leader, weighted_mean
 from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
 
 LEADER_CONCURRENCY = 16  # leaders answer reports, pulls and status queries concurrently
@@ -73,14 +67,14 @@ class LocalLeaderFactory:
         nodes = nodes_from_ray(ray.nodes())
         if plan.node_id in {n.node_id for n in nodes}:
             return plan
-        from ray._private.state import available_resources_per_node  # private, as in Trainer.start
+        from ray._private.state import available_resources_per_node  # private, as in driver.placement
 
         needs = worker_resources(self.spec.cpus, self.spec.gpus)
         node = node_with_room(nodes, available_resources_per_node(), needs, plan.num_workers)
         return None if node is None else dataclasses.replace(plan, node_id=node)
 
 
-class LocalLeader:
+class LocalLeader(AsyncGroup):
     def __init__(
         self,
         plan: GroupPlan,
@@ -140,9 +134,6 @@ class LocalLeader:
 
     def worker_handles(self) -> list[Any]:
         return list(self.workers)
-
-    def _names(self) -> list[str]:
-        return [f"worker {r} (group {self.plan.group})" for r in self.ranks]
 
     # ------------------------------------------------------------------ synchronous rounds
     #
@@ -221,145 +212,10 @@ class LocalLeader:
             "events": self.take_events(),
         }
 
-    # ------------------------------------------------------------------ failures
-
-    def _gather(
-        self, calls: list[ray.ObjectRef], timeout_s: float | None = None, collective: bool = False
-    ) -> tuple[list[Any], list[Failure]]:
-        """Every worker's answer, waiting at most the timeout in all, and the failures (by index
-        in the group): a worker that died or did not answer in time gets ``None``, and so does
-        one that lives but lost an argument (a dead worker's weights). An exception raised by the
-        worker's own code is not a failure of the worker: it propagates, unless ``collective``
-        (a collective that failed with a dead peer: ``BROKEN``)."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
-        results: list[Any] = []
-        failures: list[Failure] = []
-        for index, ref in enumerate(calls):
-            try:
-                results.append(ray.get(ref, timeout=0))
-                continue
-            except GetTimeoutError:
-                failures.append(Failure(index, FailureKind.HUNG, f"{timeout_s:g}s"))
-            except RayTaskError as exc:
-                if isinstance(exc, RayActorError):  # RayTaskError(ActorDiedError): an argument's producer died
-                    failures.append(Failure(index, FailureKind.LOST_INPUT))
-                elif collective:
-                    failures.append(Failure(index, FailureKind.BROKEN, str(exc).strip().splitlines()[-1]))
-                else:
-                    raise
-            except RayActorError as exc:
-                failures.append(Failure(index, FailureKind.DIED, type(exc).__name__))
-            results.append(None)
-        return results, failures
-
-    def _index_of(self, rank: int) -> int | None:
-        """The index in this group of global ``rank`` (``None``: another group's)."""
-        return self.ranks.index(rank) if rank in self.ranks else None
-
-    @staticmethod
-    def _waiting_on_inputs(
-        failures: list[Failure], pulls: list[tuple], producers: tuple[int | None, int | None]
-    ) -> list[Failure]:
-        """A worker that did not answer may only be waiting for a pull's weights that a failed
-        worker (a hung leader) never published: ``LOST_INPUT``, not hung itself. ``producers``:
-        the indexes of the workers whose weights the local and the global pull carry (``None``:
-        not this group's)."""
-        hung = {f.rank for f in failures if f.kind is FailureKind.HUNG}
-        out = []
-        for f in failures:
-            local_ref, _, global_ref, _ = pulls[f.rank]
-            waits_on = [
-                p
-                for ref, p in zip((local_ref, global_ref), producers)
-                if ref is not None and p != f.rank and not ray.wait([ref], timeout=0, fetch_local=False)[0]
-            ]
-            if f.kind is FailureKind.HUNG and waits_on and all(p is None or p in hung for p in waits_on):
-                f = Failure(f.rank, FailureKind.LOST_INPUT, "its pull's weights never came")
-            out.append(f)
-        return out
-
-    def _weights_source(self, leader: int, global_pull: list[ray.ObjectRef] | None) -> ray.ObjectRef | None:
-        """Where a replaced or diverged worker restarts from: the group leader's weights, or
-        the global leader's when the group has no usable worker."""
-        if leader >= 0:
-            return self.workers[leader].get_weights.remote(False)
-        return global_pull[0] if global_pull else None
-
-    def replace_worker(
-        self,
-        index: int,
-        reason: str,
-        source: list[ray.ObjectRef | None],
-        steps: int | None = None,
-        origin: str = "the leader's weights",
-        respawn: bool = True,
-    ) -> dict[str, Any]:
-        """Replace worker ``index`` by a new process on this node, started from ``source``
-        (wrapped; ``None``: its initial weights) with the group's step count; ``origin`` names
-        the source in the log line. ``respawn=False``: the worker is already a new process
-        (this LocalLeader replaced a dead one and started its group afresh)."""
-        if respawn:
-            with contextlib.suppress(Exception):
-                ray.kill(self.workers[index])
-        new = self._spawn(index, self.ranks[index]) if respawn else self.workers[index]
-        name = f"worker {self.ranks[index]} (group {self.plan.group})"
-        info = get_all([new.ready.remote()], startup_timeout(self.timeout_s), [f"replacement {name}"])[0]
-        try:
-            if source and source[0] is not None:
-                get_all([new.reset_to.remote(source[0], steps)], self.timeout_s, [f"replacement {name}"])
-        except RayTaskError:  # the leader's weights were lost too: start from the initial weights
-            source = [None]
-            origin = "the initial weights"
-        if not source or source[0] is None:
-            get_all([new.reset_to.remote(None, steps)], self.timeout_s, [f"replacement {name}"])
-        self.workers[index] = new
-        with self._pull_lock:  # the dead worker's pulls never run
-            self._in_flight = {key: ref for key, ref in self._in_flight.items() if key[0] != index}
-        event = {
-            "event": "worker_replaced",
-            "rank": self.ranks[index],
-            "group": self.plan.group,
-            "reason": reason,
-            "step": steps,
-            "pid": info["pid"],
-            "from": origin,
-            "time": time.time(),
-        }
-        self.events.append(event)
-        self.log.warning(f"{name} {reason}: replaced (new pid {info['pid']}) from {origin}")
-        return event
-
-    def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
-        """Synchronous mode: workers whose loss went NaN/inf restart from the leader's weights."""
-        if not diverged or source is None:
-            return
-        get_all([self.workers[i].reset_to.remote(source) for i in diverged], self.timeout_s, self._names())
-        for i in diverged:
-            self._reset_event(i, steps)
-
-    def _reset_event(self, index: int, step: int | None) -> None:
-        rank = self.ranks[index]
-        self.events.append(
-            {
-                "event": "worker_reset",
-                "rank": rank,
-                "group": self.plan.group,
-                "reason": "loss NaN or infinite",
-                "step": step,
-                "time": time.time(),
-            }
-        )
-        self.log.warning(f"worker {rank}: loss NaN or infinite, reset to the leader")
-
     def settle(self) -> None:
         """Wait for a round still running (its coordinator died) and drop what it left pending."""
         with self._busy:
             self._pending_local = None
-
-    def reset_workers(self, source: list[ray.ObjectRef | None], steps: int | None) -> None:
-        """Start every worker of this (re-formed) group from ``source`` at ``steps``."""
-        get_all([w.reset_to.remote(source[0], steps) for w in self.workers], self.timeout_s, self._names())
 
     def take_events(self) -> list[dict[str, Any]]:
         """The events since the last call (the coordinator collects them)."""
@@ -395,26 +251,6 @@ class LocalLeader:
         ]
         self._pending_local = None
         get_all(calls, self.timeout_s, self._names())
-
-    def _pull_each(self, snapshot: Callable[[], ray.ObjectRef], strength: float, skip: int, kind: str) -> None:
-        """Asynchronous mode: every worker but ``skip`` queues a pull toward ``snapshot()``
-        (taken only if some worker gets it); nobody waits.
-
-        Backpressure: a worker whose previous pull of this ``kind`` has not run yet is left
-        out (counted in ``pulls_skipped``). Each queued pull pins its snapshot in the object
-        store, and the worker only applies the newest one of each kind anyway, so on a loaded
-        machine queued pulls would pile up snapshots faster than anyone uses them."""
-        with self._pull_lock:
-            others = [i for i in range(len(self.workers)) if i != skip]
-            previous = [self._in_flight[(i, kind)] for i in others if (i, kind) in self._in_flight]
-            running = ray.wait(previous, num_returns=len(previous), timeout=0)[1] if previous else []
-            targets = [i for i in others if self._in_flight.get((i, kind)) not in running]
-            self.pulls_skipped[kind] += len(others) - len(targets)
-            if not targets:
-                return
-            ref = snapshot()
-            for i in targets:
-                self._in_flight[(i, kind)] = self.workers[i].pull.remote(ref, strength, False, kind)
 
     # ------------------------------------------------------------------ the peers' rounds
 
@@ -456,84 +292,6 @@ class LocalLeader:
             "refs": refs,
             "failures": [dataclasses.replace(f, rank=self.ranks[indexes[f.rank]]) for f in failures],
         }
-
-    # ------------------------------------------------------------------ asynchronous mode
-
-    def start_async(
-        self,
-        global_leader: Any,
-        lam: float,
-        tau: int,
-        report_every: int,
-        max_steps: int | None,
-        exchange: Any = None,
-    ) -> list[ray.ObjectRef]:
-        """Start every worker's own training loop; returns their result references.
-        ``exchange``: a peer's per-step schedule (EASGD, DOWNPOUR), handed to every worker;
-        the peers keep their own rules, so only LSGD (no exchange) resets diverged workers."""
-        self._global_leader, self._lam = global_leader, lam
-        self._reset_diverged_async = exchange is None
-        self._local_period = tau * len(self.workers)  # l·τ steps summed over the group
-        self._group_steps = 0
-        handle = ray.get_runtime_context().current_actor
-        self._async_args = (handle, report_every, max_steps, exchange)
-        return [w.run_async.remote(*self._async_args) for w in self.workers]
-
-    def replace_async(
-        self, rank: int, reason: str, source: list[ray.ObjectRef | None], origin: str = "the leader's weights"
-    ) -> list[Any]:
-        """Asynchronous mode: replace a dead worker and start its loop again; returns
-        ``[new loop ref, new handle]`` (wrapped, so the caller gets the reference itself)."""
-        index = self.ranks.index(rank)
-        steps = max((s["steps"] for s in self._alive_stats()), default=None)
-        self.replace_worker(index, reason, source, steps, origin)
-        return [self.workers[index].run_async.remote(*self._async_args), self.workers[index]]
-
-    def _alive_stats(self) -> list[dict[str, Any]]:
-        stats = []
-        for w in self.workers:
-            with contextlib.suppress(RayActorError, GetTimeoutError):
-                stats.append(ray.get(w.stats.remote(), timeout=self.timeout_s))
-        return stats
-
-    def report(self, index: int, steps: int, estimate: float) -> None:
-        """A worker took ``steps`` more steps; pull the group toward its leader when due."""
-        reset = None
-        with self._lock:
-            self.estimates[index] = estimate
-            if math.isfinite(estimate):
-                self._resetting.discard(index)
-            before = self._group_steps
-            self._group_steps += steps
-            leader = select_leader(self.estimates)
-            due = (
-                self._lam > 0
-                and len(self.workers) > 1
-                and leader >= 0
-                and crossed(before, self._group_steps, self._local_period)
-            )
-            self.leader_index = leader
-            diverged = self._reset_diverged_async and not math.isfinite(estimate)
-            if diverged and leader >= 0 and index != leader and index not in self._resetting:
-                self._resetting.add(index)
-                reset = leader
-        if reset is not None:  # the worker applies it between two of its steps
-            self.workers[index].reset_to.remote(self.workers[reset].get_weights.remote(False))
-            self._reset_event(index, None)
-        if due:
-            self._pull_each(self.workers[leader].get_weights.remote, self._lam, skip=leader, kind="local")
-        if self._global_leader is not None:
-            self._global_leader.report.remote(
-                self.plan.group,
-                steps,
-                self.ranks[leader] if leader >= 0 else -1,
-                self.estimates[leader] if leader >= 0 else float("inf"),
-            )
-
-    def async_pull(self, wrapped_ref: list[ray.ObjectRef], strength: float, skip_rank: int) -> None:
-        """Asynchronous global pull: forward the reference without waiting on anyone."""
-        skip = self.ranks.index(skip_rank) if skip_rank in self.ranks else -1
-        self._pull_each(lambda: wrapped_ref[0], strength, skip=skip, kind="global")
 
     # ------------------------------------------------------------------ evaluation
 

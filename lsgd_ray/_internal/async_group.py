@@ -1,0 +1,130 @@
+"""A LocalLeader in asynchronous mode: its workers run their own loops and report every few
+steps; it pulls the group toward its leader every l·τ steps summed over the group and forwards
+the global leader's pulls, without waiting on anyone (with backpressure: a worker whose last pull
+of a kind has not run yet is left out)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from lsgd_ray._internal.group_repair import GroupRepair
+from lsgd_ray.algorithms.lsgd import crossed, select_leader
+
+
+class AsyncGroup(GroupRepair):
+    """The asynchronous mode of ``LocalLeader``, which sets this state up."""
+
+    estimates: list[float]
+    leader_index: int
+    pulls_skipped: dict[str, int]
+    _lock: threading.Lock
+    _resetting: set[int]  # resets sent, not yet seen to take effect
+    _async_args: tuple
+    _reset_diverged_async: bool
+    _group_steps: int
+    _global_leader: Any
+    _lam: float
+    _local_period: int
+
+    def start_async(
+        self,
+        global_leader: Any,
+        lam: float,
+        tau: int,
+        report_every: int,
+        max_steps: int | None,
+        exchange: Any = None,
+    ) -> list[ray.ObjectRef]:
+        """Start every worker's own training loop; returns their result references.
+        ``exchange``: a peer's per-step schedule (EASGD, DOWNPOUR), handed to every worker;
+        the peers keep their own rules, so only LSGD (no exchange) resets diverged workers."""
+        self._global_leader, self._lam = global_leader, lam
+        self._reset_diverged_async = exchange is None
+        self._local_period = tau * len(self.workers)  # l·τ steps summed over the group
+        self._group_steps = 0
+        handle = ray.get_runtime_context().current_actor
+        self._async_args = (handle, report_every, max_steps, exchange)
+        return [w.run_async.remote(*self._async_args) for w in self.workers]
+
+    def replace_async(
+        self, rank: int, reason: str, source: list[ray.ObjectRef | None], origin: str = "the leader's weights"
+    ) -> list[Any]:
+        """Asynchronous mode: replace a dead worker and start its loop again; returns
+        ``[new loop ref, new handle]`` (wrapped, so the caller gets the reference itself)."""
+        index = self.ranks.index(rank)
+        steps = max((s["steps"] for s in self._alive_stats()), default=None)
+        self.replace_worker(index, reason, source, steps, origin)
+        return [self.workers[index].run_async.remote(*self._async_args), self.workers[index]]
+
+    def _alive_stats(self) -> list[dict[str, Any]]:
+        stats = []
+        for w in self.workers:
+            with contextlib.suppress(RayActorError, GetTimeoutError):
+                stats.append(ray.get(w.stats.remote(), timeout=self.timeout_s))
+        return stats
+
+    def report(self, index: int, steps: int, estimate: float) -> None:
+        """A worker took ``steps`` more steps; pull the group toward its leader when due."""
+        reset = None
+        with self._lock:
+            self.estimates[index] = estimate
+            if math.isfinite(estimate):
+                self._resetting.discard(index)
+            before = self._group_steps
+            self._group_steps += steps
+            leader = select_leader(self.estimates)
+            due = (
+                self._lam > 0
+                and len(self.workers) > 1
+                and leader >= 0
+                and crossed(before, self._group_steps, self._local_period)
+            )
+            self.leader_index = leader
+            diverged = self._reset_diverged_async and not math.isfinite(estimate)
+            if diverged and leader >= 0 and index != leader and index not in self._resetting:
+                self._resetting.add(index)
+                reset = leader
+        if reset is not None:  # the worker applies it between two of its steps
+            self.workers[index].reset_to.remote(self.workers[reset].get_weights.remote(False))
+            self._reset_event(index, None)
+        if due:
+            self._pull_each(self.workers[leader].get_weights.remote, self._lam, skip=leader, kind="local")
+        if self._global_leader is not None:
+            self._global_leader.report.remote(
+                self.plan.group,
+                steps,
+                self.ranks[leader] if leader >= 0 else -1,
+                self.estimates[leader] if leader >= 0 else float("inf"),
+            )
+
+    def async_pull(self, wrapped_ref: list[ray.ObjectRef], strength: float, skip_rank: int) -> None:
+        """Asynchronous global pull: forward the reference without waiting on anyone."""
+        skip = self.ranks.index(skip_rank) if skip_rank in self.ranks else -1
+        self._pull_each(lambda: wrapped_ref[0], strength, skip=skip, kind="global")
+
+    def _pull_each(self, snapshot: Callable[[], ray.ObjectRef], strength: float, skip: int, kind: str) -> None:
+        """Asynchronous mode: every worker but ``skip`` queues a pull toward ``snapshot()``
+        (taken only if some worker gets it); nobody waits.
+
+        Backpressure: a worker whose previous pull of this ``kind`` has not run yet is left
+        out (counted in ``pulls_skipped``). Each queued pull pins its snapshot in the object
+        store, and the worker only applies the newest one of each kind anyway, so on a loaded
+        machine queued pulls would pile up snapshots faster than anyone uses them."""
+        with self._pull_lock:
+            others = [i for i in range(len(self.workers)) if i != skip]
+            previous = [self._in_flight[(i, kind)] for i in others if (i, kind) in self._in_flight]
+            running = ray.wait(previous, num_returns=len(previous), timeout=0)[1] if previous else []
+            targets = [i for i in others if self._in_flight.get((i, kind)) not in running]
+            self.pulls_skipped[kind] += len(others) - len(targets)
+            if not targets:
+                return
+            ref = snapshot()
+            for i in targets:
+                self._in_flight[(i, kind)] = self.workers[i].pull.remote(ref, strength, False, kind)

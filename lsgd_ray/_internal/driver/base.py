@@ -1,0 +1,83 @@
+"""What every part of the driver shares: the run's actors, its clock and its history.
+
+The ``Trainer`` is built from the parts in this package; each part is a mixin on this base,
+which declares the state they share and the few calls all of them make.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from lsgd_ray._internal.schedule import Schedule
+from lsgd_ray.config import TrainConfig
+from lsgd_ray.data import DatasetFactory
+from lsgd_ray.divergence import DivergenceWatch
+from lsgd_ray.models import ModelFactory
+from lsgd_ray.results import RunLogger
+from lsgd_ray.topology import GroupPlan
+
+
+class DriverBase:
+    """The run's shared state (set by ``Trainer.__init__`` and ``Trainer.start``)."""
+
+    config: TrainConfig
+    model_factory: ModelFactory
+    dataset_factory: DatasetFactory
+    output_dir: str
+    schedule: Schedule
+    history: list[dict[str, Any]]
+    train_s: float
+    eval_s: float
+    startup_s: float
+    checkpoints: list[str]  # written by this process, oldest first
+    resumed_from: str | None
+    weight_bytes: int
+    group_infos: list[dict[str, Any]]
+    _begin: float  # when start() was first called: total_s counts from here
+    _logger: RunLogger | None
+    _watch: DivergenceWatch
+    _events_seen: int
+    _events_known: list[dict[str, Any]]
+
+    # the actors, as the coordinator has them now (a failure may replace or drop some)
+    groups: list[GroupPlan]
+    local_leaders: list[Any]
+    workers: list[Any]
+    global_leader: Any  # LSGD's GlobalLeader or a peer's coordinator
+    evaluator: Any
+
+    def _say(self, message: str) -> None:
+        if not self.config.quiet:
+            print(message, flush=True)
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _make_coordinator(self) -> Any:
+        raise NotImplementedError
+
+    def _make_evaluator(self) -> Any:
+        raise NotImplementedError
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return ray.get([w.stats.remote() for w in self.workers])
+
+    def status(self) -> dict[str, Any]:
+        return self._seen(ray.get(self.global_leader.status.remote()))
+
+    def _seen(self, status: dict[str, Any]) -> dict[str, Any]:
+        """Take note of the coordinator's ``status``: new events may mean new handles."""
+        new = status["events"][self._events_seen :]
+        self._events_seen = len(status["events"])
+        self._events_known = status["events"]  # a restarted coordinator takes them over
+        if new:  # a worker or a group was replaced or dropped (noted first: the refresh may fail)
+            self._refresh_handles()
+        return status
+
+    def _refresh_handles(self) -> None:
+        """The live LocalLeaders and their workers, as the coordinator has them now."""
+        self.local_leaders = ray.get(self.global_leader.local_leader_handles.remote())
+        self.groups = ray.get(self.global_leader.group_plans.remote()) or self.groups
+        self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]

@@ -1,0 +1,127 @@
+"""The training loops: synchronous rounds driven by the coordinator, or every worker's own
+asynchronous loop, both paced by one ``Schedule`` of evaluation, checkpoint and budget
+deadlines. Failures of the coordinator and of the workers' loops go to the ``Supervisor``."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import ray
+
+from lsgd_ray._internal.driver.records import Records
+from lsgd_ray._internal.driver.supervisor import Supervisor
+from lsgd_ray._internal.schedule import ASYNC_POLL_S
+from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray.config import TrainConfig
+
+
+class Loops(Supervisor, Records):
+    def run_rounds(self, seconds: float = math.inf, max_step: int | None = None) -> dict[str, Any]:
+        """Synchronous mode: run rounds for ``seconds`` or until workers reach ``max_step``."""
+        self.start()
+        limit = self.schedule.max_step if max_step is None else max_step
+        limit = limit if math.isfinite(limit) else 2**62
+        begin = time.perf_counter()
+        try:
+            status = ray.get(self.global_leader.run_rounds.remote(seconds, limit))
+        except ray.exceptions.RayActorError as exc:
+            if isinstance(exc, ray.exceptions.RayTaskError):
+                raise  # the coordinator lives; something it waited on failed
+            self.train_s += time.perf_counter() - begin
+            self._restart_coordinator(f"died ({type(exc).__name__})")
+            return self.status()
+        self.train_s += time.perf_counter() - begin
+        return self._seen(status)
+
+    def _fit_sync(self) -> None:
+        """Rounds in chunks that end at the next evaluation, checkpoint or end of the budget. The
+        coordinator may die in any call between rounds too (a checkpoint, an evaluation): it is
+        restarted as in ``run_rounds`` and the turn taken again."""
+        self.schedule.evaluated(self.train_s)
+        while True:
+            try:
+                if self._sync_turn():
+                    return
+            except ray.exceptions.RayActorError as exc:
+                if not self._coordinator_died(exc):
+                    raise
+                self._restart_coordinator(f"died ({type(exc).__name__})")
+
+    def _sync_turn(self) -> bool:
+        """Rounds up to the next deadline, then what is due; whether the run is over."""
+        schedule = self.schedule
+        limit = schedule.step_limit()
+        status = self.run_rounds(schedule.wait_s(self.train_s), int(limit) if math.isfinite(limit) else None)
+        done = schedule.finished(status["step"], self.train_s)
+        if schedule.checkpointing and (done or schedule.checkpoint_due(status["step"], self.train_s)):
+            self.checkpoint()
+        if done:
+            return True
+        if schedule.evaluation_due(self.train_s):
+            self.evaluate_leader()
+            schedule.evaluated(self.train_s)
+            if self._evaluation_ends_run():
+                if schedule.checkpointing:
+                    self.checkpoint()
+                return True
+        return False
+
+    def _fit_async(self) -> None:
+        """Every worker's own loop; the driver wakes for evaluations, checkpoints, failures and
+        the end of the budget."""
+        cfg, schedule = self.config, self.schedule
+        report_every = async_report_period(cfg)
+        max_steps = None if not math.isfinite(schedule.max_step) else int(schedule.max_step)
+        begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
+        loops: dict[int, ray.ObjectRef] = {}
+        self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
+        schedule.evaluated(trained)
+        while True:
+            try:
+                wait = schedule.wait_s(self.train_s)
+                if schedule.checkpoint_every_steps:
+                    wait = min(wait, ASYNC_POLL_S)  # look at the step count this often
+                ready, pending = ray.wait(list(loops.values()), num_returns=len(loops), timeout=wait)
+                self.train_s = trained + time.perf_counter() - begin
+                if self._restart_dead_loops(loops, ready):
+                    continue
+                if not pending:
+                    break
+                if schedule.time_left(self.train_s) <= 0 or self._evaluation_ends_run():
+                    for worker in self.workers:
+                        worker.stop.remote()
+                    get_all(list(loops.values()), cfg.actor_timeout_s, [f"worker {r}" for r in loops])
+                    self.train_s = trained + time.perf_counter() - begin
+                    break
+                if schedule.checkpointing and schedule.checkpoint_due(self.status()["step"], self.train_s):
+                    self.checkpoint()  # each worker's state between two of its steps
+                if schedule.evaluation_due(self.train_s):
+                    self.evaluate_leader()  # the workers keep training meanwhile
+                    # reached the target: stop at the next turn, without waiting
+                    schedule.evaluated(self.train_s, now_again=self._evaluation_ends_run())
+            except ray.exceptions.RayActorError as exc:
+                if not self._coordinator_died(exc):
+                    raise
+                self.train_s = trained + time.perf_counter() - begin
+                for worker in self.workers:  # every loop stops; the new coordinator starts them again
+                    worker.stop.remote()
+                ray.wait(list(loops.values()), num_returns=len(loops), timeout=startup_timeout(cfg.actor_timeout_s))
+                self._restart_coordinator(f"died ({type(exc).__name__})")
+                begin, trained = time.perf_counter(), self.train_s  # the checkpoint's clock
+                loops = {}
+                self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
+                schedule.evaluated(trained)
+        ray.get(list(loops.values()))  # a loop that failed raises here
+        if schedule.checkpointing:
+            self.checkpoint()
+
+
+def async_report_period(cfg: TrainConfig) -> int:
+    """How often (in its own steps) an asynchronous worker reports its progress."""
+    if cfg.algorithm == "easgd":
+        return cfg.easgd.tau
+    if cfg.algorithm == "downpour":
+        return min(cfg.downpour.n_push, cfg.downpour.n_fetch)
+    return max(1, min(cfg.lsgd.tau, cfg.lsgd.tau_global))

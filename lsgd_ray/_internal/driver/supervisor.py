@@ -1,0 +1,89 @@
+"""What the driver restarts: a coordinator that died (from the last checkpoint, or from the
+workers' current weights), and asynchronous loops that ended because their process died (the
+coordinator replaces the worker or re-forms its group; the driver takes the new loops).
+
+Workers and groups are repaired by the actors themselves (a LocalLeader replaces its workers,
+the coordinator re-forms a group); only the coordinator's own death, and the loops the driver
+waits on, are handled here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import ray
+
+from lsgd_ray._internal.driver.state import RunState
+from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray.checkpoint import list_checkpoints, load_latest
+
+
+class Supervisor(RunState):
+    def _restart_coordinator(self, reason: str) -> None:
+        """The coordinator died: start a new one and continue from the last checkpoint (the
+        LocalLeaders and workers live on, but their state is rolled back to it so every part
+        of the run agrees), or, without a checkpoint, from the workers' current weights."""
+        cfg = self.config
+        for ll in self.local_leaders:  # let a round still running finish; a lost group is handled below
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get(ll.settle.remote(), timeout=startup_timeout(cfg.actor_timeout_s))
+        known = self._events_known  # the dead coordinator's events, as last seen here
+        self.global_leader = self._make_coordinator()
+        get_all([self.global_leader.setup.remote()], startup_timeout(cfg.actor_timeout_s) + 30, ["new coordinator"])
+        self._events_seen = 0
+        earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
+        event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
+        if list_checkpoints(self.output_dir):  # workers it lacks or has beyond this run's: see _restore
+            state, where = load_latest(self.output_dir)
+            earlier += self._restore(state, where)
+            event["from_checkpoint"] = str(where)
+        else:  # no checkpoint yet: go on from the current weights
+            steps = min(s["steps"] for s in self.worker_stats())
+            total = steps * len(self.workers) if cfg.mode == "async" else 0  # async counts steps summed
+            ray.get(self.global_leader.set_state.remote({"step": steps, "_total_steps": total, "events": []}))
+        event["step"] = self.status()["step"]
+        events = [*known, *earlier, event]  # a checkpoint's events are a part of those already seen
+        ray.get(self.global_leader.set_state.remote({"events": events}))
+        self._events_seen, self._events_known = len(events), events
+        self._say(f"lsgd-ray: coordinator {reason}: restarted, continuing from step {event['step']}")
+
+    def _coordinator_died(self, exc: ray.exceptions.RayActorError) -> bool:
+        """Whether ``exc``, raised by a call between rounds, means the coordinator itself died
+        (not an error of its own code or of an actor it waited on)."""
+        if isinstance(exc, ray.exceptions.RayTaskError):
+            return False
+        try:
+            ray.get(self.global_leader.local_leader_handles.remote(), timeout=self.config.actor_timeout_s)
+            return False
+        except ray.exceptions.RayActorError:
+            return True
+
+    def _restart_dead_loops(self, loops: dict[int, ray.ObjectRef], ready: list[ray.ObjectRef]) -> bool:
+        """Asynchronous mode: loops (by rank) that ended because their process died are started
+        again by the coordinator: a dead worker is replaced on its node, a group whose
+        LocalLeader died is re-formed or, its node gone, dropped (its ranks leave ``loops``)."""
+        rank_of = {ref: rank for rank, ref in loops.items()}
+        failed = {}
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError):
+                    raise  # the worker's own error
+                failed[rank_of[ref]] = f"died ({type(exc).__name__})"
+        if not failed:
+            return False
+        self._take_loops(loops, ray.get(self.global_leader.restart_loops.remote(failed)))
+        return True
+
+    def _take_loops(self, loops: dict[int, ray.ObjectRef], wrapped: dict[int, list[ray.ObjectRef | None]]) -> None:
+        """Asynchronous mode: the coordinator's loops by rank (``[ref]``; ``[None]``: the rank's
+        group was dropped) into ``loops``, then the events and handles a recovery may have changed."""
+        for rank, (ref,) in wrapped.items():
+            if ref is None:
+                loops.pop(rank, None)
+            else:
+                loops[rank] = ref
+        self.status()  # notes the events first (a restarted coordinator carries them over)
+        self._refresh_handles()

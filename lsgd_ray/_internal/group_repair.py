@@ -1,0 +1,169 @@
+"""How a LocalLeader repairs its group: it learns which workers failed in a call (``Failure``:
+died, hung, or alive but waiting on an input a failed worker never gave) and replaces a lost
+worker by a new process on its node, started from the weights the caller names; a diverged
+worker (synchronous LSGD) is reset to the leader's weights."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from lsgd_ray._internal.protocol import Failure, FailureKind
+from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray.topology import GroupPlan
+
+
+class GroupRepair:
+    """The failure handling of ``LocalLeader``, which provides the group it works on."""
+
+    plan: GroupPlan
+    ranks: list[int]
+    workers: list[Any]
+    timeout_s: float
+    events: list[dict[str, Any]]
+    log: Any
+    _spawn: Callable[[int, int], Any]  # (index, rank) -> a new worker on this node
+    _pull_lock: threading.Lock
+    _in_flight: dict[tuple[int, str], ray.ObjectRef]
+
+    def _names(self) -> list[str]:
+        return [f"worker {r} (group {self.plan.group})" for r in self.ranks]
+
+    def _gather(
+        self, calls: list[ray.ObjectRef], timeout_s: float | None = None, collective: bool = False
+    ) -> tuple[list[Any], list[Failure]]:
+        """Every worker's answer, waiting at most the timeout in all, and the failures (by index
+        in the group): a worker that died or did not answer in time gets ``None``, and so does
+        one that lives but lost an argument (a dead worker's weights). An exception raised by the
+        worker's own code is not a failure of the worker: it propagates, unless ``collective``
+        (a collective that failed with a dead peer: ``BROKEN``)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
+        results: list[Any] = []
+        failures: list[Failure] = []
+        for index, ref in enumerate(calls):
+            try:
+                results.append(ray.get(ref, timeout=0))
+                continue
+            except GetTimeoutError:
+                failures.append(Failure(index, FailureKind.HUNG, f"{timeout_s:g}s"))
+            except RayTaskError as exc:
+                if isinstance(exc, RayActorError):  # RayTaskError(ActorDiedError): an argument's producer died
+                    failures.append(Failure(index, FailureKind.LOST_INPUT))
+                elif collective:
+                    failures.append(Failure(index, FailureKind.BROKEN, str(exc).strip().splitlines()[-1]))
+                else:
+                    raise
+            except RayActorError as exc:
+                failures.append(Failure(index, FailureKind.DIED, type(exc).__name__))
+            results.append(None)
+        return results, failures
+
+    def _index_of(self, rank: int) -> int | None:
+        """The index in this group of global ``rank`` (``None``: another group's)."""
+        return self.ranks.index(rank) if rank in self.ranks else None
+
+    @staticmethod
+    def _waiting_on_inputs(
+        failures: list[Failure], pulls: list[tuple], producers: tuple[int | None, int | None]
+    ) -> list[Failure]:
+        """A worker that did not answer may only be waiting for a pull's weights that a failed
+        worker (a hung leader) never published: ``LOST_INPUT``, not hung itself. ``producers``:
+        the indexes of the workers whose weights the local and the global pull carry (``None``:
+        not this group's)."""
+        hung = {f.rank for f in failures if f.kind is FailureKind.HUNG}
+        out = []
+        for f in failures:
+            local_ref, _, global_ref, _ = pulls[f.rank]
+            waits_on = [
+                p
+                for ref, p in zip((local_ref, global_ref), producers)
+                if ref is not None and p != f.rank and not ray.wait([ref], timeout=0, fetch_local=False)[0]
+            ]
+            if f.kind is FailureKind.HUNG and waits_on and all(p is None or p in hung for p in waits_on):
+                f = Failure(f.rank, FailureKind.LOST_INPUT, "its pull's weights never came")
+            out.append(f)
+        return out
+
+    def _weights_source(self, leader: int, global_pull: list[ray.ObjectRef] | None) -> ray.ObjectRef | None:
+        """Where a replaced or diverged worker restarts from: the group leader's weights, or
+        the global leader's when the group has no usable worker."""
+        if leader >= 0:
+            return self.workers[leader].get_weights.remote(False)
+        return global_pull[0] if global_pull else None
+
+    def replace_worker(
+        self,
+        index: int,
+        reason: str,
+        source: list[ray.ObjectRef | None],
+        steps: int | None = None,
+        origin: str = "the leader's weights",
+        respawn: bool = True,
+    ) -> dict[str, Any]:
+        """Replace worker ``index`` by a new process on this node, started from ``source``
+        (wrapped; ``None``: its initial weights) with the group's step count; ``origin`` names
+        the source in the log line. ``respawn=False``: the worker is already a new process
+        (this LocalLeader replaced a dead one and started its group afresh)."""
+        if respawn:
+            with contextlib.suppress(Exception):
+                ray.kill(self.workers[index])
+        new = self._spawn(index, self.ranks[index]) if respawn else self.workers[index]
+        name = f"worker {self.ranks[index]} (group {self.plan.group})"
+        info = get_all([new.ready.remote()], startup_timeout(self.timeout_s), [f"replacement {name}"])[0]
+        try:
+            if source and source[0] is not None:
+                get_all([new.reset_to.remote(source[0], steps)], self.timeout_s, [f"replacement {name}"])
+        except RayTaskError:  # the leader's weights were lost too: start from the initial weights
+            source = [None]
+            origin = "the initial weights"
+        if not source or source[0] is None:
+            get_all([new.reset_to.remote(None, steps)], self.timeout_s, [f"replacement {name}"])
+        self.workers[index] = new
+        with self._pull_lock:  # the dead worker's pulls never run
+            self._in_flight = {key: ref for key, ref in self._in_flight.items() if key[0] != index}
+        event = {
+            "event": "worker_replaced",
+            "rank": self.ranks[index],
+            "group": self.plan.group,
+            "reason": reason,
+            "step": steps,
+            "pid": info["pid"],
+            "from": origin,
+            "time": time.time(),
+        }
+        self.events.append(event)
+        self.log.warning(f"{name} {reason}: replaced (new pid {info['pid']}) from {origin}")
+        return event
+
+    def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
+        """Synchronous mode: workers whose loss went NaN/inf restart from the leader's weights."""
+        if not diverged or source is None:
+            return
+        get_all([self.workers[i].reset_to.remote(source) for i in diverged], self.timeout_s, self._names())
+        for i in diverged:
+            self._reset_event(i, steps)
+
+    def _reset_event(self, index: int, step: int | None) -> None:
+        rank = self.ranks[index]
+        self.events.append(
+            {
+                "event": "worker_reset",
+                "rank": rank,
+                "group": self.plan.group,
+                "reason": "loss NaN or infinite",
+                "step": step,
+                "time": time.time(),
+            }
+        )
+        self.log.warning(f"worker {rank}: loss NaN or infinite, reset to the leader")
+
+    def reset_workers(self, source: list[ray.ObjectRef | None], steps: int | None) -> None:
+        """Start every worker of this (re-formed) group from ``source`` at ``steps``."""
+        get_all([w.reset_to.remote(source[0], steps) for w in self.workers], self.timeout_s, self._names())
