@@ -378,11 +378,9 @@ class TrainConfig:
     @property
     def mode(self) -> str:
         """``sync`` (rounds driven by the coordinator) or ``async`` (workers at their own speed)."""
-        if self.algorithm == "lsgd":
-            return self.lsgd.mode
-        if self.algorithm == "easgd":
-            return self.easgd.mode
-        return "async" if self.algorithm == "downpour" else "sync"
+        from lsgd_ray.algorithms import ALGORITHMS
+
+        return ALGORITHMS[self.algorithm].mode(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

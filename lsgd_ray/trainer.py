@@ -24,13 +24,12 @@ from lsgd_ray._internal.driver.loops import Loops
 from lsgd_ray._internal.driver.placement import connect, on_driver_node, place
 from lsgd_ray._internal.driver.state import resumed_run_dir
 from lsgd_ray._internal.evaluator import Evaluator
-from lsgd_ray._internal.global_leader import GlobalLeader
 from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory
-from lsgd_ray._internal.peer_coordinators import COORDINATORS
 from lsgd_ray._internal.protocol import WorkerSpec, actor_class
 from lsgd_ray._internal.schedule import Schedule
 from lsgd_ray._internal.waiting import get_all, startup_timeout
 from lsgd_ray._internal.worker import Worker
+from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.data import DatasetFactory
 from lsgd_ray.divergence import DivergenceWatch
@@ -107,7 +106,7 @@ class Trainer(Loops):
         self.topology = topo = place(cfg)
         self._say(
             f"lsgd-ray: {cfg.algorithm}, {len(topo.groups)} group(s) x {topo.group_sizes} worker(s), "
-            f"{cfg.mode} mode, {algorithm_summary(cfg)}"
+            f"{cfg.mode} mode, {ALGORITHMS[cfg.algorithm].summary(cfg)}"
         )
         os.makedirs(self.output_dir, exist_ok=True)
         write_json(os.path.join(self.output_dir, "config.json"), cfg.to_dict())
@@ -164,16 +163,13 @@ class Trainer(Loops):
         )
 
     def _make_coordinator(self) -> Any:
-        """The GlobalLeader (LSGD) or the peer's coordinator, on the driver's node."""
-        cfg, groups = self.config, self.groups
+        """The algorithm's coordinator (LSGD's GlobalLeader, or a peer's in its role), on the
+        driver's node."""
+        cfg = self.config
         options = dict(num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=on_driver_node())
-        if cfg.algorithm == "lsgd":
-            return actor_class(GlobalLeader, **options).remote(
-                self.local_leaders, groups, cfg.lsgd, cfg.actor_timeout_s, self._make_local_leader
-            )
-        # the peers' coordinators play the GlobalLeader's role
-        return actor_class(COORDINATORS[cfg.algorithm], **options).remote(
-            self.local_leaders, groups, cfg, cfg.actor_timeout_s, self._make_local_leader
+        coordinator = ALGORITHMS[cfg.algorithm].coordinator_class()
+        return actor_class(coordinator, **options).remote(
+            self.local_leaders, self.groups, cfg, cfg.actor_timeout_s, self._make_local_leader
         )
 
     def _make_evaluator(self) -> Any:
@@ -218,24 +214,6 @@ class Trainer(Loops):
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._started = False
-
-
-def algorithm_summary(cfg: TrainConfig) -> str:
-    """The algorithm's settings, for the start-up line."""
-    if cfg.algorithm == "lsgd":
-        c = cfg.lsgd
-        return f"tau={c.tau} tau_G={c.tau_global} lam={c.lam} lam_G={c.lam_global}"
-    if cfg.algorithm == "easgd":
-        return f"tau={cfg.easgd.tau} beta={cfg.easgd.beta} alpha={cfg.easgd.alpha or 'beta/p'}"
-    if cfg.algorithm == "downpour":
-        return f"n_push={cfg.downpour.n_push} n_fetch={cfg.downpour.n_fetch} rule={cfg.downpour.rule}"
-    if cfg.algorithm == "local_sgd":
-        return f"tau={cfg.local_sgd.tau} tau_G={cfg.local_sgd.tau_global}"
-    if cfg.algorithm in ("dpsgd", "aldsgd"):
-        g = cfg.gossip
-        extra = f" c1={g.c1} c2={g.c2} p1={g.p1} p2={g.p2}" if cfg.algorithm == "aldsgd" else ""
-        return f"graph={g.graph} rotation={g.rotation} tau={g.tau}{extra}"
-    return "gradients all-reduced every step"
 
 
 def fit(

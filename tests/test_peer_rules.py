@@ -187,7 +187,7 @@ def test_a_gossip_round_goes_on_without_the_weights_lost_with_a_local_leader():
     """The coordinator's bookkeeping (no Ray): a neighbour keeps the share of a lost input as its
     own weight, and a re-formed group's new workers start from the mean of what survives."""
     from lsgd_ray import TrainConfig
-    from lsgd_ray._internal.peer_coordinators import Gossip
+    from lsgd_ray._internal.peer_gossip import Gossip
     from lsgd_ray.topology import GroupPlan
 
     plans = [GroupPlan(group=g, node_id="n", num_workers=2, first_rank=2 * g) for g in range(2)]

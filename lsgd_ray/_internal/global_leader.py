@@ -18,7 +18,7 @@ import ray
 from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader, weighted_mean
-from lsgd_ray.config import LSGDConfig
+from lsgd_ray.config import LSGDConfig, TrainConfig
 from lsgd_ray.topology import GroupPlan
 
 if TYPE_CHECKING:
@@ -33,12 +33,12 @@ class GlobalLeader(Coordinator):
         self,
         local_leaders: list[Any],
         plans: list[GroupPlan],
-        lsgd: LSGDConfig,
+        config: TrainConfig,
         timeout_s: float,
         make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         super().__init__(local_leaders, plans, timeout_s, make_local_leader)
-        self.cfg = lsgd
+        self.cfg = config.lsgd
         self.num_groups = len(local_leaders)
         # by global rank and group id, which stay those of the run's start when groups are dropped
         rank_slots = len(self.estimates)

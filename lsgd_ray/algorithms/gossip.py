@@ -170,3 +170,17 @@ def gossip_round(
 def expected_received_per_round(weight_bytes: int, adjacency: Sequence[Sequence[int]]) -> float:
     """Mean bytes a worker receives in one round: its active degree times S."""
     return weight_bytes * sum(len(a) for a in adjacency) / max(len(adjacency), 1)
+
+
+def expected_bytes(
+    weight_bytes: int, num_workers: int, graph: str, degree: int, graph_seed: int, rotation: str, tau: int
+) -> dict[str, float]:
+    """Per worker-step, averaged over workers and over one cycle of the rotation: each
+    worker publishes its weights once a round and reads those of its active neighbours."""
+    edges = base_graph(graph, num_workers, degree, graph_seed)
+    cycle = len(matchings(edges)) if rotation == "matchings" and edges else 1
+    received = [
+        expected_received_per_round(weight_bytes, neighbours(active_edges(r, edges, rotation), num_workers))
+        for r in range(cycle)
+    ]
+    return {"sent": weight_bytes / tau, "received": sum(received) / cycle / tau}

@@ -141,3 +141,12 @@ def sync_round(
             for x in group:
                 pull_toward(x, leader_x, lam_global)
     return local_leaders, global_leader
+
+
+def expected_bytes(weight_bytes: int, group_sizes: Sequence[int], tau: int, tau_global: int) -> dict[str, float]:
+    """Per worker-step, averaged over workers: every worker but the group's leader receives each
+    local pull (only with several groups), every worker but the global leader each global pull.
+    Sent is not counted: one publication per leader, whoever it is."""
+    world = sum(group_sizes)
+    local = sum(size - 1 for size in group_sizes) / world / tau if len(group_sizes) > 1 else 0.0
+    return {"sent": float("nan"), "received": weight_bytes * (local + (world - 1) / world / tau_global)}

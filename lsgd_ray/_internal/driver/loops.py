@@ -14,7 +14,7 @@ from lsgd_ray._internal.driver.records import Records
 from lsgd_ray._internal.driver.supervisor import Supervisor
 from lsgd_ray._internal.schedule import ASYNC_POLL_S
 from lsgd_ray._internal.waiting import get_all, startup_timeout
-from lsgd_ray.config import TrainConfig
+from lsgd_ray.algorithms import ALGORITHMS
 
 
 class Loops(Supervisor, Records):
@@ -72,7 +72,7 @@ class Loops(Supervisor, Records):
         """Every worker's own loop; the driver wakes for evaluations, checkpoints, failures and
         the end of the budget."""
         cfg, schedule = self.config, self.schedule
-        report_every = async_report_period(cfg)
+        report_every = ALGORITHMS[cfg.algorithm].async_report_period(cfg)
         max_steps = None if not math.isfinite(schedule.max_step) else int(schedule.max_step)
         begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
         loops: dict[int, ray.ObjectRef] = {}
@@ -116,12 +116,3 @@ class Loops(Supervisor, Records):
         ray.get(list(loops.values()))  # a loop that failed raises here
         if schedule.checkpointing:
             self.checkpoint()
-
-
-def async_report_period(cfg: TrainConfig) -> int:
-    """How often (in its own steps) an asynchronous worker reports its progress."""
-    if cfg.algorithm == "easgd":
-        return cfg.easgd.tau
-    if cfg.algorithm == "downpour":
-        return min(cfg.downpour.n_push, cfg.downpour.n_fetch)
-    return max(1, min(cfg.lsgd.tau, cfg.lsgd.tau_global))

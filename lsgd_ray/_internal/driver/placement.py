@@ -10,6 +10,7 @@ import time
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.algorithms.gossip import base_graph
 from lsgd_ray.config import ConfigError, TrainConfig
 from lsgd_ray.topology import PlacementError, Topology, check_available, nodes_from_ray, plan_topology
@@ -62,7 +63,7 @@ def place(cfg: TrainConfig) -> Topology:
                 if time.perf_counter() > deadline:
                     raise
                 time.sleep(0.25)
-    if cfg.algorithm in ("dpsgd", "aldsgd"):  # the graph depends on the number of workers
+    if ALGORITHMS[cfg.algorithm].needs_graph:  # the graph depends on the number of workers
         g = cfg.gossip
         try:
             base_graph(g.graph, topology.num_workers, g.degree, g.graph_seed)

@@ -1,0 +1,132 @@
+"""Every algorithm in one table: one row says what a run needs to know about it.
+
+Adding an algorithm is a row here, a rules module (pure functions over flat tensors, in this
+package), its settings dataclass in ``lsgd_ray.config`` (when it has settings) and, if none of
+the coordinators fits its communication pattern, a coordinator in ``lsgd_ray._internal``.
+The config's ``algorithm`` choices, the CLI's ``--algorithm`` choices, the coordinator the
+Trainer starts, the start-up line, the asynchronous report period and the byte theory the tests
+and ``scripts/bench_comm.py`` check all come from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from lsgd_ray.algorithms import data_parallel, downpour, easgd, gossip, local_sgd, lsgd
+
+if TYPE_CHECKING:
+    from lsgd_ray.config import TrainConfig
+
+Bytes = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    rules: ModuleType  # its update rules
+    settings: str | None  # the TrainConfig field holding its settings; None: it has none
+    coordinator: str  # "module:Class": the actor that plays the GlobalLeader's role (imported at start)
+    describe: Callable[[Any], str]  # its settings in brief, for the start-up line
+    # bytes per worker-step in theory: (settings, weight bytes S, group sizes) -> sent, received
+    theory: Callable[[Any, int, Sequence[int]], Bytes]
+    # asynchronous mode: how often (in its own steps) a worker reports its progress
+    report_every: Callable[[Any], int] | None = None
+    fixed_mode: str | None = None  # its only mode; None: the settings' ``mode`` field says
+    needs_graph: bool = False  # a communication graph over the workers, checked at start
+
+    def settings_of(self, config: TrainConfig) -> Any:
+        return getattr(config, self.settings) if self.settings else None
+
+    def mode(self, config: TrainConfig) -> str:
+        """``sync`` (rounds driven by the coordinator) or ``async`` (workers at their own speed)."""
+        return self.fixed_mode or self.settings_of(config).mode
+
+    def summary(self, config: TrainConfig) -> str:
+        return self.describe(self.settings_of(config))
+
+    def expected_bytes(self, config: TrainConfig, weight_bytes: int, group_sizes: Sequence[int]) -> Bytes:
+        return self.theory(self.settings_of(config), weight_bytes, group_sizes)
+
+    def async_report_period(self, config: TrainConfig) -> int:
+        if self.report_every is None:
+            raise ValueError(f"{self.name} has no asynchronous mode")
+        return self.report_every(self.settings_of(config))
+
+    def coordinator_class(self) -> type:
+        module, name = self.coordinator.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _gossip(name: str, corrective: bool) -> Algorithm:
+    def describe(g: Any) -> str:
+        extra = f" c1={g.c1} c2={g.c2} p1={g.p1} p2={g.p2}" if corrective else ""
+        return f"graph={g.graph} rotation={g.rotation} tau={g.tau}{extra}"
+
+    return Algorithm(
+        name,
+        gossip,
+        "gossip",
+        "lsgd_ray._internal.peer_gossip:Gossip",
+        describe,
+        lambda g, S, sizes: gossip.expected_bytes(S, sum(sizes), g.graph, g.degree, g.graph_seed, g.rotation, g.tau),
+        fixed_mode="sync",
+        needs_graph=True,
+    )
+
+
+_ROWS = [
+    Algorithm(
+        "lsgd",
+        lsgd,
+        "lsgd",
+        "lsgd_ray._internal.global_leader:GlobalLeader",
+        lambda c: f"tau={c.tau} tau_G={c.tau_global} lam={c.lam} lam_G={c.lam_global}",
+        lambda c, S, sizes: lsgd.expected_bytes(S, sizes, c.tau, c.tau_global),
+        report_every=lambda c: max(1, min(c.tau, c.tau_global)),
+    ),
+    Algorithm(
+        "easgd",
+        easgd,
+        "easgd",
+        "lsgd_ray._internal.peer_coordinators:EASGD",
+        lambda c: f"tau={c.tau} beta={c.beta} alpha={c.alpha or 'beta/p'}",
+        lambda c, S, sizes: easgd.expected_bytes(S, c.tau),
+        report_every=lambda c: c.tau,
+    ),
+    Algorithm(
+        "downpour",
+        downpour,
+        "downpour",
+        "lsgd_ray._internal.peer_coordinators:Downpour",
+        lambda c: f"n_push={c.n_push} n_fetch={c.n_fetch} rule={c.rule}",
+        lambda c, S, sizes: downpour.expected_bytes(S, c.n_push, c.n_fetch),
+        report_every=lambda c: min(c.n_push, c.n_fetch),
+        fixed_mode="async",
+    ),
+    Algorithm(
+        "local_sgd",
+        local_sgd,
+        "local_sgd",
+        "lsgd_ray._internal.peer_coordinators:LocalSGD",
+        lambda c: f"tau={c.tau} tau_G={c.tau_global}",
+        lambda c, S, sizes: local_sgd.expected_bytes(S, sizes, c.tau, c.tau_global),
+        fixed_mode="sync",
+    ),
+    Algorithm(
+        "data_parallel",
+        data_parallel,
+        None,
+        "lsgd_ray._internal.peer_coordinators:DataParallel",
+        lambda _: "gradients all-reduced every step",
+        lambda _, S, sizes: data_parallel.expected_bytes(S, sum(sizes)),
+        fixed_mode="sync",
+    ),
+    _gossip("dpsgd", corrective=False),
+    _gossip("aldsgd", corrective=True),
+]
+
+ALGORITHMS: dict[str, Algorithm] = {row.name: row for row in _ROWS}
