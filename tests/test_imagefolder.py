@@ -13,7 +13,7 @@ import ray
 import torch
 from PIL import Image
 
-import lsgd_ray.data as data_module
+import lsgd_ray.data.streamed as data_module
 from lsgd_ray import LSGDConfig, TrainConfig, fit
 from lsgd_ray.cli import main
 from lsgd_ray.config import ConfigError

@@ -148,7 +148,7 @@ def test_digits_are_scikit_learns_read_without_importing_it():
     assert out.split() == ["1797", "False"]
     from sklearn.datasets import load_digits
 
-    from lsgd_ray.data import _digits_arrays
+    from lsgd_ray.data.in_memory import _digits_arrays
 
     bunch = load_digits()
     images, target = _digits_arrays()

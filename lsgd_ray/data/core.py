@@ -1,0 +1,96 @@
+"""The data every dataset gives (``Dataset``), worker shards and the batch stream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lsgd_ray.augment import Augment
+
+if TYPE_CHECKING:
+    from lsgd_ray.data.streamed import ImageFiles
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where they were looked for; the message says how to get them."""
+
+
+@dataclass
+class Dataset:
+    """Train and test splits as tensors (inputs already normalised, labels int64). Inputs too
+    large for memory are :class:`ImageFiles` instead, decoded batch by batch; labels stay tensors."""
+
+    name: str
+    x_train: torch.Tensor | ImageFiles
+    y_train: torch.Tensor
+    x_test: torch.Tensor | ImageFiles
+    y_test: torch.Tensor
+    num_classes: int
+    augment: Augment | None = None  # applied to each training batch; its ``test`` view to the test split
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """What the model sees (after the augmentation's crop)."""
+        shape = tuple(self.x_train.shape[1:])
+        return self.augment.output_shape(shape) if self.augment else shape
+
+
+DatasetFactory = Callable[[], Dataset]
+
+
+# --------------------------------------------------------------------------- sharding & batches
+
+
+def shard_indices(n: int, num_shards: int, shard: int, seed: int) -> torch.Tensor:
+    """Disjoint shards of ``range(n)``: a seeded permutation dealt round-robin."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} out of range for {num_shards} shards")
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return permutation[shard::num_shards]
+
+
+class BatchStream:
+    """An endless stream of index batches of a fixed size over ``range(n)``.
+
+    Each epoch is a fresh permutation from the stream's own generator; a batch that crosses an
+    epoch boundary takes the rest of one permutation and the start of the next, so every batch
+    has the same size and epochs count exactly in samples.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n <= 0:
+            raise ValueError("cannot draw batches from an empty shard")
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.randperm(n, generator=self.generator)
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need:
+            if self._pos == self.n:
+                self._order = torch.randperm(self.n, generator=self.generator)
+                self._pos = 0
+            take = min(need, self.n - self._pos)
+            parts.append(self._order[self._pos : self._pos + take])
+            self._pos += take
+            need -= take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos}
+
+    def load_state(self, state: dict) -> None:
+        """Continue exactly where ``state()`` was taken (same shard size)."""
+        if len(state["order"]) != self.n:
+            raise ValueError(f"batch stream state is for {len(state['order'])} samples, this shard has {self.n}")
+        self.generator.set_state(state["generator"])
+        self._order, self._pos = state["order"].clone(), int(state["pos"])
+
+
+def worker_seed(seed: int, rank: int) -> int:
+    """Seed of worker ``rank``'s batch order (model initialisation uses ``seed`` itself)."""
+    return seed * 1_000_003 + 7919 * (rank + 1)
