@@ -21,7 +21,6 @@ pids``), never by name, then deletes the namespaces.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -34,6 +33,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from lsgd_ray.netns import (
+    ClusterError,
+    check_prerequisites,
+    format_rate,
+    in_namespace,
+    namespace_pids,
+    parse_rate,
+    ray_cli,
+    sh,
+    signal_all,
+    tbf_burst_bytes,
+)
+
+__all__ = [
+    "ClusterError",
+    "ClusterSpec",
+    "EmulatedCluster",
+    "check_prerequisites",
+    "format_rate",
+    "namespace_pids",
+    "namespaces_of",
+    "node_env",
+    "parse_rate",
+    "tbf_burst_bytes",
+]
+
 STATE_ROOT = os.environ.get("LSGD_RAY_CLUSTER_DIR", "/tmp/lsgd-ray-cluster")
 SUBNET = "10.247.0"  # the /24 inside the namespaces; node i is SUBNET.(i + 1)
 NODE_IFACE = "eth0"  # each node's link, as its namespace sees it (gloo is told to use it)
@@ -43,46 +68,7 @@ STOP_GRACE_S = 5.0
 # tbf's queue: at most this much waiting time per link before packets drop
 TBF_LATENCY = "100ms"
 
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
-_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-
-
-class ClusterError(RuntimeError):
-    """The emulated cluster cannot be made, found or used; the message says why in one line."""
-
-
-def parse_rate(text: str) -> int | None:
-    """Link rate in bits/s from ``100mbit``, ``1gbit``, ``30mbit``, ``500kbit``; None for ``none``."""
-    text = str(text).strip().lower()
-    if text in ("none", "unlimited", "0"):
-        return None
-    match = _RATE.match(text)
-    if match is None:
-        raise ClusterError(
-            f"link rate {text!r} not understood: use a number with bit, kbit, mbit or gbit "
-            "(e.g. 100mbit, 1gbit), or none for an unshaped link"
-        )
-    bits = round(float(match.group(1)) * _UNITS[match.group(2)])
-    if bits < 8_000:
-        raise ClusterError(f"link rate {text!r} is below 8kbit, too slow for Ray to start")
-    return bits
-
-
-def format_rate(bits: int | None) -> str:
-    if bits is None:
-        return "none"
-    for unit in ("gbit", "mbit", "kbit"):
-        if bits % _UNITS[unit] == 0:
-            return f"{bits // _UNITS[unit]}{unit}"
-    return f"{bits}bit"
-
-
-def tbf_burst_bytes(bits: int) -> int:
-    """The bucket: 2 ms at the rate, at least 64 KiB (one offloaded segment), so a fast link is
-    not held below its rate by timer granularity (1 Gbit/s moved at 0.80 of its rate with 64 KiB
-    here, at 0.97 with 256 KiB)."""
-    return max(64 * 1024, bits // 8 // 500)
 
 
 @dataclass(frozen=True)
@@ -153,55 +139,11 @@ def node_env(spec: ClusterSpec, base: Mapping[str, str] | None = None) -> dict[s
     return env
 
 
-def check_prerequisites() -> None:
-    """Raise ClusterError naming what is missing: root/CAP_NET_ADMIN, iproute2, Ray's CLI."""
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    if missing:
-        raise ClusterError(f"{' and '.join(missing)} not found: install iproute2 (e.g. apt-get install iproute2)")
-    if _ray_cli() is None:
-        raise ClusterError("the `ray` command is not found next to this Python or on PATH: pip install 'ray[default]'")
-    if os.geteuid() != 0 and not _has_cap_net_admin():
-        raise ClusterError("network namespaces need root or CAP_NET_ADMIN: run as root (e.g. sudo)")
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        raise ClusterError(f"`ip netns` does not work here: {probe.stderr.strip() or probe.returncode}")
-
-
-def _has_cap_net_admin() -> bool:
-    try:
-        with open("/proc/self/status") as f:
-            caps = next(line for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration):
-        return False
-    return bool(int(caps.split()[1], 16) & (1 << 12))  # CAP_NET_ADMIN
-
-
-def _ray_cli() -> str | None:
-    local = os.path.join(os.path.dirname(sys.executable), "ray")
-    return local if os.access(local, os.X_OK) else shutil.which("ray")
-
-
-def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(list(args), capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise ClusterError(f"`{' '.join(args)}` failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done
-
-
-def _in(namespace: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return _sh("ip", "netns", "exec", namespace, *args, check=check)
-
-
 def namespaces_of(name: str) -> list[str]:
     """Every namespace on the machine that belongs to the emulated cluster ``name``."""
-    listed = _sh("ip", "netns", "list", check=False).stdout.split("\n")
+    listed = sh("ip", "netns", "list", check=False).stdout.split("\n")
     names = [line.split()[0] for line in listed if line.strip()]
     return [n for n in names if n == f"{name}-sw" or re.fullmatch(rf"{re.escape(name)}-n\d+", n)]
-
-
-def namespace_pids(namespace: str) -> list[int]:
-    out = _sh("ip", "netns", "pids", namespace, check=False).stdout
-    return [int(p) for p in out.split()]
 
 
 class EmulatedCluster:
@@ -294,22 +236,20 @@ class EmulatedCluster:
 
     def _make_network(self) -> None:
         spec = self.spec
-        _sh("ip", "netns", "add", spec.switch)
-        _in(spec.switch, "ip", "link", "set", "lo", "up")
-        _in(spec.switch, "ip", "link", "add", "br0", "type", "bridge")
-        _in(spec.switch, "ip", "link", "set", "br0", "up")
+        sh("ip", "netns", "add", spec.switch)
+        in_namespace(spec.switch, "ip", "link", "set", "lo", "up")
+        in_namespace(spec.switch, "ip", "link", "add", "br0", "type", "bridge")
+        in_namespace(spec.switch, "ip", "link", "set", "br0", "up")
         for node in range(spec.nodes):
             ns, port = spec.namespace(node), f"port{node}"
-            _sh("ip", "netns", "add", ns)
+            sh("ip", "netns", "add", ns)
             # both ends are created straight in their namespaces: nothing appears in ours
-            _sh(
-                "ip", "link", "add", NODE_IFACE, "netns", ns, "type", "veth", "peer", "name", port, "netns", spec.switch
-            )
-            _in(spec.switch, "ip", "link", "set", port, "master", "br0")
-            _in(spec.switch, "ip", "link", "set", port, "up")
-            _in(ns, "ip", "link", "set", "lo", "up")
-            _in(ns, "ip", "addr", "add", f"{spec.address(node)}/24", "dev", NODE_IFACE)
-            _in(ns, "ip", "link", "set", NODE_IFACE, "up")
+            sh("ip", "link", "add", NODE_IFACE, "netns", ns, "type", "veth", "peer", "name", port, "netns", spec.switch)
+            in_namespace(spec.switch, "ip", "link", "set", port, "master", "br0")
+            in_namespace(spec.switch, "ip", "link", "set", port, "up")
+            in_namespace(ns, "ip", "link", "set", "lo", "up")
+            in_namespace(ns, "ip", "addr", "add", f"{spec.address(node)}/24", "dev", NODE_IFACE)
+            in_namespace(ns, "ip", "link", "set", NODE_IFACE, "up")
         self.set_link(spec.link)
         self._say(f"{spec.nodes} node(s) on {SUBNET}.0/24, links {spec.link}")
 
@@ -320,23 +260,23 @@ class EmulatedCluster:
         for node in range(self.spec.nodes) if nodes is None else nodes:
             for ns, dev in ((self.spec.namespace(node), NODE_IFACE), (self.spec.switch, f"port{node}")):
                 if bits is None:
-                    _in(ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+                    in_namespace(ns, "tc", "qdisc", "del", "dev", dev, "root", check=False)
                 else:
                     tbf = ["tbf", "rate", f"{bits}bit", "burst", str(tbf_burst_bytes(bits)), "latency", TBF_LATENCY]
-                    _in(ns, "tc", "qdisc", "replace", "dev", dev, "root", *tbf)
+                    in_namespace(ns, "tc", "qdisc", "replace", "dev", dev, "root", *tbf)
         if nodes is None and link != self.spec.link:
             self.spec = replace(self.spec, link=link)
             if os.path.exists(os.path.join(self.spec.state_dir, "cluster.json")):
                 self._save_state()
 
     def _start_ray(self) -> None:
-        spec, ray_cli, env = self.spec, _ray_cli(), node_env(self.spec)
-        assert ray_cli is not None
+        spec, ray, env = self.spec, ray_cli(), node_env(self.spec)
+        assert ray is not None
         for node in range(spec.nodes):
             temp_dir = spec.temp_dir(node)
             os.makedirs(temp_dir, exist_ok=True)
             args = [
-                ray_cli, "start",
+                ray, "start",
                 f"--node-ip-address={spec.address(node)}",
                 f"--num-cpus={spec.cpus_per_node}",
                 f"--object-store-memory={spec.object_store_mb * 2**20}",
@@ -399,7 +339,7 @@ class EmulatedCluster:
         """Bytes each node has sent (``tx``) and received (``rx``) on its link so far."""
         counts = []
         for node in range(self.spec.nodes):
-            out = _sh("ip", "-n", self.spec.namespace(node), "-s", "-j", "link", "show", "dev", NODE_IFACE).stdout
+            out = sh("ip", "-n", self.spec.namespace(node), "-s", "-j", "link", "show", "dev", NODE_IFACE).stdout
             stats = json.loads(out)[0]["stats64"]
             counts.append({"tx": stats["tx"]["bytes"], "rx": stats["rx"]["bytes"]})
         return counts
@@ -412,7 +352,7 @@ class EmulatedCluster:
             ns = spec.namespace(node)
             info: dict[str, Any] = {"node": node, "namespace": ns, "address": spec.address(node), "up": ns in present}
             if info["up"]:
-                qdisc = _in(ns, "tc", "qdisc", "show", "dev", NODE_IFACE, check=False).stdout
+                qdisc = in_namespace(ns, "tc", "qdisc", "show", "dev", NODE_IFACE, check=False).stdout
                 shaped = re.search(r"tbf .*?rate (\S+)", qdisc)
                 info["link"] = shaped.group(1) if shaped else "none"
                 info["processes"] = len(namespace_pids(ns))
@@ -426,27 +366,21 @@ class EmulatedCluster:
         """Stop every process in this cluster's namespaces (by pid), delete the namespaces."""
         names = namespaces_of(self.spec.name)
         pids = {pid for ns in names for pid in namespace_pids(ns)}
-        _signal(pids, signal.SIGTERM)
+        signal_all(pids, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         while pids and time.monotonic() < deadline:
             time.sleep(0.1)
             pids = {pid for ns in names for pid in namespace_pids(ns)}
-        _signal(pids, signal.SIGKILL)
+        signal_all(pids, signal.SIGKILL)
         for ns in names:
             for _ in range(50):  # a killed process leaves its namespace a moment later
                 if not namespace_pids(ns):
                     break
                 time.sleep(0.1)
-            _sh("ip", "netns", "del", ns, check=False)
+            sh("ip", "netns", "del", ns, check=False)
         left = namespaces_of(self.spec.name)
         if left:
             raise ClusterError(f"could not delete namespaces {left} of cluster {self.spec.name!r}")
         shutil.rmtree(self.spec.state_dir, ignore_errors=True)
         if names:
             self._say(f"down: {len(names)} namespace(s) deleted")
-
-
-def _signal(pids: set[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-            os.kill(pid, sig)

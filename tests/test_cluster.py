@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lsgd_ray import cluster as emu
+from lsgd_ray import netns
 from lsgd_ray.cli import main
 from lsgd_ray.cluster import ClusterError, ClusterSpec, EmulatedCluster, parse_rate
 
@@ -74,7 +75,7 @@ def test_nodes_get_addresses_of_one_private_subnet_and_their_own_ray_temp_dir():
 
 def test_without_root_the_message_says_what_is_missing(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(emu, "_has_cap_net_admin", lambda: False)
+    monkeypatch.setattr(netns, "_has_cap_net_admin", lambda: False)
     with pytest.raises(ClusterError, match="root or CAP_NET_ADMIN"):
         emu.check_prerequisites()
     monkeypatch.setattr(emu.shutil, "which", lambda tool: None)
