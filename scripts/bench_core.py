@@ -35,8 +35,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lsgd_ray import LSGDConfig, OptimizerConfig, TrainConfig, Trainer  # noqa: E402
-from lsgd_ray.baselines import random_images  # noqa: E402,F401 (also imported from here by other scripts)
-from lsgd_ray.data import BatchStream, dataset_factory, shard_indices, worker_seed  # noqa: E402
+from lsgd_ray.data import (  # noqa: E402
+    BatchStream,
+    dataset_factory,
+    random_images,  # noqa: E402,F401 (also imported from here by other scripts)
+    shard_indices,
+    worker_seed,
+)
 from lsgd_ray.models import small_cnn  # noqa: E402
 from lsgd_ray.optim import build_optimizer  # noqa: E402
 

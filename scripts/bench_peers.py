@@ -54,8 +54,12 @@ from lsgd_ray import (  # noqa: E402
     TrainConfig,
     fit,
 )
-from lsgd_ray.baselines import plain_loop, random_images, ray_train_ddp  # noqa: E402
-from lsgd_ray.data import dataset_factory, dataset_spec  # noqa: E402
+from lsgd_ray.baselines import plain_loop, ray_train_ddp  # noqa: E402
+from lsgd_ray.data import (  # noqa: E402
+    dataset_factory,
+    dataset_spec,
+    random_images,  # noqa: E402
+)
 from lsgd_ray.models import model_factory, small_cnn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

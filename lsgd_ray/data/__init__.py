@@ -4,7 +4,8 @@ A dataset factory is any picklable callable returning a :class:`Dataset`; it run
 worker (and the evaluator), so each node reads its own copy of the files. Named datasets:
 
 - ``digits``: scikit-learn's bundled UCI handwritten digits (1,797 8x8 images): real and offline.
-- ``synthetic``: seeded Gaussian class clusters, for tests and benchmarks.
+- ``synthetic``: seeded Gaussian class clusters, for tests and benchmarks; ``random_images``:
+  MNIST-shaped noise for throughput runs.
 - ``mnist``, ``fashion-mnist``: torchvision's readers of the idx files in ``data_dir``.
 - ``cifar10``: the python batches in ``data_dir/cifar-10-batches-py``, with the reference's
   whole-batch crop-and-flip augmentation (``lsgd_ray.augment``).
@@ -34,6 +35,7 @@ from lsgd_ray.data.in_memory import (
     cifar10,
     digits,
     mnist_like,
+    random_images,
     read_cifar_batch,
     synthetic,
 )
@@ -170,6 +172,7 @@ __all__ = [
     "digits",
     "imagenet",
     "mnist_like",
+    "random_images",
     "random_resized_crop_box",
     "read_cifar_batch",
     "resident",

@@ -34,6 +34,20 @@ def synthetic(
     return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes)
 
 
+def random_images(n_train: int = 8192, n_test: int = 1024, seed: int = 0) -> Dataset:
+    """MNIST-shaped random data for throughput runs (what the pixels are does not matter there);
+    a module-level factory, so Ray workers can import it."""
+    g = torch.Generator().manual_seed(seed)
+    return Dataset(
+        "random-images",
+        torch.randn(n_train, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (n_train,), generator=g),
+        torch.randn(n_test, 1, 28, 28, generator=g),
+        torch.randint(0, 10, (n_test,), generator=g),
+        10,
+    )
+
+
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """The digits' 8x8 images and labels, read straight from the file scikit-learn ships: importing
     sklearn costs every worker about a second of CPU, and the tests start hundreds of them."""
