@@ -13,6 +13,7 @@ from lsgd_ray._internal.protocol import actor_log
 
 if TYPE_CHECKING:
     from lsgd_ray._internal.local_leader import LocalLeaderFactory
+    from lsgd_ray.config import TrainConfig
     from lsgd_ray.topology import GroupPlan
 
 
@@ -32,10 +33,12 @@ class Coordinator:
         self,
         local_leaders: list[Any],
         plans: list[GroupPlan],
+        config: TrainConfig,
         timeout_s: float,
         make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
         self.local_leaders, self.plans, self.timeout_s = list(local_leaders), list(plans), timeout_s
+        self.config = config
         # a LocalLeader that dies is replaced from its plan, on its node or, the node lost, on
         # another with room for its workers
         self.make_local_leader = make_local_leader
@@ -53,6 +56,10 @@ class Coordinator:
         self._total_steps = 0  # asynchronous: steps summed over all workers
         self._lock = threading.Lock()
         self._async_args: tuple = ()
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """The subclass's own state, set up at the end of ``__init__``."""
 
     def setup(self) -> None:
         """Anything the algorithm needs before its first step (collectives, a parameter server)."""

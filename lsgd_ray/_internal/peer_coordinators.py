@@ -22,11 +22,9 @@ from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
 from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout, worker_handles
 from lsgd_ray.algorithms import downpour, local_sgd
-from lsgd_ray.config import TrainConfig
-from lsgd_ray.topology import GroupPlan
 
 if TYPE_CHECKING:
-    from lsgd_ray._internal.local_leader import LocalLeaderFactory
+    pass
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
@@ -34,16 +32,8 @@ ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace
 class PeerCoordinator(PeerRecovery):
     evaluated = "average of the workers"
 
-    def __init__(
-        self,
-        local_leaders: list[Any],
-        plans: list[GroupPlan],
-        config: TrainConfig,
-        timeout_s: float,
-        make_local_leader: LocalLeaderFactory | None = None,
-    ) -> None:
-        super().__init__(local_leaders, plans, timeout_s, make_local_leader)
-        self.cfg = config
+    def _init_state(self) -> None:
+        self.cfg = self.config
         self._fresh: set[int] = set()  # ranks whose worker is a new process not yet restarted
         self.group_ranks = [list(p.ranks) for p in self.plans]
         self._worker_handles: list[Any] | None = None

@@ -8,7 +8,6 @@ exchanges are in ``worker_peers.py``.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import threading
@@ -22,15 +21,15 @@ import torch.nn.functional as F
 from lsgd_ray._internal.protocol import WorkerSpec, node_id, node_ip
 from lsgd_ray._internal.worker_async import AsyncWorkerMixin
 from lsgd_ray._internal.worker_peers import PeerWorkerMixin
+from lsgd_ray._internal.worker_state import WorkerStateMixin
 from lsgd_ray.algorithms.lsgd import LossWindow, pull_toward
-from lsgd_ray.checkpoint import map_leaves
 from lsgd_ray.data import BatchStream, DatasetFactory, ImageFiles, resident, shard_indices, worker_seed
 from lsgd_ray.flat import FlatState, all_finite
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory, build_optimizer
 
 
-class Worker(AsyncWorkerMixin, PeerWorkerMixin):
+class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
     def __init__(
         self,
         rank: int,
@@ -259,66 +258,7 @@ class Worker(AsyncWorkerMixin, PeerWorkerMixin):
         with self._lock:
             self.state.load(weights)
 
-    # ------------------------------------------------------------------ checkpoints and recovery
-
-    COUNTERS = (
-        "compute_s",
-        "bytes_sent",
-        "bytes_received",
-        "pulls",
-        "pull_s",
-        "exchanges",
-        "last_loss",
-        "resets",
-        "skipped_pulls",
-    )
-
-    def get_state(self) -> dict[str, Any]:
-        """Everything needed to continue this worker exactly: weights, integer buffers, optimizer
-        state, step count, batch order, RNG states, loss window and counters (all on the CPU,
-        tensors and plain values only, so a checkpoint loads with ``weights_only``)."""
-        with self._lock:
-            if not self._async:
-                return self._checkpoint_state()
-        return self._between_steps("state")
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        self._flush_losses()
-        return {
-            "rank": self.rank,
-            "weights": self.state.flat.detach().cpu().clone(),
-            "int_buffers": {
-                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if not v.is_floating_point()
-            },
-            "optimizer": map_leaves(copy.deepcopy(self.optimizer.state_dict()), torch.Tensor, torch.Tensor.cpu),
-            "steps": self.steps,
-            "stream": self.stream.state(),
-            "augment_rng": self.augment_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "window": self.window.values(),
-            "counters": {k: getattr(self, k) for k in self.COUNTERS},
-            "last_leaders": {k: (v.detach().cpu().clone(), s) for k, (v, s) in self._last_leaders.items()},
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from ``get_state()``'s snapshot (before the run's training starts)."""
-        if state["rank"] != self.rank:
-            raise ValueError(f"worker {self.rank} was handed worker {state['rank']}'s checkpoint")
-        with self._lock:
-            self.state.load(state["weights"])
-            buffers = self.model.state_dict()
-            for name, value in state["int_buffers"].items():
-                buffers[name].copy_(value)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.steps = int(state["steps"])
-            self.stream.load_state(state["stream"])
-            self.augment_rng.set_state(state["augment_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            self.window.load(state["window"])
-            self._recent.clear()
-            for name, value in state["counters"].items():
-                setattr(self, name, value)
-            self._last_leaders = {k: (v.to(self.device), s) for k, (v, s) in state["last_leaders"].items()}
+    # ------------------------------------------------------------------ recovery
 
     def reset_to(self, weights: np.ndarray | None, steps: int | None = None) -> None:
         """Start again from ``weights`` (the leader's; ``None``: keep these): fresh optimizer
