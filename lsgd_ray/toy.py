@@ -85,6 +85,24 @@ def _check(steps: int, tau: int, strength: float, upper: float, name: str) -> No
         raise ValueError(f"{name} must lie in [0, {upper:g}] for the pull to contract, got {strength}")
 
 
+def _sgd_steps(
+    x: np.ndarray,
+    grad_fn: Callable[[np.ndarray], np.ndarray],
+    steps: int,
+    lr: float,
+    grad_noise: float,
+    rng: np.random.Generator,
+) -> Iterator[int]:
+    """``steps`` noisy gradient steps on ``x`` in place, x ← x − η(∇f(x) + σ_g ξ), yielding each
+    step's number (from 1) after it, so the caller communicates in between."""
+    for t in range(1, steps + 1):
+        g = grad_fn(x)
+        if grad_noise:
+            g = g + grad_noise * rng.standard_normal(x.shape)
+        x -= lr * g
+        yield t
+
+
 def leader_steps(
     x0: np.ndarray,
     grad_fn: Callable[[np.ndarray], np.ndarray],
@@ -117,11 +135,7 @@ def leader_steps(
 
     leader = elect()
     yield x.copy(), leader
-    for t in range(1, steps + 1):
-        g = grad_fn(x)
-        if grad_noise:
-            g = g + grad_noise * rng.standard_normal(x.shape)
-        x -= lr * g
+    for t in _sgd_steps(x, grad_fn, steps, lr, grad_noise, rng):
         if t % tau == 0:
             leader = elect()
             x -= lam * (x - x[leader])
@@ -151,11 +165,7 @@ def elastic_steps(
     rng = np.random.default_rng(seed)
     c = x.mean(axis=0) if center is None else np.array(center, dtype=np.float64)
     yield x.copy(), c.copy()
-    for t in range(1, steps + 1):
-        g = grad_fn(x)
-        if grad_noise:
-            g = g + grad_noise * rng.standard_normal(x.shape)
-        x -= lr * g
+    for t in _sgd_steps(x, grad_fn, steps, lr, grad_noise, rng):
         if t % tau == 0:
             diff = x - c
             x -= alpha * diff
