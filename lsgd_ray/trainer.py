@@ -27,7 +27,7 @@ from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory
 from lsgd_ray._internal.protocol import WorkerSpec, actor_class
 from lsgd_ray._internal.schedule import Schedule
-from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray._internal.waiting import get_all
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.config import TrainConfig
@@ -131,7 +131,7 @@ class Trainer(Loops):
         names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
         infos = get_all(
             [ll.ready.remote() for ll in self.local_leaders] + [self.evaluator.ready.remote()],
-            startup_timeout(cfg.actor_timeout_s) + 30,
+            self.deadlines.nested_start_s,
             names,
             hint="actors could not be placed or failed to start",
         )
@@ -139,7 +139,7 @@ class Trainer(Loops):
         self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
         get_all(
             [self.global_leader.setup.remote()],
-            startup_timeout(cfg.actor_timeout_s) + 30,
+            self.deadlines.nested_start_s,
             [f"{cfg.algorithm} coordinator"],
         )
         worker_infos = [w for g in self.group_infos for w in g["workers"]]
@@ -180,7 +180,7 @@ class Trainer(Loops):
 
     def worker_weights(self) -> list[np.ndarray]:
         """Every worker's flat weights (parameters then float buffers), by global rank."""
-        return ray.get([w.get_weights.remote(False) for w in self.workers])
+        return ray.get([w.get_weights.remote(count=False) for w in self.workers])
 
     def fit(self) -> FitResult:
         """Train to the budget, evaluating every ``eval_every_s`` training seconds (LSGD: the leader

@@ -92,7 +92,7 @@ class AsyncGroup(GroupRepair):
                 self._resetting.add(index)
                 reset = leader
         if reset is not None:  # the worker applies it between two of its steps
-            self.workers[index].reset_to.remote(self.workers[reset].get_weights.remote(False))
+            self.workers[index].reset_to.remote(self.workers[reset].get_weights.remote(count=False))
             self._reset_event(index, None)
         if due:
             self._pull_each(self.workers[leader].get_weights.remote, self._lam, skip=leader, kind="local")
@@ -127,4 +127,4 @@ class AsyncGroup(GroupRepair):
                 return
             ref = snapshot()
             for i in targets:
-                self._in_flight[(i, kind)] = self.workers[i].pull.remote(ref, strength, False, kind)
+                self._in_flight[(i, kind)] = self.workers[i].pull.remote(ref, strength, inspect=False, kind=kind)

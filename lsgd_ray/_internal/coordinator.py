@@ -10,6 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from lsgd_ray._internal.protocol import actor_log
+from lsgd_ray._internal.waiting import Deadlines
 
 if TYPE_CHECKING:
     from lsgd_ray._internal.local_leader import LocalLeaderFactory
@@ -39,6 +40,7 @@ class Coordinator:
     ) -> None:
         self.local_leaders, self.plans, self.timeout_s = list(local_leaders), list(plans), timeout_s
         self.config = config
+        self.deadlines = Deadlines(timeout_s)
         # a LocalLeader that dies is replaced from its plan, on its node or, the node lost, on
         # another with room for its workers
         self.make_local_leader = make_local_leader

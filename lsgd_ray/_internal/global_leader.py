@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from lsgd_ray._internal.leader_recovery import LeaderRecovery
-from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray._internal.waiting import get_all
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader, weighted_mean
 from lsgd_ray.config import LSGDConfig
 
@@ -127,7 +127,7 @@ class GlobalLeader(LeaderRecovery):
                     ll.train_round.remote(target - self.step, local, cfg.lam, local or global_, *self._global_args())
                     for ll in self.local_leaders
                 ],
-                self.timeout_s + startup_timeout(self.timeout_s) + 60,  # wait out a hung worker, then replace it
+                self.deadlines.group_round_s,  # wait out a hung worker, then replace it
             )
         finally:
             self._reform_step = None
@@ -162,7 +162,7 @@ class GlobalLeader(LeaderRecovery):
             ranks = list(handles)
             stats = get_all([handles[r].stats.remote() for r in ranks], self.timeout_s, [f"worker {r}" for r in ranks])
             self.leader = ranks[max(select_leader([s["estimate"] for s in stats]), 0)]
-        return [handles[self.leader].get_weights.remote(False)]
+        return [handles[self.leader].get_weights.remote(count=False)]
 
     def center_weights(self) -> list[ray.ObjectRef]:
         """A reference to the center, the mean of every worker's weights (wrapped). Each
@@ -235,7 +235,7 @@ class GlobalLeader(LeaderRecovery):
                 g = next(i for i, p in enumerate(self.plans) if rank in p.ranks)
                 source, origin = self._survivor_source(exclude=failed)
                 calls[rank] = self.local_leaders[g].replace_async.remote(rank, reason, source, origin)
-            timeout = startup_timeout(self.timeout_s) + 2 * self.timeout_s
+            timeout = self.deadlines.replace_s
             for rank, ref in calls.items():
                 restarted[rank] = get_all([ref], timeout, [f"replacement of worker {rank}"])[0][:1]
             self._worker_handles = None

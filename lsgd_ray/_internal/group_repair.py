@@ -15,7 +15,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from lsgd_ray._internal.protocol import Failure, FailureKind
-from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray._internal.waiting import Deadlines, get_all
 from lsgd_ray.topology import GroupPlan
 
 
@@ -26,6 +26,7 @@ class GroupRepair:
     ranks: list[int]
     workers: list[Any]
     timeout_s: float
+    deadlines: Deadlines
     events: list[dict[str, Any]]
     log: Any
     _spawn: Callable[[int, int], Any]  # (index, rank) -> a new worker on this node
@@ -95,7 +96,7 @@ class GroupRepair:
         """Where a replaced or diverged worker restarts from: the group leader's weights, or
         the global leader's when the group has no usable worker."""
         if leader >= 0:
-            return self.workers[leader].get_weights.remote(False)
+            return self.workers[leader].get_weights.remote(count=False)
         return global_pull[0] if global_pull else None
 
     def replace_worker(
@@ -116,7 +117,7 @@ class GroupRepair:
                 ray.kill(self.workers[index])
         new = self._spawn(index, self.ranks[index]) if respawn else self.workers[index]
         name = f"worker {self.ranks[index]} (group {self.plan.group})"
-        info = get_all([new.ready.remote()], startup_timeout(self.timeout_s), [f"replacement {name}"])[0]
+        info = get_all([new.ready.remote()], self.deadlines.start_s, [f"replacement {name}"])[0]
         try:
             if source and source[0] is not None:
                 get_all([new.reset_to.remote(source[0], steps)], self.timeout_s, [f"replacement {name}"])

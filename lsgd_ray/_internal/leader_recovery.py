@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
-from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
+from lsgd_ray._internal.waiting import get_all, replies_or_deaths
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
 
@@ -62,7 +62,7 @@ class LeaderRecovery(Coordinator):
         if rank < 0:
             return [None], "the initial weights"
         origin = "the leader's weights" if rank == self.leader else f"worker {rank}'s weights"
-        return [handles[rank].get_weights.remote(False)], origin
+        return [handles[rank].get_weights.remote(count=False)], origin
 
     def _recover_group(self, g: int, reason: str) -> None:
         plan, name = self.plans[g], self._names[g]
@@ -81,7 +81,7 @@ class LeaderRecovery(Coordinator):
         else:
             try:
                 replacement = factory(target)
-                get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new {name}"])
+                get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new {name}"])
                 g = self.plans.index(plan)
                 self.local_leaders[g], self.plans[g] = replacement, target
                 self._worker_handles = None

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lsgd_ray._internal.async_group import AsyncGroup
 from lsgd_ray._internal.protocol import FailureKind, WorkerSpec, actor_class, actor_log, node_id, node_ip
-from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray._internal.waiting import Deadlines, get_all
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import select_leader, weighted_mean
 from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
@@ -86,6 +86,7 @@ class LocalLeader(AsyncGroup):
         timeout_s: float = 120.0,
     ) -> None:
         self.plan, self.spec, self.timeout_s = plan, spec, timeout_s
+        self.deadlines = Deadlines(timeout_s)
         self.log = actor_log(f"LocalLeader {plan.group}")
         pinned = NodeAffinitySchedulingStrategy(node_id=plan.node_id, soft=False)
         remote_cls = actor_class(
@@ -125,7 +126,7 @@ class LocalLeader(AsyncGroup):
     def ready(self) -> dict[str, Any]:
         infos = get_all(
             [w.ready.remote() for w in self.workers],
-            startup_timeout(self.timeout_s),
+            self.deadlines.start_s,
             [f"worker {r} (group {self.plan.group})" for r in self.ranks],
             hint="its node may lack the resources it asked for, or its model/dataset factory failed",
         )
@@ -283,7 +284,7 @@ class LocalLeader(AsyncGroup):
         firsts = calls if num_returns == 1 else [c[0] for c in calls]
         # a survivor's collective gives up within the gloo timeout (actor_timeout_s) after a
         # peer dies mid-call: wait that out too, so it is not taken for hung and killed
-        timeout = 2 * self.timeout_s if collective else self.timeout_s
+        timeout = self.deadlines.collective_s if collective else self.deadlines.call_s
         results, failures = self._gather(firsts, timeout, collective)
         refs = [] if num_returns == 1 else [[c[1]] for c in calls]
         return {
@@ -301,7 +302,7 @@ class LocalLeader(AsyncGroup):
         workers' arrays are read-only views of this node's shared memory, summed into one
         buffer; in asynchronous mode each worker takes its snapshot between two steps, as for
         ``GlobalLeader.leader_weights``. A worker that died or hangs fails the call."""
-        arrays = get_all([w.get_weights.remote(False) for w in self.workers], self.timeout_s, self._names())
+        arrays = get_all([w.get_weights.remote(count=False) for w in self.workers], self.timeout_s, self._names())
         mean = weighted_mean(arrays, [1] * len(arrays))
         return {"group": self.plan.group, "mean": [ray.put(mean)], "count": len(arrays)}
 

@@ -20,7 +20,7 @@ import ray
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
 from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class
-from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout, worker_handles
+from lsgd_ray._internal.waiting import get_all, replies_or_deaths, worker_handles
 from lsgd_ray.algorithms import downpour, local_sgd
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class PeerCoordinator(PeerRecovery):
 
     def leader_weights(self) -> list[ray.ObjectRef]:
         """The model this algorithm evaluates, by reference (wrapped): here the workers' mean."""
-        arrays = ray.get([h.get_weights.remote(False) for h in self._handles()])
+        arrays = ray.get([h.get_weights.remote(count=False) for h in self._handles()])
         mean = np.zeros_like(arrays[0])
         for array in arrays:
             mean += array
@@ -151,7 +151,7 @@ class PeerCoordinator(PeerRecovery):
         the new loops (wrapped)."""
         source = self.leader_weights()
         restarted: dict[int, list[ray.ObjectRef | None]] = {}
-        timeout = startup_timeout(self.timeout_s) + 2 * self.timeout_s
+        timeout = self.deadlines.replace_s
         for rank, reason in sorted(failed.items()):
             if rank in restarted:
                 continue
@@ -176,10 +176,10 @@ class PeerCoordinator(PeerRecovery):
         self._reform_group(g, reason)
         ll, ranks = self.local_leaders[g], self.group_ranks[g]
         calls = [
-            ll.replace_worker.remote(i, reason, source, self.step, self.replacement_origin, False)
+            ll.replace_worker.remote(i, reason, source, self.step, self.replacement_origin, respawn=False)
             for i in range(len(ranks))
         ]
-        get_all(calls, startup_timeout(self.timeout_s) + self.timeout_s, [f"new worker {r}" for r in ranks])
+        get_all(calls, self.deadlines.replace_s, [f"new worker {r}" for r in ranks])
         self.events.extend(get_all([ll.take_events.remote()], self.timeout_s, [self._names[g]])[0])
         self._fresh.difference_update(ranks)
         loops = get_all([ll.start_async.remote(*self._async_args)], self.timeout_s, [self._names[g]])[0]
@@ -219,7 +219,7 @@ class DataParallel(PeerCoordinator):
         return self._call("train", [(num_steps,)] * self.num_workers)[0]
 
     def leader_weights(self) -> list[ray.ObjectRef]:
-        return [self._handles()[0].get_weights.remote(False)]
+        return [self._handles()[0].get_weights.remote(count=False)]
 
 
 class LocalSGD(PeerCoordinator):
@@ -256,7 +256,7 @@ class EASGD(PeerCoordinator):
     replacement_origin = "the center"
 
     def setup(self) -> None:
-        first = self._handles()[0].get_weights.remote(False)  # every worker starts from the same weights
+        first = self._handles()[0].get_weights.remote(count=False)  # every worker starts from the same weights
         self.server = actor_class(ParameterServer, num_cpus=0, max_concurrency=1).remote(first)
         self.center_ref = self.server.get.remote()
         self.alpha = self.cfg.easgd.moving_rate(self.num_workers)

@@ -18,7 +18,7 @@ import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.protocol import Failure, FailureKind
-from lsgd_ray._internal.waiting import get_all, replies_or_deaths, startup_timeout
+from lsgd_ray._internal.waiting import get_all, replies_or_deaths
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -90,7 +90,7 @@ class PeerRecovery(Coordinator):
             for g, (indexes, a) in by_group.items()
         ]
         # the LocalLeaders wait at most (twice, for collectives) the timeout for their workers
-        timeout = (2 if self.collective else 1) * self.timeout_s + 30
+        timeout = self.deadlines.group_collective_s if self.collective else self.deadlines.group_call_s
         replies = replies_or_deaths(calls, timeout, [f"LocalLeader {g}" for g in by_group])
         answers: Answers = {}
         failures: list[Failure] = []
@@ -122,7 +122,7 @@ class PeerRecovery(Coordinator):
             )
         self._group_lost(g)
         replacement = factory(target)
-        get_all([replacement.ready.remote()], startup_timeout(self.timeout_s) + 30, [f"new LocalLeader {g}"])
+        get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new LocalLeader {g}"])
         self.local_leaders[g], plans[g] = replacement, target
         self._worker_handles = None
         self._fresh.update(self.group_ranks[g])
@@ -153,10 +153,12 @@ class PeerRecovery(Coordinator):
             g, index = self._locate(f.rank)
             source, steps, origin = sources[f.rank]
             respawn = f.rank not in self._fresh
-            calls.append(self.local_leaders[g].replace_worker.remote(index, f.reason, source, steps, origin, respawn))
+            calls.append(
+                self.local_leaders[g].replace_worker.remote(index, f.reason, source, steps, origin, respawn=respawn)
+            )
             groups.add(g)
         names = [f"replacement of worker {f.rank}" for f in failed]
-        get_all(calls, startup_timeout(self.timeout_s) + 2 * self.timeout_s, names)
+        get_all(calls, self.deadlines.replace_s, names)
         self._fresh.difference_update(f.rank for f in failed)
         for events in get_all(
             [self.local_leaders[g].take_events.remote() for g in groups],
@@ -224,4 +226,4 @@ def _raise_if_only_broken(method: str, failures: list[Failure], when: str) -> No
 
 def wrapped_weights(handle: Any) -> list[ray.ObjectRef]:
     """A worker's current weights, by reference (wrapped), not counted as the algorithm's traffic."""
-    return [handle.get_weights.remote(False)]
+    return [handle.get_weights.remote(count=False)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -11,9 +12,53 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 STARTUP_TIMEOUT_S = 300.0  # an actor's start-up (imports, data loading) may take longer than a round
 
 
-def startup_timeout(timeout_s: float) -> float:
-    """How long actors may take to start: never less than ``STARTUP_TIMEOUT_S``."""
-    return max(timeout_s, STARTUP_TIMEOUT_S)
+MARGIN_S = 30.0  # for the waiting actor's own work on top of what it waits for
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long each kind of wait may take, all from the run's ``actor_timeout_s`` (``call_s``):
+    a call that takes longer is reported as hung (by the actor that waited) and handled."""
+
+    call_s: float  # one call on a worker, or one synchronous round of its steps
+
+    @property
+    def start_s(self) -> float:
+        """An actor's start (imports, data loading): never less than ``STARTUP_TIMEOUT_S``."""
+        return max(self.call_s, STARTUP_TIMEOUT_S)
+
+    @property
+    def nested_start_s(self) -> float:
+        """An actor whose start waits on others' (a LocalLeader on its workers', a coordinator's
+        set-up on its workers' collectives)."""
+        return self.start_s + MARGIN_S
+
+    @property
+    def collective_s(self) -> float:
+        """A call that runs a collective: a survivor's collective gives up within the gloo
+        timeout (``call_s``) after a peer dies mid-call; waiting that out too keeps it from
+        being taken for hung."""
+        return 2 * self.call_s
+
+    @property
+    def group_call_s(self) -> float:
+        """A LocalLeader's call on its workers (it waits ``call_s`` for them, then reports)."""
+        return self.call_s + MARGIN_S
+
+    @property
+    def group_collective_s(self) -> float:
+        """The same for a call that runs a collective."""
+        return self.collective_s + MARGIN_S
+
+    @property
+    def replace_s(self) -> float:
+        """Replacing workers: a new process started, reset, perhaps after a collective gave up."""
+        return self.start_s + 2 * self.call_s
+
+    @property
+    def group_round_s(self) -> float:
+        """A synchronous LSGD round of a group: its workers' answers, then a hung one replaced."""
+        return self.call_s + self.start_s + 2 * MARGIN_S
 
 
 class ActorTimeoutError(TimeoutError):

@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.schedule import Schedule
+from lsgd_ray._internal.waiting import Deadlines
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.data import DatasetFactory
 from lsgd_ray.divergence import DivergenceWatch
@@ -47,6 +48,10 @@ class DriverBase:
     workers: list[Any]
     global_leader: Any  # LSGD's GlobalLeader or a peer's coordinator
     evaluator: Any
+
+    @property
+    def deadlines(self) -> Deadlines:
+        return Deadlines(self.config.actor_timeout_s)
 
     def _say(self, message: str) -> None:
         if not self.config.quiet:

@@ -13,7 +13,7 @@ import ray
 from lsgd_ray._internal.driver.records import Records
 from lsgd_ray._internal.driver.supervisor import Supervisor
 from lsgd_ray._internal.schedule import ASYNC_POLL_S
-from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray._internal.waiting import get_all
 from lsgd_ray.algorithms import ALGORITHMS
 
 
@@ -107,7 +107,7 @@ class Loops(Supervisor, Records):
                 self.train_s = trained + time.perf_counter() - begin
                 for worker in self.workers:  # every loop stops; the new coordinator starts them again
                     worker.stop.remote()
-                ray.wait(list(loops.values()), num_returns=len(loops), timeout=startup_timeout(cfg.actor_timeout_s))
+                ray.wait(list(loops.values()), num_returns=len(loops), timeout=self.deadlines.start_s)
                 self._restart_coordinator(f"died ({type(exc).__name__})")
                 begin, trained = time.perf_counter(), self.train_s  # the checkpoint's clock
                 loops = {}

@@ -15,7 +15,7 @@ import time
 import ray
 
 from lsgd_ray._internal.driver.state import RunState
-from lsgd_ray._internal.waiting import get_all, startup_timeout
+from lsgd_ray._internal.waiting import get_all
 from lsgd_ray.checkpoint import list_checkpoints, load_latest
 
 
@@ -27,10 +27,10 @@ class Supervisor(RunState):
         cfg = self.config
         for ll in self.local_leaders:  # let a round still running finish; a lost group is handled below
             with contextlib.suppress(ray.exceptions.RayActorError):
-                ray.get(ll.settle.remote(), timeout=startup_timeout(cfg.actor_timeout_s))
+                ray.get(ll.settle.remote(), timeout=self.deadlines.start_s)
         known = self._events_known  # the dead coordinator's events, as last seen here
         self.global_leader = self._make_coordinator()
-        get_all([self.global_leader.setup.remote()], startup_timeout(cfg.actor_timeout_s) + 30, ["new coordinator"])
+        get_all([self.global_leader.setup.remote()], self.deadlines.nested_start_s, ["new coordinator"])
         self._events_seen = 0
         earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
         event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
