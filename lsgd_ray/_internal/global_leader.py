@@ -133,22 +133,22 @@ class GlobalLeader(LeaderRecovery):
             self._reform_step = None
         self._pending_global = None
         self.step, self.rounds = target, self.rounds + 1
-        self._record_events([e for r in results for e in r["events"]])
+        self._record_events([e for r in results for e in r.events])
         for r in results:
-            plan = next(p for p in self.plans if p.group == r["group"])
-            self.estimates[plan.first_rank : plan.first_rank + plan.num_workers] = r["estimates"]
-        best = select_leader([r["leader_estimate"] for r in results])
+            plan = next(p for p in self.plans if p.group == r.group)
+            self.estimates[plan.first_rank : plan.first_rank + plan.num_workers] = r.estimates
+        best = select_leader([r.leader_estimate for r in results])
         if best >= 0:
-            self._set_leader(results[best]["leader"], results[best]["leader_estimate"], self.step)
-            if results[best]["leader_ref"][0] is not None:
-                self.leader_ref = results[best]["leader_ref"][0]  # the superseded one is released
+            self._set_leader(results[best].leader, results[best].leader_estimate, self.step)
+            if results[best].leader_ref is not None:
+                self.leader_ref = results[best].leader_ref  # the superseded one is released
         if local and cfg.lam > 0:
             self.local_pulls += 1
         if global_ and best >= 0 and self.leader_ref is not None and cfg.lam_global > 0:
             self._pending_global = (self.leader_ref, self.leader)  # sent with the next round
             self.global_pulls += 1
         self.round_wall_s += time.perf_counter() - round_start
-        self.round_compute_s += max(max(r["compute_s"]) for r in results)
+        self.round_compute_s += max(max(r.compute_s) for r in results)
 
     def _record_events(self, events: list[dict[str, Any]]) -> None:
         self.events.extend(events)

@@ -24,7 +24,16 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lsgd_ray._internal.async_group import AsyncGroup
-from lsgd_ray._internal.protocol import FailureKind, WorkerSpec, actor_class, actor_log, node_id, node_ip
+from lsgd_ray._internal.protocol import (
+    FailureKind,
+    GroupCall,
+    GroupRound,
+    WorkerSpec,
+    actor_class,
+    actor_log,
+    node_id,
+    node_ip,
+)
 from lsgd_ray._internal.waiting import Deadlines, get_all
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import select_leader, weighted_mean
@@ -151,11 +160,11 @@ class LocalLeader(AsyncGroup):
         global_pull: list[ray.ObjectRef] | None = None,
         lam_global: float = 0.0,
         global_rank: int = -1,
-    ) -> dict[str, Any]:
+    ) -> GroupRound:
         """Apply pending pulls and train every worker ``num_steps`` steps; pick the group leader.
 
-        With ``publish`` the group leader's weights go to the object store once; the reference
-        is returned wrapped in a list (so Ray passes it on unresolved) and, with
+        With ``publish`` the group leader's weights go to the object store once; the reply
+        carries the reference (Ray passes it on unresolved) and, with
         ``local_pull``, the group pulls toward it at the start of the next call.
         """
         with self._busy:
@@ -170,7 +179,7 @@ class LocalLeader(AsyncGroup):
         global_pull: list[ray.ObjectRef] | None,
         lam_global: float,
         global_rank: int,
-    ) -> dict[str, Any]:
+    ) -> GroupRound:
         pulls = [self._pulls_for(i, global_pull, lam_global, global_rank) for i in range(len(self.workers))]
         calls = [w.train.remote(num_steps, *p) for w, p in zip(self.workers, pulls)]
         local_leader = self._pending_local[2] if self._pending_local else None
@@ -203,15 +212,15 @@ class LocalLeader(AsyncGroup):
             leader_ref = self.workers[leader].get_weights.remote()
             if local_pull and lam > 0 and len(self.workers) > 1:
                 self._pending_local = (leader_ref, lam, leader)
-        return {
-            "group": self.plan.group,
-            "estimates": self.estimates,
-            "leader": self.ranks[leader] if leader >= 0 else -1,
-            "leader_estimate": self.estimates[leader] if leader >= 0 else float("inf"),
-            "leader_ref": [leader_ref],
-            "compute_s": [r["compute_s"] for r in results],
-            "events": self.take_events(),
-        }
+        return GroupRound(
+            group=self.plan.group,
+            estimates=list(self.estimates),
+            leader=self.ranks[leader] if leader >= 0 else -1,
+            leader_estimate=self.estimates[leader] if leader >= 0 else float("inf"),
+            leader_ref=leader_ref,
+            compute_s=[r["compute_s"] for r in results],
+            events=self.take_events(),
+        )
 
     def settle(self) -> None:
         """Wait for a round still running (its coordinator died) and drop what it left pending."""
@@ -262,7 +271,7 @@ class LocalLeader(AsyncGroup):
         num_returns: int = 1,
         indexes: list[int] | None = None,
         collective: bool = False,
-    ) -> dict[str, Any]:
+    ) -> GroupCall:
         """Call ``method`` on every worker (or those at ``indexes``) with its own ``args``
         (started together, then one wait). Object references in ``args`` reach the workers as
         top-level arguments, so each worker reads them straight from its node's object store.
@@ -276,7 +285,7 @@ class LocalLeader(AsyncGroup):
 
     def _call_workers(
         self, method: str, args: list[tuple], num_returns: int, indexes: list[int] | None, collective: bool
-    ) -> dict[str, Any]:
+    ) -> GroupCall:
         indexes = list(range(len(self.workers))) if indexes is None else list(indexes)
         calls = [
             getattr(self.workers[i], method).options(num_returns=num_returns).remote(*a) for i, a in zip(indexes, args)
@@ -287,12 +296,12 @@ class LocalLeader(AsyncGroup):
         timeout = self.deadlines.collective_s if collective else self.deadlines.call_s
         results, failures = self._gather(firsts, timeout, collective)
         refs = [] if num_returns == 1 else [[c[1]] for c in calls]
-        return {
-            "group": self.plan.group,
-            "results": results,
-            "refs": refs,
-            "failures": [dataclasses.replace(f, rank=self.ranks[indexes[f.rank]]) for f in failures],
-        }
+        return GroupCall(
+            group=self.plan.group,
+            results=results,
+            refs=refs,
+            failures=[dataclasses.replace(f, rank=self.ranks[indexes[f.rank]]) for f in failures],
+        )
 
     # ------------------------------------------------------------------ evaluation
 

@@ -100,10 +100,10 @@ class PeerRecovery(Coordinator):
                 self._reform_group(g, lost[0].reason)
                 failures += lost
                 continue
-            refs = reply["refs"] or [None] * len(indexes)
-            for index, result, ref in zip(indexes, reply["results"], refs):
+            refs = reply.refs or [None] * len(indexes)
+            for index, result, ref in zip(indexes, reply.results, refs):
                 answers[self.group_ranks[g][index]] = (result, ref)
-            failures += reply["failures"]
+            failures += reply.failures
         return answers, failures
 
     def _reform_group(self, g: int, reason: str) -> None:

@@ -120,6 +120,36 @@ class Failure:
         }[self.kind]
 
 
+# ---------------------------------------------------------------- a LocalLeader's replies
+
+
+@dataclass(frozen=True)
+class GroupRound:
+    """A LocalLeader's reply to a synchronous LSGD round (``train_round``)."""
+
+    group: int
+    estimates: list[float]  # each worker's, by index in the group
+    leader: int  # global rank of the group's leader; -1: no worker is usable
+    leader_estimate: float
+    # the leader's weights, published once (when asked to); a reference inside a reply is
+    # passed on, never fetched by Ray on the way
+    leader_ref: ray.ObjectRef | None
+    compute_s: list[float]  # each worker's time in its steps this round
+    events: list[dict[str, Any]]  # workers replaced or reset meanwhile
+
+
+@dataclass(frozen=True)
+class GroupCall:
+    """A LocalLeader's reply to a peer coordinator's ``call_workers``: each called worker's
+    result (``None`` for a failed one), its second return when asked for (wrapped), and the
+    failures by global rank."""
+
+    group: int
+    results: list[Any]
+    refs: list[list[ray.ObjectRef]]
+    failures: list[Failure]
+
+
 # ---------------------------------------------------------------- standing orders to a worker
 # A coordinator hands one to each asynchronous worker; the worker calls ``start`` once and
 # ``after_step`` after each of its steps, on its training thread.
