@@ -30,8 +30,8 @@ from lsgd_ray.config import (
     OptimizerConfig,
     TrainConfig,
 )
-from lsgd_ray.data import DATASETS, DatasetNotFoundError, dataset_factory, dataset_spec
-from lsgd_ray.models import MODELS, model_factory
+from lsgd_ray.data import DATASETS, DatasetFactory, DatasetNotFoundError, dataset_factory, dataset_spec
+from lsgd_ray.models import MODELS, ModelFactory, model_factory
 from lsgd_ray.topology import PlacementError
 
 
@@ -327,6 +327,18 @@ def _cluster(args: argparse.Namespace) -> int:
         return 2
 
 
+def prepare(args: argparse.Namespace) -> tuple[ModelFactory, DatasetFactory, TrainConfig]:
+    """What ``train`` hands to ``fit``, from its parsed flags; a bad value raises ``ConfigError``
+    (or ``DatasetNotFoundError``) before any actor starts."""
+    config = config_from_args(args)
+    data = dataset_factory(
+        args.dataset, args.data_dir, download=args.download, augment=args.augment, image_size=args.image_size
+    )
+    spec = dataset_spec(args.dataset, args.data_dir, args.image_size)  # imagenet: classes of the folder
+    model = model_factory(args.model, spec.model_input_shape(args.augment), spec.num_classes)
+    return model, data, config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -339,12 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lsgd_ray.trainer import fit
 
     try:
-        config = config_from_args(args)
-        data = dataset_factory(
-            args.dataset, args.data_dir, download=args.download, augment=args.augment, image_size=args.image_size
-        )
-        spec = dataset_spec(args.dataset, args.data_dir, args.image_size)  # imagenet: classes of the folder
-        model = model_factory(args.model, spec.model_input_shape(args.augment), spec.num_classes)
+        model, data, config = prepare(args)
         result = fit(model, data, config, run_name=f"{args.algorithm}-{args.dataset}")
     except (ConfigError, PlacementError, DatasetNotFoundError) as exc:
         print(f"error: {exc}{_flag_hint(str(exc))}", file=sys.stderr)

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 if [ ! -f .venv/.installed ] || [ setup.cfg -nt .venv/.installed ] \
-   || ! .venv/bin/python -c "import lsgd_ray, ray, torch, torchvision, sklearn, tensorboard, pytest, mypy" 2>/dev/null; then
+   || ! .venv/bin/python -c "import lsgd_ray, ray, torch, torchvision, sklearn, tensorboard, pytest, mypy, hypothesis" 2>/dev/null; then
   echo "setup: installing lsgd-ray and its dependencies into .venv (first time: a few minutes)" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e ".[dev]"
