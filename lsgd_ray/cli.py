@@ -30,7 +30,14 @@ from lsgd_ray.config import (
     OptimizerConfig,
     TrainConfig,
 )
-from lsgd_ray.data import DATASETS, DatasetFactory, DatasetNotFoundError, dataset_factory, dataset_spec
+from lsgd_ray.data import (
+    DATASETS,
+    DatasetFactory,
+    DatasetFileError,
+    DatasetNotFoundError,
+    dataset_factory,
+    dataset_spec,
+)
 from lsgd_ray.models import MODELS, ModelFactory, model_factory
 from lsgd_ray.topology import PlacementError
 
@@ -329,7 +336,7 @@ def _cluster(args: argparse.Namespace) -> int:
 
 def prepare(args: argparse.Namespace) -> tuple[ModelFactory, DatasetFactory, TrainConfig]:
     """What ``train`` hands to ``fit``, from its parsed flags; a bad value raises ``ConfigError``
-    (or ``DatasetNotFoundError``) before any actor starts."""
+    (or ``DatasetNotFoundError``, ``DatasetFileError``) before any actor starts."""
     config = config_from_args(args)
     data = dataset_factory(
         args.dataset, args.data_dir, download=args.download, augment=args.augment, image_size=args.image_size
@@ -353,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model, data, config = prepare(args)
         result = fit(model, data, config, run_name=f"{args.algorithm}-{args.dataset}")
-    except (ConfigError, PlacementError, DatasetNotFoundError) as exc:
+    except (ConfigError, PlacementError, DatasetNotFoundError, DatasetFileError) as exc:
         print(f"error: {exc}{_flag_hint(str(exc))}", file=sys.stderr)
         return 2
     return 0 if result.status == "completed" else 1

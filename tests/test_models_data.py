@@ -9,7 +9,7 @@ import torch
 
 from lsgd_ray.augment import AUGMENTS, Augment, center_crop, random_crop, random_flip
 from lsgd_ray.config import ConfigError
-from lsgd_ray.data import DatasetNotFoundError, cifar10, dataset_factory, read_cifar_batch
+from lsgd_ray.data import DatasetFileError, DatasetNotFoundError, cifar10, dataset_factory, read_cifar_batch
 from lsgd_ray.models import MODELS, model_factory
 
 
@@ -120,7 +120,9 @@ def test_cifar10_refuses_code_in_a_data_file(tmp_path):
 
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({b"data": Evil(), b"labels": []}, f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load .*system"):
+    with pytest.raises(
+        DatasetFileError, match=r"test_batch: not a CIFAR-10 python batch \(UnpicklingError: refusing to load .*system"
+    ):
         cifar10(tmp_path)
 
 

@@ -25,13 +25,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lsgd_ray.augment import AUGMENTS
-from lsgd_ray.data.core import BatchStream, Dataset, DatasetFactory, DatasetNotFoundError, shard_indices, worker_seed
+from lsgd_ray.data.core import (
+    BatchStream,
+    Dataset,
+    DatasetFactory,
+    DatasetFileError,
+    DatasetNotFoundError,
+    shard_indices,
+    worker_seed,
+)
 from lsgd_ray.data.in_memory import (
     _MNIST_LIKE,
     CIFAR10_MEAN,
     CIFAR10_STD,
     _mnist_root,
     _require_cifar10,
+    check_idx,
     cifar10,
     digits,
     mnist_like,
@@ -161,10 +170,12 @@ __all__ = [
     "BatchStream",
     "Dataset",
     "DatasetFactory",
+    "DatasetFileError",
     "DatasetNotFoundError",
     "DatasetSpec",
     "ImageFiles",
     "ImageTransform",
+    "check_idx",
     "cifar10",
     "dataset_factory",
     "dataset_spec",

@@ -18,6 +18,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset's files are not where they were looked for; the message says how to get them."""
 
 
+class DatasetFileError(ValueError):
+    """A dataset file that cannot be read as what it should be (damaged, truncated, of another
+    format); the message starts with the file's path."""
+
+
 @dataclass
 class Dataset:
     """Train and test splits as tensors (inputs already normalised, labels int64). Inputs too

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import math
 import os
 import pickle
 import shutil
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from lsgd_ray.augment import AUGMENTS
-from lsgd_ray.data.core import Dataset, DatasetNotFoundError
+from lsgd_ray.data.core import Dataset, DatasetFileError, DatasetNotFoundError
 
 
 def synthetic(
@@ -97,6 +98,8 @@ def _mnist_root(data_dir: Path, folder: str) -> Path:
         for kind, dims in (("images", 3), ("labels", 1))
     ]
     if all((raw / stem).exists() for stem in stems):
+        for stem in stems:
+            check_idx(raw / stem)
         return data_dir
     if all((raw / f"{stem}.gz").exists() for stem in stems):
         key = hashlib.sha1(str(raw.resolve()).encode()).hexdigest()[:16]
@@ -109,6 +112,7 @@ def _mnist_root(data_dir: Path, folder: str) -> Path:
                 with gzip.open(raw / f"{stem}.gz", "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 tmp.rename(target)
+            check_idx(target)
         return cache.parent.parent
     missing = [s for s in stems if not (raw / s).exists() and not (raw / f"{s}.gz").exists()]
     raise DatasetNotFoundError(
@@ -118,6 +122,22 @@ def _mnist_root(data_dir: Path, folder: str) -> Path:
         f"`python -m lsgd_ray download {folder.lower() if folder == 'MNIST' else 'fashion-mnist'} "
         f"--data-dir {data_dir}`."
     )
+
+
+def check_idx(path: Path) -> None:
+    """An idx file (MNIST's format) whose header matches its name and its length: magic
+    ``0x00000800 + dims`` (unsigned bytes), then ``dims`` big-endian sizes, then their product in
+    bytes. Raises ``DatasetFileError`` naming the file otherwise."""
+    dims = 3 if "images" in path.name else 1
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * dims)
+    if len(header) < 4 + 4 * dims or header[:4] != bytes([0, 0, 8, dims]):
+        raise DatasetFileError(f"{path}: not an idx file of {dims}-D unsigned bytes (header {header[:4].hex()})")
+    shape = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    expected = 4 + 4 * dims + math.prod(shape)
+    if size != expected:
+        raise DatasetFileError(f"{path}: {size} bytes where its header {shape} says {expected} (truncated or damaged)")
 
 
 def mnist_like(name: str, data_dir: str | os.PathLike, download: bool = False) -> Dataset:
@@ -164,12 +184,16 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch file: (N x 3 x 32 x 32 uint8 images, N int64 labels)."""
-    with open(path, "rb") as f:
-        batch = _ArrayUnpickler(f, encoding="bytes").load()
-    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
+    except Exception as exc:  # a damaged pickle fails in any of a dozen ways; none runs code
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DatasetFileError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {first})") from None
     if len(labels) != len(data):
-        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+        raise DatasetFileError(f"{path}: {len(data)} images but {len(labels)} labels")
     return data, labels
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsgd_ray.data.core import Dataset, DatasetNotFoundError
+from lsgd_ray.data.core import Dataset, DatasetFileError, DatasetNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,9 +76,14 @@ class ImageTransform:
 
 
 def _open_image(path: str):  # noqa: ANN202  (a PIL image)
+    """The image at ``path``, decoded (RGB); ``DatasetFileError`` naming it when it cannot be."""
     from torchvision.datasets.folder import default_loader
 
-    return default_loader(path)
+    try:
+        return default_loader(path)
+    except Exception as exc:  # PIL: UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DatasetFileError(f"{path}: cannot be decoded as an image ({type(exc).__name__}: {first})") from None
 
 
 @functools.cache
