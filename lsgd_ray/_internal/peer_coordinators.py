@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
-from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class
+from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class, node_id
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, worker_handles
 from lsgd_ray.algorithms import downpour, local_sgd
-
-if TYPE_CHECKING:
-    pass
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
@@ -257,7 +255,12 @@ class EASGD(PeerCoordinator):
 
     def setup(self) -> None:
         first = self._handles()[0].get_weights.remote(count=False)  # every worker starts from the same weights
-        self.server = actor_class(ParameterServer, num_cpus=0, max_concurrency=1).remote(first)
+        # beside this coordinator, on the driver's node: a server placed on a node of workers
+        # died with it (the re-placement test's EASGD case: "workers keep failing")
+        here = NodeAffinitySchedulingStrategy(node_id(), soft=False)
+        self.server = actor_class(ParameterServer, num_cpus=0, max_concurrency=1, scheduling_strategy=here).remote(
+            first
+        )
         self.center_ref = self.server.get.remote()
         self.alpha = self.cfg.easgd.moving_rate(self.num_workers)
 
