@@ -106,8 +106,8 @@ class AsyncGroup(GroupRepair):
 
     def async_pull(self, wrapped_ref: list[ray.ObjectRef], strength: float, skip_rank: int) -> None:
         """Asynchronous global pull: forward the reference without waiting on anyone."""
-        skip = self.ranks.index(skip_rank) if skip_rank in self.ranks else -1
-        self._pull_each(lambda: wrapped_ref[0], strength, skip=skip, kind="global")
+        skip = self._index_of(skip_rank)
+        self._pull_each(lambda: wrapped_ref[0], strength, skip=-1 if skip is None else skip, kind="global")
 
     def _pull_each(self, snapshot: Callable[[], ray.ObjectRef], strength: float, skip: int, kind: str) -> None:
         """Asynchronous mode: every worker but ``skip`` queues a pull toward ``snapshot()``

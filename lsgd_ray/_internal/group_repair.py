@@ -116,7 +116,7 @@ class GroupRepair:
             with contextlib.suppress(Exception):
                 ray.kill(self.workers[index])
         new = self._spawn(index, self.ranks[index]) if respawn else self.workers[index]
-        name = f"worker {self.ranks[index]} (group {self.plan.group})"
+        name = self._names()[index]
         info = get_all([new.ready.remote()], self.deadlines.start_s, [f"replacement {name}"])[0]
         try:
             if source and source[0] is not None:

@@ -136,7 +136,7 @@ class LocalLeader(AsyncGroup):
         infos = get_all(
             [w.ready.remote() for w in self.workers],
             self.deadlines.start_s,
-            [f"worker {r} (group {self.plan.group})" for r in self.ranks],
+            self._names(),
             hint="its node may lack the resources it asked for, or its model/dataset factory failed",
         )
         here = {"node_id": node_id(), "node_ip": node_ip(), "pid": os.getpid()}
