@@ -4,8 +4,8 @@
 - :func:`ray_train_ddp`: Ray Train v2's ``TorchTrainer``, every rank a DistributedDataParallel
   replica on its own shard (gloo on CPU).
 
-Both use the library's own pieces (``shard_indices``, ``BatchStream``, ``worker_seed``,
-``build_optimizer``), evaluate on the test split every ``eval_every_s`` seconds of *training*
+Both use the library's own pieces (``batch_stream``, ``worker_seed``, ``build_optimizer``;
+``redeal_shards`` as ``TrainConfig``'s), evaluate on the test split every ``eval_every_s`` seconds of *training*
 time (evaluation is off the clock), stop at the first evaluation reaching ``target_accuracy`` or
 at the budget, and return a :class:`BaselineResult` whose ``history`` has the same records as
 ``FitResult.history`` (``train_s``, ``samples``, ``step``, ``test_accuracy``, ``test_loss``).
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lsgd_ray._internal.evaluator import score
 from lsgd_ray.comm_hooks import COMM_HOOKS, register_comm_hook
 from lsgd_ray.config import OptimizerConfig
-from lsgd_ray.data import BatchStream, DatasetFactory, ImageFiles, resident, shard_indices, worker_seed
+from lsgd_ray.data import DatasetFactory, ImageFiles, batch_stream, resident, worker_seed
 from lsgd_ray.flat import flatten_state
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import build_optimizer
@@ -90,15 +90,16 @@ class _Shard:
 
     def __init__(
         self, model_factory: ModelFactory, dataset_factory: DatasetFactory, opt: OptimizerConfig, batch_size: int,
-        seed: int, rank: int, num_workers: int,
+        seed: int, rank: int, num_workers: int, redeal_shards: bool = False,
     ) -> None:  # fmt: skip
         torch.manual_seed(seed)  # same initial weights on every rank
         self.model = model_factory()
         self.optimizer = build_optimizer(self.model.parameters(), opt)
         data = dataset_factory()
-        shard = shard_indices(len(data.y_train), num_workers, rank, seed)
-        self.x, self.y = resident(data.x_train, torch.device("cpu"), shard), data.y_train[shard]
-        self.stream = BatchStream(len(shard), batch_size, worker_seed(seed, rank))
+        n = len(data.y_train)
+        shard, self.stream = batch_stream(n, batch_size, seed, num_workers, rank, redeal_shards)
+        self.x = resident(data.x_train, torch.device("cpu"), shard)
+        self.y = data.y_train if shard is None else data.y_train[shard]
         self.augment = data.augment
         self.augment_rng = torch.Generator().manual_seed(worker_seed(seed, rank) + 1)
         x_test = data.x_test
@@ -181,9 +182,10 @@ def plain_loop(
     threads: int | None = None,
     warmup_steps: int = 0,
     return_weights: bool = False,
+    redeal_shards: bool = False,
 ) -> BaselineResult:
     """One PyTorch process training on the whole training set (shard 0 of 1, lsgd-ray's batch
-    order for rank 0), with ``threads`` torch threads (default: torch's). ``warmup_steps`` run
+    order for rank 0, or its re-dealt order with ``redeal_shards``), with ``threads`` torch threads (default: torch's). ``warmup_steps`` run
     first, off the clock and uncounted. With ``return_weights``, ``extra["weights"]`` holds the
     final flat weights (``lsgd_ray.flat.flatten_state``)."""
     _check(batch_size, time_budget_s, eval_every_s, target_accuracy, max_steps, warmup_steps)
@@ -193,7 +195,7 @@ def plain_loop(
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads or saved_threads)
     try:
-        shard = _Shard(model_factory, dataset_factory, optimizer, batch_size, seed, 0, 1)
+        shard = _Shard(model_factory, dataset_factory, optimizer, batch_size, seed, 0, 1, redeal_shards)
         shard.model.train()
         for _ in range(warmup_steps):
             shard.step(shard.model)
@@ -241,7 +243,7 @@ def ddp_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(config["threads"])
     shard = _Shard(
         config["model_factory"], config["dataset_factory"], config["optimizer"], config["batch_size"],
-        config["seed"], rank, world,
+        config["seed"], rank, world, config.get("redeal_shards", False),
     )  # fmt: skip
     ddp = DistributedDataParallel(shard.model)  # broadcasts rank 0's weights; gloo on CPU
     register_comm_hook(ddp, config.get("comm_hook"), config.get("powersgd_rank", 2), config.get("powersgd_start", 10))
@@ -312,6 +314,7 @@ def ray_train_ddp(
     comm_hook: str | None = None,
     powersgd_rank: int = 2,
     powersgd_start: int = 10,
+    redeal_shards: bool = False,
 ) -> BaselineResult:
     """Ray Train v2 ``TorchTrainer``: ``num_workers`` DDP ranks of ``cpus_per_worker`` CPUs (and
     torch threads), each on shard ``rank`` of the training set with ``batch_size`` per rank;
@@ -348,6 +351,7 @@ def ray_train_ddp(
         "optimizer": optimizer,
         "batch_size": batch_size,
         "seed": seed,
+        "redeal_shards": redeal_shards,
         "time_budget_s": time_budget_s,
         "eval_every_s": eval_every_s,
         "target_accuracy": target_accuracy,

@@ -39,12 +39,19 @@ from lsgd_ray.data import (
     dataset_spec,
 )
 from lsgd_ray.models import MODELS, ModelFactory, model_factory
+from lsgd_ray.presets import PRESETS, flag_defaults
 from lsgd_ray.topology import PlacementError
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
+def _train_parser(sub: argparse._SubParsersAction, preset: str | None) -> None:
     p = sub.add_parser("train", help="train with LSGD or a peer (the default command)")
     a = p.add_argument
+    a(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="start from a published configuration (lsgd_ray.presets; flags given explicitly win)",
+    )
     a("--algorithm", default="lsgd", choices=sorted(ALGORITHMS), help="default: lsgd")
     a("--dataset", default="digits", choices=sorted(DATASETS), help="default: digits (offline, bundled)")
     a("--data-dir", default=None, help="where datasets live (mnist, fashion-mnist, cifar10; imagenet: train/ and val/)")
@@ -92,6 +99,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--no-nesterov", action="store_true")
     a("--weight-decay", type=float, default=1e-4)
     a("--batch-size", type=int, default=None, help="per worker; default: the dataset's (32 digits, 128 others)")
+    a(
+        "--redeal-shards",
+        action="store_true",
+        help="re-deal the workers' shares of the data every epoch (DistributedSampler.set_epoch); default: fixed shards",
+    )
     a("--epochs", type=float, default=None, help="passes over each worker's shard (default 50 with no budget)")
     a("--max-steps", type=int, default=None, help="steps per worker")
     a("--time-budget", type=float, default=None, help="training seconds (evaluation excluded)")
@@ -110,6 +122,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     a("--checkpoint-every-s", type=float, default=None, help="checkpoint every N training seconds")
     a("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep")
     a("--resume", default=None, help="continue the run in this output (or checkpoint) directory")
+    if preset is not None:
+        p.set_defaults(**flag_defaults(preset), preset_applied=True)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line parsed; with ``--preset`` the train flags' defaults are the preset's."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None):
+        args = build_parser(args.preset).parse_args(argv)
+    return args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,10 +194,11 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``preset``: the train flags default to that preset's settings (``parse_args``)."""
     parser = _Parser(prog="lsgd-ray", description="Leader SGD on Ray")
     sub = parser.add_subparsers(dest="command")
-    _train_parser(sub)
+    _train_parser(sub, preset)
     d = sub.add_parser("download", help="download a torchvision dataset (needs internet)")
     d.add_argument("dataset", choices=[n for n, s in DATASETS.items() if s.needs_data_dir])
     d.add_argument("--data-dir", required=True)
@@ -207,6 +230,13 @@ def _cluster_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     _check_flags(args)
+    preset = getattr(args, "preset", None)
+    if preset is not None:
+        if not getattr(args, "preset_applied", False):
+            raise ValueError("--preset needs the preset's defaults: parse with lsgd_ray.cli.parse_args")
+        wanted = PRESETS[preset].settings["algorithm"]
+        if args.algorithm != wanted:
+            raise ConfigError(f"--preset {preset} is a configuration of {wanted}, not of --algorithm {args.algorithm}")
     spec = DATASETS[args.dataset]
     budget_given = any(v is not None for v in (args.epochs, args.max_steps, args.time_budget))
     tau = 4 if args.tau is None else args.tau
@@ -248,6 +278,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
         batch_size=args.batch_size or spec.default_batch_size,
+        redeal_shards=args.redeal_shards,
         epochs=args.epochs if budget_given else 50.0,
         max_steps=args.max_steps,
         time_budget_s=args.time_budget,
@@ -350,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "download":
         return _download(args)
     if args.command == "cluster":

@@ -276,6 +276,11 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     batch_size: int = 128
+    # False: each worker keeps one fixed 1/W of the training set for the whole run. True: the
+    # shares are re-dealt every epoch (a permutation seeded with seed + epoch, dealt by rank), as
+    # torch's DistributedSampler with set_epoch does and the reference code runs; each worker
+    # then holds the whole training split. One worker is a plain loop over the shuffled data.
+    redeal_shards: bool = False
     epochs: float | None = None
     max_steps: int | None = None
     time_budget_s: float | None = None
@@ -325,6 +330,7 @@ class TrainConfig:
         _check_number("cpus_per_worker", self.cpus_per_worker, what=" of Ray CPUs per worker")
         _check_number("gpus_per_worker", self.gpus_per_worker, ">=", 0, " of GPUs per worker; 0.5 shares one")
         _check_positive_int("batch_size", self.batch_size)
+        _check_bool("redeal_shards", self.redeal_shards)
         _check_positive_int("eval_batch_size", self.eval_batch_size)
         _check(
             self.epochs is not None or self.max_steps is not None or self.time_budget_s is not None,

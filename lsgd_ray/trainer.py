@@ -118,6 +118,8 @@ class Trainer(Loops):
             optimizer=cfg.optimizer,
             cpus=cfg.cpus_per_worker,
             gpus=cfg.gpus_per_worker,
+            num_groups=len(topo.groups),
+            redeal_shards=cfg.redeal_shards,
             step_delay_s=dict(cfg.straggler_delay_s),
             collective_timeout_s=cfg.actor_timeout_s,
         )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.data import BatchStream, shard_indices, worker_seed
@@ -46,21 +50,43 @@ def big_batch_loop(num_workers: int, steps: int, cfg: TrainConfig, model_fn, dat
         torch.set_num_threads(threads)
 
 
+def sampler_batches(n: int, num_workers: int, rank: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Rank ``rank``'s batches as torch's own ``DistributedSampler`` deals them, ``set_epoch``
+    at every epoch, one endless stream cut into batches of ``batch_size`` (across epochs)."""
+
+    def indices() -> Iterator[int]:
+        sampler = DistributedSampler(range(n), num_replicas=num_workers, rank=rank, shuffle=True, seed=seed)
+        for epoch in itertools.count():
+            sampler.set_epoch(epoch)
+            yield from sampler
+
+    stream = indices()
+    while True:
+        yield torch.tensor(list(itertools.islice(stream, batch_size)))
+
+
 class StepLoop:
-    """Worker ``rank``'s plain loop, one step at a time (for references that interleave pulls)."""
+    """Worker ``rank``'s plain loop, one step at a time (for references that interleave pulls).
+    ``cfg.redeal_shards``: the batches come from torch's DistributedSampler over the whole split."""
 
     def __init__(self, rank: int, num_workers: int, cfg: TrainConfig, model_fn, data_fn) -> None:
         torch.manual_seed(cfg.seed)
         self.model = model_fn()
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
         data = data_fn()
-        shard = shard_indices(len(data.y_train), num_workers, rank, cfg.seed)
-        self.x, self.y = data.x_train[shard], data.y_train[shard]
-        self.stream = BatchStream(len(shard), cfg.batch_size, worker_seed(cfg.seed, rank))
+        n = len(data.y_train)
+        if cfg.redeal_shards:
+            self.x, self.y = data.x_train, data.y_train
+            self.batches = sampler_batches(n, num_workers, rank, cfg.seed, cfg.batch_size)
+        else:
+            shard = shard_indices(n, num_workers, rank, cfg.seed)
+            self.x, self.y = data.x_train[shard], data.y_train[shard]
+            stream = BatchStream(len(shard), cfg.batch_size, worker_seed(cfg.seed, rank))
+            self.batches = iter(stream.next, None)
         self.losses: list[float] = []
 
     def step(self) -> None:
-        index = self.stream.next()
+        index = next(self.batches)
         loss = F.cross_entropy(self.model(self.x[index]), self.y[index])
         self.optimizer.zero_grad()
         loss.backward()

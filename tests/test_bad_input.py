@@ -522,6 +522,12 @@ TABLE = [
     ),
     Row("quiet a string", train(quiet="no"), ConfigError, r"^quiet must be True or False, got 'no' \(str\)$"),
     Row(
+        "redeal_shards a string",
+        train(redeal_shards="yes"),
+        ConfigError,
+        r"^redeal_shards must be True or False, got 'yes' \(str\)$",
+    ),
+    Row(
         "stop_on_divergence a number",
         train(stop_on_divergence=1),
         ConfigError,
@@ -787,6 +793,18 @@ TABLE = [
         cli("--momentum", "1"),
         CliExit,
         r"^error: momentum must be in \[0, 1\), got 1\.0 \(set by --momentum\)$",
+    ),
+    Row(
+        "--preset unknown",
+        cli("--preset", "paper"),
+        CliExit,
+        r"argument --preset: invalid choice: 'paper' \(choose from .*'reference-lsgd'.*\)",
+    ),
+    Row(
+        "--preset of another algorithm",
+        cli("--preset", "reference-easgd", "--algorithm", "lsgd"),
+        CliExit,
+        r"^error: --preset reference-easgd is a configuration of easgd, not of --algorithm lsgd$",
     ),
     Row("--c1 + --c2 above 1", cli("--c1", "0.7", "--c2", "0.5"), CliExit, r"^error: c1 \+ c2 must be <= 1 .*= 1\.2$"),
     Row(

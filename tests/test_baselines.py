@@ -63,6 +63,20 @@ def test_plain_loop_is_the_reference_loop_and_counts_steps():
     assert result.history[-1]["step"] == 25 and result.history[-1]["samples"] == 25 * 16
 
 
+def test_plain_loop_with_shards_redealt_is_a_loop_over_torchs_distributed_sampler():
+    """One rank of one: every epoch a fresh permutation seeded with seed + epoch."""
+    cfg = TrainConfig(batch_size=16, seed=3, optimizer=SGD, epochs=1, redeal_shards=True)
+    steps = 2 * len(DATA().y_train) // 16 + 3  # into a third epoch
+    result = plain_loop(
+        MODEL, DATA, batch_size=16, optimizer=SGD, seed=3, max_steps=steps, eval_every_s=30.0, threads=1,
+        return_weights=True, redeal_shards=True,
+    )  # fmt: skip
+    expected, _ = reference_loop(0, 1, steps, cfg, MODEL, DATA)
+    assert torch.equal(result.extra["weights"], expected)
+    fixed, _ = reference_loop(0, 1, steps, TrainConfig(batch_size=16, seed=3, optimizer=SGD, epochs=1), MODEL, DATA)
+    assert not torch.equal(fixed, expected)  # the option changes the batches
+
+
 def test_plain_loop_stops_at_the_first_evaluation_reaching_the_target():
     result = plain_loop(
         MODEL, DATA, batch_size=16, optimizer=SGD, time_budget_s=30, eval_every_s=0.05, target_accuracy=0.85, threads=1

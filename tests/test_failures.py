@@ -150,3 +150,26 @@ def test_a_worker_whose_loss_turns_nan_is_reset_and_never_leads(tmp_path, mode):
         assert leader_at_32 != 3
     assert all(math.isfinite(record["test_loss"]) for record in result.history)  # the leader never NaN
     assert result.final_test_accuracy > 0.6
+
+
+class EarlyDivergingWorker(Worker):
+    """Worker 3's weights turn NaN at its 2nd step; it finishes its 40 steps before worker 2,
+    slowed down, has reported even once."""
+
+    def _step(self):
+        super()._step()
+        if self.rank == 3 and self.steps == 2:
+            self.state.flat.fill_(math.nan)
+
+
+def test_an_async_worker_that_diverged_and_finished_before_its_peers_reported_is_still_reset(tmp_path):
+    """A flake seen on 2026-12-03, made deterministic: the diverged worker's every report came while its
+    group had no finite estimate yet, and nobody reset it afterwards."""
+    cfg = config(tmp_path, "async", max_steps=40, straggler_delay_s={2: 0.1}, eval_every_s=1000.0)
+    with Trainer(MODEL, DATA, cfg, worker_cls=EarlyDivergingWorker) as trainer:
+        result = trainer.fit()
+        weights = trainer.worker_weights()
+        stats = {s["rank"]: s for s in trainer.worker_stats()}
+    assert {e["rank"] for e in result.events if e["event"] == "worker_reset"} == {3}, result.events
+    assert stats[3]["resets"] == 1
+    assert math.isfinite(float(weights[3].sum()))

@@ -77,25 +77,36 @@ def test_fit_end_to_end_writes_results(tmp_path):
     assert accuracy[-1].value == pytest.approx(result.final_test_accuracy, abs=1e-6)
 
 
-def _worker_steps_equal_plain(tmp_path, groups, per_group, lsgd):
-    cfg = config(tmp_path, num_groups=groups, workers_per_group=per_group, max_steps=12, lsgd=lsgd)
+def _worker_steps_equal_plain(tmp_path, groups, per_group, lsgd, steps=12, redeal_shards=False):
+    cfg = config(
+        tmp_path,
+        num_groups=groups,
+        workers_per_group=per_group,
+        max_steps=steps,
+        lsgd=lsgd,
+        redeal_shards=redeal_shards,
+    )
     with Trainer(MODEL, DATA, cfg) as trainer:
         trainer.run_rounds()
         weights = trainer.worker_weights()
     n = groups * per_group
     for rank in range(n):
-        expected, _ = plain_loop(rank, n, 12, cfg, MODEL, DATA)
+        expected, _ = plain_loop(rank, n, steps, cfg, MODEL, DATA)
         assert torch.equal(torch.from_numpy(weights[rank].copy()), expected), f"worker {rank} differs"
 
 
 @pytest.mark.timeout(180)
-def test_zero_pull_strength_is_exactly_independent_sgd(tmp_path):
-    _worker_steps_equal_plain(tmp_path, 2, 2, LSGDConfig(lam=0.0, lam_global=0.0, tau=2, tau_global=4))
+def test_zero_pull_strength_with_shards_redealt_is_exactly_sgd_on_torchs_distributed_sampler(tmp_path):
+    """12 steps of 32 cross the end of a 256-sample share: the second epoch is dealt anew."""
+    zero = LSGDConfig(lam=0.0, lam_global=0.0, tau=2, tau_global=4)
+    _worker_steps_equal_plain(tmp_path, 2, 2, zero, redeal_shards=True)
 
 
 @pytest.mark.timeout(120)
-def test_one_worker_is_exactly_a_plain_pytorch_loop(tmp_path):
-    _worker_steps_equal_plain(tmp_path, 1, 1, LSGDConfig(tau=2, tau_global=4))
+@pytest.mark.parametrize("redeal_shards", [False, True])
+def test_one_worker_is_exactly_a_plain_pytorch_loop(tmp_path, redeal_shards):
+    """Re-dealt: 40 steps of 32 cross the end of the 1024-sample epoch."""
+    _worker_steps_equal_plain(tmp_path, 1, 1, LSGDConfig(tau=2, tau_global=4), 40, redeal_shards)
 
 
 @pytest.fixture(scope="class")

@@ -191,26 +191,24 @@ def test_lsgd_on_one_group_is_the_single_leader_rule(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_lsgd_proximal_pull_follows_the_rule_step_by_step(tmp_path):
-    """One group of 2, plain SGD: after the pull at step 4, the follower also moves p/τ_G of the
-    way toward that leader snapshot after every step."""
+    """One group of 2, plain SGD: after every step each worker moves p/τ_G of the way toward its
+    stored leader: the initial weights until the pull at step 4, then that leader's snapshot,
+    which the leader itself stores too."""
     lsgd = LSGDConfig(lam=0.0, lam_global=0.2, tau=2, tau_global=4, proximal=0.5, loss_window=4)
     cfg, status, got = _weights(tmp_path, "lsgd", 8, groups=1, per_group=2, optimizer=PLAIN_SGD, lsgd=lsgd)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     loops = [StepLoop(r, 2, cfg, MODEL, DATA) for r in range(2)]
-    targets: list = [None, None]
+    target = loops[0].flat()  # the same initial weights on every worker
     for step in range(1, 9):
-        for r, loop in enumerate(loops):
+        for loop in loops:
             loop.step()
-            if targets[r] is not None:
-                loop.lerp_(targets[r], 0.5 / 4)
+            loop.lerp_(target, 0.5 / 4)
         if step % 4 == 0:
             means = [sum(loop.losses[-4:]) / 4 for loop in loops]
             leader = min(range(2), key=lambda r: means[r])
-            snapshot = loops[leader].flat()
-            follower = 1 - leader
-            loops[follower].lerp_(snapshot, 0.2)
-            targets[follower] = snapshot
+            target = loops[leader].flat()
+            loops[1 - leader].lerp_(target, 0.2)
     torch.set_num_threads(threads)
     assert status["leader"] == leader
     for rank in range(2):

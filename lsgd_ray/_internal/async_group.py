@@ -15,17 +15,20 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from lsgd_ray._internal.group_repair import GroupRepair
+from lsgd_ray._internal.protocol import WorkerSpec
 from lsgd_ray.algorithms.lsgd import crossed, select_leader
 
 
 class AsyncGroup(GroupRepair):
     """The asynchronous mode of ``LocalLeader``, which sets this state up."""
 
+    spec: WorkerSpec
     estimates: list[float]
     leader_index: int
     pulls_skipped: dict[str, int]
     _lock: threading.Lock
     _resetting: set[int]  # resets sent, not yet seen to take effect
+    _diverged: set[int]  # workers whose last report was not finite
     _async_args: tuple
     _reset_diverged_async: bool
     _group_steps: int
@@ -47,6 +50,7 @@ class AsyncGroup(GroupRepair):
         the peers keep their own rules, so only LSGD (no exchange) resets diverged workers."""
         self._global_leader, self._lam = global_leader, lam
         self._reset_diverged_async = exchange is None
+        self._diverged = set()
         self._local_period = tau * len(self.workers)  # l·τ steps summed over the group
         self._group_steps = 0
         handle = ray.get_runtime_context().current_actor
@@ -59,6 +63,8 @@ class AsyncGroup(GroupRepair):
         """Asynchronous mode: replace a dead worker and start its loop again; returns
         ``[new loop ref, new handle]`` (wrapped, so the caller gets the reference itself)."""
         index = self.ranks.index(rank)
+        with self._lock:
+            self._diverged.discard(index)
         steps = max((s["steps"] for s in self._alive_stats()), default=None)
         self.replace_worker(index, reason, source, steps, origin)
         return [self.workers[index].run_async.remote(*self._async_args), self.workers[index]]
@@ -71,29 +77,35 @@ class AsyncGroup(GroupRepair):
         return stats
 
     def report(self, index: int, steps: int, estimate: float) -> None:
-        """A worker took ``steps`` more steps; pull the group toward its leader when due."""
-        reset = None
+        """A worker took ``steps`` more steps; pull the group toward its leader when due.
+
+        LSGD: a worker whose last report was not finite is reset to the leader's weights as soon
+        as the group has a finite leader, whoever's report shows it: the diverged worker's own
+        last report may come before any other worker's first (it may even have finished)."""
         with self._lock:
             self.estimates[index] = estimate
             if math.isfinite(estimate):
                 self._resetting.discard(index)
+                self._diverged.discard(index)
+            elif self._reset_diverged_async:
+                self._diverged.add(index)
             before = self._group_steps
             self._group_steps += steps
             leader = select_leader(self.estimates)
             due = (
                 self._lam > 0
-                and len(self.workers) > 1
+                and (len(self.workers) > 1 or self.spec.lsgd.proximal > 0)
                 and leader >= 0
                 and crossed(before, self._group_steps, self._local_period)
             )
             self.leader_index = leader
-            diverged = self._reset_diverged_async and not math.isfinite(estimate)
-            if diverged and leader >= 0 and index != leader and index not in self._resetting:
-                self._resetting.add(index)
-                reset = leader
-        if reset is not None:  # the worker applies it between two of its steps
-            self.workers[index].reset_to.remote(self.workers[reset].get_weights.remote(count=False))
-            self._reset_event(index, None)
+            resets = sorted(self._diverged - self._resetting) if leader >= 0 else []
+            self._resetting.update(resets)
+        if resets:  # each applies it between two of its steps (or at once if its loop has ended)
+            snapshot = self.workers[leader].get_weights.remote(count=False)
+            for i in resets:
+                self.workers[i].reset_to.remote(snapshot)
+                self._reset_event(i, None)
         if due:
             self._pull_each(self.workers[leader].get_weights.remote, self._lam, skip=leader, kind="local")
         if self._global_leader is not None:
@@ -111,14 +123,16 @@ class AsyncGroup(GroupRepair):
 
     def _pull_each(self, snapshot: Callable[[], ray.ObjectRef], strength: float, skip: int, kind: str) -> None:
         """Asynchronous mode: every worker but ``skip`` queues a pull toward ``snapshot()``
-        (taken only if some worker gets it); nobody waits.
+        (taken only if some worker gets it); nobody waits. With the proximal pull ``skip`` (the
+        leader) is sent its own snapshot too, with strength 0: its target for the per-step pull.
 
         Backpressure: a worker whose previous pull of this ``kind`` has not run yet is left
         out (counted in ``pulls_skipped``). Each queued pull pins its snapshot in the object
         store, and the worker only applies the newest one of each kind anyway, so on a loaded
         machine queued pulls would pile up snapshots faster than anyone uses them."""
         with self._pull_lock:
-            others = [i for i in range(len(self.workers)) if i != skip]
+            refresh = self.spec.lsgd.proximal > 0
+            others = [i for i in range(len(self.workers)) if i != skip or refresh]
             previous = [self._in_flight[(i, kind)] for i in others if (i, kind) in self._in_flight]
             running = ray.wait(previous, num_returns=len(previous), timeout=0)[1] if previous else []
             targets = [i for i in others if self._in_flight.get((i, kind)) not in running]
@@ -127,4 +141,5 @@ class AsyncGroup(GroupRepair):
                 return
             ref = snapshot()
             for i in targets:
-                self._in_flight[(i, kind)] = self.workers[i].pull.remote(ref, strength, inspect=False, kind=kind)
+                pull = self.workers[i].pull.remote(ref, 0.0 if i == skip else strength, inspect=False, kind=kind)
+                self._in_flight[(i, kind)] = pull

@@ -210,7 +210,7 @@ class LocalLeader(AsyncGroup):
         leader_ref = None
         if publish and leader >= 0:
             leader_ref = self.workers[leader].get_weights.remote()
-            if local_pull and lam > 0 and len(self.workers) > 1:
+            if local_pull and lam > 0 and (len(self.workers) > 1 or self.spec.lsgd.proximal > 0):
                 self._pending_local = (leader_ref, lam, leader)
         return GroupRound(
             group=self.plan.group,

@@ -33,6 +33,8 @@ class WorkerSpec:
     optimizer: OptimizerConfig
     cpus: float = 1.0
     gpus: float = 0.0
+    num_groups: int = 1  # at the start (whether a local leader exists to be pulled toward)
+    redeal_shards: bool = False
     step_delay_s: dict[int, float] = field(default_factory=dict)
     collective_timeout_s: float = 120.0
 

@@ -22,8 +22,8 @@ from lsgd_ray._internal.protocol import WorkerSpec, node_id, node_ip
 from lsgd_ray._internal.worker_async import AsyncWorkerMixin
 from lsgd_ray._internal.worker_peers import PeerWorkerMixin
 from lsgd_ray._internal.worker_state import WorkerStateMixin
-from lsgd_ray.algorithms.lsgd import LossWindow, pull_toward
-from lsgd_ray.data import BatchStream, DatasetFactory, ImageFiles, resident, shard_indices, worker_seed
+from lsgd_ray.algorithms.lsgd import LossWindow, ProximalTargets, pull_toward
+from lsgd_ray.data import DatasetFactory, ImageFiles, batch_stream, resident, worker_seed
 from lsgd_ray.flat import FlatState, all_finite
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory, build_optimizer
@@ -50,11 +50,11 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
         self.state = FlatState(self.model)
         self.optimizer = (optimizer_factory or (lambda p: build_optimizer(p, spec.optimizer)))(self.model.parameters())
         data = dataset_factory()
-        shard = shard_indices(len(data.y_train), spec.num_workers, rank, spec.seed)
+        n = len(data.y_train)
+        shard, self.stream = batch_stream(n, spec.batch_size, spec.seed, spec.num_workers, rank, spec.redeal_shards)
         self.x = resident(data.x_train, self.device, shard)  # ImageFiles: a lazy subset, streamed
         self.streamed = isinstance(self.x, ImageFiles)
-        self.y = data.y_train[shard].to(self.device)
-        self.stream = BatchStream(len(shard), spec.batch_size, worker_seed(spec.seed, rank))
+        self.y = (data.y_train if shard is None else data.y_train[shard]).to(self.device)
         self.augment = data.augment  # whole-batch crop/flip on the worker's device (the fast path)
         self.augment_rng = torch.Generator().manual_seed(worker_seed(spec.seed, rank) + 1)
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -78,7 +78,11 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
         self.resets = 0  # times this worker was reset to a leader's weights (NaN/inf loss)
         self.skipped_pulls = 0  # pulls toward weights that were no longer finite
         # proximal option: the last leaders seen, pulled toward a little after every step
-        self._last_leaders: dict[str, tuple[torch.Tensor, float]] = {}
+        cfg = spec.lsgd
+        self.proximal: ProximalTargets | None = None
+        if cfg.proximal > 0:
+            self.proximal = ProximalTargets(cfg.proximal, cfg.tau, cfg.tau_global, spec.num_groups)
+            self.proximal.start(self.state.flat)
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
         self._pending: list[tuple[np.ndarray | None, float, str]] = []  # None: a reset keeping the weights
         self._snapshot_requests: list[dict[str, Any]] = []
@@ -100,7 +104,7 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
             "pid": os.getpid(),
             "num_params": self.state.num_params,
             "nbytes": self.state.nbytes,
-            "shard_size": len(self.y),
+            "shard_size": self.stream.n,  # samples per epoch
             "device": str(self.device),
         }
 
@@ -124,6 +128,17 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
     # ------------------------------------------------------------------ training
 
     def _step(self) -> None:
+        """One local step, then the proximal pull (if on); its loss joins the leader estimate."""
+        loss = self._local_step()
+        if self.proximal is not None:
+            self.proximal.apply(self.state.flat)
+        self._recent.append(loss.detach())
+        self.steps += 1
+        if self.delay:
+            time.sleep(self.delay)
+
+    def _local_step(self) -> torch.Tensor:
+        """One optimizer step on the next batch; returns its loss."""
         index = self.stream.next()
         if self.streamed:  # decoded from disk, per-sample transforms seeded from augment_rng
             files = cast(ImageFiles, self.x)
@@ -138,12 +153,7 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
         loss.backward()
         self._after_backward()
         self.optimizer.step()
-        for leader, strength in self._last_leaders.values():
-            pull_toward(self.state.flat, leader, strength)
-        self._recent.append(loss.detach())
-        self.steps += 1
-        if self.delay:
-            time.sleep(self.delay)
+        return loss
 
     def _flush_losses(self) -> None:
         """Move this round's losses into the window: one device sync per round, not per step."""
@@ -214,9 +224,11 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
     ) -> dict[str, Any] | None:
         """``x ← x − strength·(x − leader)``; ``leader`` is a read-only view of the object store.
 
+        Strength 0: the leader's own weights, only stored as its proximal target (not traffic).
         With ``inspect`` it also says where that array lives (for the zero-copy tests).
         """
-        self.bytes_received += leader.nbytes
+        if strength > 0:
+            self.bytes_received += leader.nbytes
         where = memory_region(leader) if inspect else None
         with self._lock:
             if self._async:  # only the newest leader of each kind matters: drop (and unpin) older ones
@@ -233,26 +245,31 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
         global_strength: float = 0.0,
     ) -> None:
         """Synchronous mode: the local pull, then the global one, in one call (order matters:
-        two pulls do not commute, and separate calls to this threaded actor may overlap)."""
+        two pulls do not commute, and separate calls to this threaded actor may overlap).
+        A leader is sent its own weights with strength 0 (see ``_apply_pull``)."""
         with self._lock:
             for leader, strength, kind in ((local, local_strength, "local"), (global_, global_strength, "global")):
-                if leader is not None and strength > 0:
-                    self.bytes_received += leader.nbytes
+                if leader is not None:
+                    self.bytes_received += leader.nbytes if strength > 0 else 0
                     self._apply_pull(leader, strength, kind)
 
     def _apply_pull(self, leader: np.ndarray, strength: float, kind: str) -> None:
+        """Pull toward ``leader`` with ``strength`` and store it as the proximal target of its
+        ``kind``. Strength 0 (this worker is the leader) only stores it, and only when there is
+        a proximal pull to feed."""
+        if strength <= 0 and self.proximal is None:
+            return
         start = time.perf_counter()
         source = self.on_device(leader)  # on a GPU: one host-to-device copy
         if not all_finite(source):  # the leader diverged after it was chosen (its last step)
-            self.skipped_pulls += 1
+            self.skipped_pulls += 1 if strength > 0 else 0
             return
-        pull_toward(self.state.flat, source, strength)
-        self.pull_s += time.perf_counter() - start
-        self.pulls += 1
-        cfg = self.spec.lsgd
-        if cfg.proximal > 0:  # keep the leader (a view of the object store) for the per-step pull
-            period = cfg.tau if kind == "local" else cfg.tau_global
-            self._last_leaders[kind] = (source, cfg.proximal / period)
+        if strength > 0:
+            pull_toward(self.state.flat, source, strength)
+            self.pull_s += time.perf_counter() - start
+            self.pulls += 1
+        if self.proximal is not None:  # keep the leader (a view of the object store) for the per-step pull
+            self.proximal.refresh(kind, source)
 
     def load_weights(self, weights: np.ndarray) -> None:
         with self._lock:
@@ -278,7 +295,8 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
         self.optimizer.state.clear()
         self.window.load([])
         self._recent.clear()
-        self._last_leaders.clear()
+        if self.proximal is not None:  # a fresh start: the weights it starts from are the targets
+            self.proximal.start(self.state.flat)
         self.resets += 1
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lsgd_ray.algorithms.lsgd import LossWindow
+from lsgd_ray.algorithms.lsgd import LossWindow, ProximalTargets
 from lsgd_ray.checkpoint import map_leaves
 from lsgd_ray.data import BatchStream
 from lsgd_ray.flat import FlatState
@@ -25,11 +25,11 @@ class WorkerStateMixin:
     state: FlatState
     optimizer: torch.optim.Optimizer
     steps: int
-    stream: BatchStream
+    stream: BatchStream  # or DealtStream, its subclass
     augment_rng: torch.Generator
     window: LossWindow
     _recent: list[torch.Tensor]
-    _last_leaders: dict[str, tuple[torch.Tensor, float]]
+    proximal: ProximalTargets | None
     _lock: threading.Lock
     _async: bool
     _between_steps: Callable[[str], Any]
@@ -71,7 +71,9 @@ class WorkerStateMixin:
             "torch_rng": torch.get_rng_state(),
             "window": self.window.values(),
             "counters": {k: getattr(self, k) for k in self.COUNTERS},
-            "last_leaders": {k: (v.detach().cpu().clone(), s) for k, (v, s) in self._last_leaders.items()},
+            "proximal_targets": {
+                k: v.detach().cpu().clone() for k, v in (self.proximal.targets if self.proximal else {}).items()
+            },
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -92,4 +94,7 @@ class WorkerStateMixin:
             self._recent.clear()
             for name, value in state["counters"].items():
                 setattr(self, name, value)
-            self._last_leaders = {k: (v.to(self.device), s) for k, (v, s) in state["last_leaders"].items()}
+            # checkpoints from before 2026-12-04 kept (target, strength) pairs as "last_leaders"
+            targets = state.get("proximal_targets") or {k: v for k, (v, _) in state.get("last_leaders", {}).items()}
+            if self.proximal is not None and targets:
+                self.proximal.targets = {k: v.to(self.device) for k, v in targets.items()}

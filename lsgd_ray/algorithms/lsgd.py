@@ -68,6 +68,41 @@ def weighted_mean(arrays: Iterable[np.ndarray], weights: Sequence[float]) -> np.
     return total.astype(dtype, copy=False)
 
 
+class ProximalTargets:
+    """The reference's per-step proximal pull (its later version): after every local step,
+
+        x ← x − (p/τ_G)(x − x̃_G)   toward the stored global leader, then
+        x ← x − (p/τ)(x − x̃_L)     toward the stored local leader (only with several groups).
+
+    Before the first communication both stored leaders are the initial weights. At each
+    communication every worker of the pull, the leader itself included, stores the leader's
+    weights it was sent (the leader: its own, as they were then).
+    """
+
+    ORDER = ("global", "local")
+
+    def __init__(self, strength: float, tau: int, tau_global: int, num_groups: int) -> None:
+        self.strengths = {"global": strength / tau_global}
+        if num_groups > 1:
+            self.strengths["local"] = strength / tau
+        self.targets: dict[str, torch.Tensor] = {}
+
+    def start(self, weights: torch.Tensor) -> None:
+        """Both targets at ``weights`` (copied once): the initial weights, or a reset's."""
+        start = weights.detach().clone()
+        self.targets = dict.fromkeys(self.strengths, start)
+
+    def refresh(self, kind: str, leader: torch.Tensor) -> None:
+        """Store ``leader`` (not copied: a read-only view the caller keeps alive) as ``kind``'s target."""
+        if kind in self.strengths:
+            self.targets[kind] = leader
+
+    def apply(self, x: torch.Tensor) -> None:
+        for kind in self.ORDER:
+            if kind in self.targets:
+                pull_toward(x, self.targets[kind], self.strengths[kind])
+
+
 class LossWindow:
     """Mean training loss over the last ``k`` batches: the reference code's leader estimate."""
 

@@ -31,6 +31,8 @@ from lsgd_ray.data.core import (
     DatasetFactory,
     DatasetFileError,
     DatasetNotFoundError,
+    DealtStream,
+    batch_stream,
     shard_indices,
     worker_seed,
 )
@@ -168,6 +170,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BatchStream",
+    "DealtStream",
+    "batch_stream",
     "Dataset",
     "DatasetFactory",
     "DatasetFileError",

@@ -77,23 +77,88 @@ class BatchStream:
         parts, need = [], self.batch_size
         while need:
             if self._pos == self.n:
-                self._order = torch.randperm(self.n, generator=self.generator)
-                self._pos = 0
+                self._order, self._pos = self._next_epoch(), 0
             take = min(need, self.n - self._pos)
             parts.append(self._order[self._pos : self._pos + take])
             self._pos += take
             need -= take
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def _next_epoch(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=self.generator)
+
     def state(self) -> dict:
         return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos}
 
     def load_state(self, state: dict) -> None:
         """Continue exactly where ``state()`` was taken (same shard size)."""
-        if len(state["order"]) != self.n:
-            raise ValueError(f"batch stream state is for {len(state['order'])} samples, this shard has {self.n}")
+        if "order" not in state or len(state["order"]) != self.n:
+            raise ValueError(f"batch stream state is not for a fixed shard of {self.n} samples")
         self.generator.set_state(state["generator"])
         self._order, self._pos = state["order"].clone(), int(state["pos"])
+
+
+class DealtStream(BatchStream):
+    """An endless stream of index batches of rank ``rank``'s share of ``range(n)``, the shares
+    re-dealt every epoch as torch's ``DistributedSampler`` with ``set_epoch(epoch)`` deals them:
+    one permutation of ``range(n)`` seeded with ``seed + epoch`` (the same on every rank),
+    padded to a multiple of ``num_workers`` with its own first indices, dealt round-robin.
+
+    Every rank's share has ``ceil(n / num_workers)`` samples, so epochs stay in step across
+    workers; a batch that crosses an epoch takes the rest of one share and the start of the
+    next, as ``BatchStream`` does. Indices are into the whole ``range(n)``.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, num_workers: int = 1, rank: int = 0) -> None:
+        # not BatchStream's: the order is dealt from (seed, epoch), not drawn from a generator
+        if n <= 0:
+            raise ValueError("cannot draw batches from an empty dataset")
+        if not 0 <= rank < num_workers:
+            raise ValueError(f"rank {rank} out of range for {num_workers} workers")
+        self.batch_size, self.seed, self.num_workers, self.rank = batch_size, seed, num_workers, rank
+        self.size = n
+        self.n = -(-n // num_workers)  # the share of each rank, in samples
+        self.epoch, self._pos = 0, 0
+        self._order = self._deal(0)
+
+    def _deal(self, epoch: int) -> torch.Tensor:
+        permutation = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        total = self.n * self.num_workers
+        if total > self.size:  # pad with the permutation's own start (repeated if need be)
+            permutation = permutation.repeat(-(-total // self.size))[:total]
+        return permutation[self.rank : total : self.num_workers]
+
+    def _next_epoch(self) -> torch.Tensor:
+        self.epoch += 1
+        return self._deal(self.epoch)
+
+    def state(self) -> dict:
+        return {"dealt": True, "epoch": self.epoch, "pos": self._pos, "size": self.size}
+
+    def load_state(self, state: dict) -> None:
+        """Continue exactly where ``state()`` was taken (same dataset and number of workers)."""
+        if not state.get("dealt") or state["size"] != self.size:
+            raise ValueError(
+                f"batch stream state is not for shares re-dealt each epoch over {self.size} samples: "
+                f"the run was checkpointed with other data or other sharding"
+            )
+        self.epoch, self._pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._deal(self.epoch)
+
+
+def batch_stream(
+    n: int, batch_size: int, seed: int, num_workers: int, rank: int, redeal: bool
+) -> tuple[torch.Tensor | None, BatchStream | DealtStream]:
+    """Rank ``rank``'s rows of a training split of ``n`` samples and its batch stream.
+
+    Fixed shards (``redeal=False``): the rows of its shard (``shard_indices``) and a stream of
+    indices into them. Re-dealt shards: ``None`` (the worker keeps the whole split) and a
+    ``DealtStream`` of indices into it. The same call in a worker and in a baseline loop gives
+    the same batches."""
+    if redeal:
+        return None, DealtStream(n, batch_size, seed, num_workers, rank)
+    shard = shard_indices(n, num_workers, rank, seed)
+    return shard, BatchStream(len(shard), batch_size, worker_seed(seed, rank))
 
 
 def worker_seed(seed: int, rank: int) -> int:
