@@ -20,9 +20,11 @@ _EXPORTS = {
     "DownpourConfig": "lsgd_ray.config",
     "LocalSGDConfig": "lsgd_ray.config",
     "GossipConfig": "lsgd_ray.config",
+    "DiLoCoConfig": "lsgd_ray.config",
     "ALGORITHMS": "lsgd_ray.algorithms",
     "OptimizerConfig": "lsgd_ray.config",
     "TrainConfig": "lsgd_ray.config",
+    "preset_config": "lsgd_ray.presets",
     "DATASETS": "lsgd_ray.data",
     "Dataset": "lsgd_ray.data",
     "DatasetNotFoundError": "lsgd_ray.data",
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from lsgd_ray.algorithms import ALGORITHMS  # noqa: F401
     from lsgd_ray.config import (  # noqa: F401
         ConfigError,
+        DiLoCoConfig,
         DownpourConfig,
         EASGDConfig,
         GossipConfig,
@@ -62,6 +65,7 @@ if TYPE_CHECKING:
     )
     from lsgd_ray.data import DATASETS, Dataset, DatasetNotFoundError, dataset_factory  # noqa: F401
     from lsgd_ray.models import MODELS, model_factory  # noqa: F401
+    from lsgd_ray.presets import preset_config  # noqa: F401
     from lsgd_ray.results import FitResult  # noqa: F401
     from lsgd_ray.topology import PlacementError  # noqa: F401
     from lsgd_ray.trainer import Trainer, fit  # noqa: F401

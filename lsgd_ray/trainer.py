@@ -120,6 +120,7 @@ class Trainer(Loops):
             gpus=cfg.gpus_per_worker,
             num_groups=len(topo.groups),
             redeal_shards=cfg.redeal_shards,
+            diloco=cfg.diloco if cfg.algorithm == "diloco" else None,
             step_delay_s=dict(cfg.straggler_delay_s),
             collective_timeout_s=cfg.actor_timeout_s,
         )

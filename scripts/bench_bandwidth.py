@@ -10,7 +10,9 @@ the clock, each contender stopping at the first evaluation at or above ``--targe
 
 Contenders: ``lsgd`` and ``lsgd_async`` (one run each gives the time of the center, which stops
 the run as in the reference code, and of the leader: the first evaluation where it was at the
-target, if before the center's), ``easgd``, ``local_sgd`` (hierarchical), ``data_parallel``
+target, if before the center's), ``lsgd_reference`` (the authors' LSGD: ``reference-lsgd``'s
+proximal pull and shards re-dealt every epoch), ``easgd``, ``local_sgd`` (hierarchical),
+``diloco`` (hierarchical: group averages every P/4, the outer step every P), ``data_parallel``
 (ours), ``ray_train_ddp`` (Ray Train v2 TorchTrainer, DDP over gloo), ``ray_train_powersgd``
 (the same with torch's PowerSGD communication hook, rank 2) and ``plain`` (one process on the
 whole data with min(W, cores) threads: a reference line that uses no link).
@@ -50,9 +52,10 @@ sys.path.insert(0, ROOT)
 from lsgd_ray.cluster import EmulatedCluster, format_rate, parse_rate  # noqa: E402
 
 CONTENDERS = [
-    "lsgd", "lsgd_async", "easgd", "local_sgd", "data_parallel", "ray_train_ddp", "ray_train_powersgd", "plain",
+    "lsgd", "lsgd_async", "lsgd_reference", "easgd", "local_sgd", "diloco", "data_parallel", "ray_train_ddp",
+    "ray_train_powersgd", "plain",
 ]  # fmt: skip
-PERIODIC = {"lsgd", "lsgd_async", "easgd", "local_sgd"}
+PERIODIC = {"lsgd", "lsgd_async", "lsgd_reference", "easgd", "local_sgd", "diloco"}
 LAYOUT_RATES = {"2x2": ["none", "1gbit", "100mbit", "30mbit"], "2x1": ["none", "100mbit"]}
 LR_GRID = [0.1, 0.05, 0.02]
 PERIOD_GRID = [4, 16, 64]
@@ -67,13 +70,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one contender as a driver joined to the emulated cluster; returns its row."""
     import ray
 
-    from lsgd_ray import EASGDConfig, LocalSGDConfig, LSGDConfig, OptimizerConfig, TrainConfig, fit
+    from lsgd_ray import OptimizerConfig, fit
     from lsgd_ray.baselines import plain_loop, ray_train_ddp
     from lsgd_ray.data import dataset_factory, dataset_spec
     from lsgd_ray.models import model_factory
 
     name, nodes, per_node = spec["contender"], spec["nodes"], spec["per_node"]
-    workers, period = nodes * per_node, spec["period"]
+    workers = nodes * per_node
     data = "fashion-mnist" if spec["data_dir"] else "digits"
     ds = dataset_spec(data)
     model_fn = model_factory(spec["model"], ds.model_input_shape(), ds.num_classes)
@@ -98,17 +101,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         )  # fmt: skip
         history, startup, samples, train_s, steps = r.history, r.startup_s, r.samples, r.train_s, r.steps * workers
     else:
-        inner = max(1, period // 4)
-        cfg = TrainConfig(
-            algorithm="lsgd" if name.startswith("lsgd") else name,
-            lsgd=LSGDConfig(tau=inner, tau_global=period, mode="async" if name == "lsgd_async" else "sync",
-                            evaluate="center"),
-            easgd=EASGDConfig(tau=period),
-            local_sgd=LocalSGDConfig(tau=inner, tau_global=period),
-            optimizer=opt, num_groups=nodes, workers_per_group=per_node, batch_size=spec["batch"],
-            seed=spec["seed"], output_dir=os.path.join(spec["tmp"], spec["tag"]), quiet=True, address="auto",
-            **common,
-        )  # fmt: skip
+        cfg = contender_config(spec, output_dir=os.path.join(spec["tmp"], spec["tag"]), address="auto", **common)
         r = fit(model_fn, data_fn, cfg)
         history, startup, samples, train_s = r.history, r.timings["startup_s"], r.samples, r.timings["train_s"]
         steps = samples // spec["batch"]
@@ -130,6 +123,37 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         row["leader_time_to_target_s"] = _first(history, "leader_test_accuracy", target, "train_s")
         row["center_time_to_target_s"] = _first(history, "center_test_accuracy", target, "train_s")
     return row
+
+
+def contender_config(spec: dict[str, Any], **run: Any) -> Any:
+    """The TrainConfig of a contender run by ``fit`` (everything but the baselines): the sweep's
+    lr and period P (what crosses the link every P steps; in-node periods P/4)."""
+    from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, LSGDConfig, OptimizerConfig, TrainConfig
+    from lsgd_ray.presets import PRESETS
+
+    name, period = spec["contender"], spec["period"]
+    inner = max(1, period // 4)
+    lsgd = {"tau": inner, "tau_global": period, "evaluate": "center"}
+    lsgd["mode"] = "async" if name == "lsgd_async" else "sync"
+    redeal = False
+    if name == "lsgd_reference":  # its pulls, proximal pull and sampler; the sweep's periods and lr
+        lsgd = {**PRESETS["reference-lsgd"].settings["lsgd"], "tau": inner, "tau_global": period}
+        redeal = True
+    return TrainConfig(
+        algorithm="lsgd" if name.startswith("lsgd") else name,
+        lsgd=LSGDConfig(**lsgd),
+        easgd=EASGDConfig(tau=period),
+        local_sgd=LocalSGDConfig(tau=inner, tau_global=period),
+        diloco=DiLoCoConfig(tau=inner if inner < period else None, tau_global=period),
+        optimizer=OptimizerConfig(lr=spec["lr"]),
+        num_groups=spec["nodes"],
+        workers_per_group=spec["per_node"],
+        batch_size=spec["batch"],
+        seed=spec["seed"],
+        redeal_shards=redeal,
+        quiet=True,
+        **run,
+    )
 
 
 def _first(history: list[dict], key: str, target: float | None, what: str) -> float | None:

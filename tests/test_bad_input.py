@@ -29,6 +29,7 @@ from lsgd_ray._internal.driver.placement import AVAILABILITY_GRACE_S
 from lsgd_ray.cli import main
 from lsgd_ray.config import (
     ConfigError,
+    DiLoCoConfig,
     DownpourConfig,
     EASGDConfig,
     GossipConfig,
@@ -87,6 +88,10 @@ def local_sgd(**fields):
 
 def gossip(**fields):
     return Config(GossipConfig, fields)
+
+
+def diloco(**fields):
+    return Config(DiLoCoConfig, fields)
 
 
 def optimizer(**fields):
@@ -177,7 +182,7 @@ class Row(NamedTuple):
 # The regexes: the field (or flag), then the bad value, then what is allowed, in the message's order.
 FRACTION = r"must be in \[0, 1\]"
 POSITIVE_INT = r"must be a positive integer"
-ALGORITHMS = r"choose one of: aldsgd, data_parallel, downpour, dpsgd, easgd, local_sgd, lsgd"
+ALGORITHMS = r"choose one of: aldsgd, data_parallel, diloco, downpour, dpsgd, easgd, local_sgd, lsgd"
 
 TABLE = [
     # ------------------------------------------------------------------ LSGDConfig
@@ -258,6 +263,37 @@ TABLE = [
         local_sgd(tau_global="16"),
         ConfigError,
         rf"^tau_global .*{POSITIVE_INT}, got '16' \(str\)$",
+    ),
+    # ------------------------------------------------------------------ DiLoCoConfig
+    Row(
+        "diloco tau_global zero",
+        diloco(tau_global=0),
+        ConfigError,
+        rf"^tau_global \(DiLoCo's outer period H, in inner steps\) {POSITIVE_INT}, got 0$",
+    ),
+    Row(
+        "diloco tau a float",
+        diloco(tau=2.5),
+        ConfigError,
+        rf"^tau \(hierarchical DiLoCo's group averaging period; None = flat\) {POSITIVE_INT}, got 2\.5$",
+    ),
+    Row(
+        "diloco fragments not dividing H",
+        diloco(fragments=3),
+        ConfigError,
+        r"^fragments must divide tau_global \(one fragment is synchronised every H/F steps\), got H = 16, F = 3$",
+    ),
+    Row(
+        "diloco outer a string",
+        diloco(outer="sgd"),
+        ConfigError,
+        r"^outer must be an OptimizerConfig\(\.\.\.\) \(the outer optimizer\), got 'sgd' \(str\)$",
+    ),
+    Row(
+        "--fragments zero",
+        cli("--algorithm", "diloco", "--fragments", "0"),
+        CliExit,
+        rf"^error: fragments \(Streaming DiLoCo's fragments; 1 = plain DiLoCo\) {POSITIVE_INT}, got 0 \(set by --fragments\)$",
     ),
     # ------------------------------------------------------------------ GossipConfig
     Row(
@@ -369,6 +405,12 @@ TABLE = [
         train(gossip="ring"),
         ConfigError,
         r"^gossip must be a GossipConfig\(...\), got 'ring' \(str\)$",
+    ),
+    Row(
+        "diloco settings as a dict",
+        train(diloco={"tau_global": 8}),
+        ConfigError,
+        r"^diloco must be a DiLoCoConfig\(...\), got \{'tau_global': 8\} \(dict\)$",
     ),
     Row(
         "optimizer a name",
@@ -926,6 +968,8 @@ def test_the_table_covers_every_config_field():
     for row in TABLE:
         if isinstance(row.input, Config):
             covered.setdefault(row.input.cls, set()).update(row.input.fields)
-    for cls in (TrainConfig, LSGDConfig, EASGDConfig, DownpourConfig, LocalSGDConfig, GossipConfig, OptimizerConfig):
+    for cls in (
+        TrainConfig, LSGDConfig, EASGDConfig, DownpourConfig, LocalSGDConfig, GossipConfig, DiLoCoConfig, OptimizerConfig
+    ):  # fmt: skip
         fields = {f.name for f in dataclasses.fields(cls)}
         assert fields <= covered.get(cls, set()), f"{cls.__name__}: no bad-input row for {fields - covered[cls]}"

@@ -125,3 +125,23 @@ def test_startup_breakdown_names_every_actor_and_its_phases(tmp_path):
     leader = next(row for row in report["actors"] if row["actor"] == "LocalLeader")
     assert all(w["asked_s"] >= leader["asked_s"] for w in workers)  # the LocalLeader asks for its workers
     assert 0 < report["ray_init_s"] < report["total_s"] and "every actor ready" in done.stdout
+
+
+@pytest.mark.parametrize("period", [4, 16, 64])
+def test_every_contender_of_the_bandwidth_sweep_has_a_valid_config(period):
+    """The sweep's runs take hours; a contender whose settings do not make a TrainConfig must
+    fail here, not after the others ran. No cluster: the configs only."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_bandwidth
+
+    fitted = [c for c in bench_bandwidth.CONTENDERS if c != "plain" and not c.startswith("ray_train")]
+    assert {"lsgd_reference", "diloco"} <= set(fitted)
+    for name in fitted:
+        spec = {"contender": name, "period": period, "lr": 0.05, "nodes": 2, "per_node": 2, "batch": 128, "seed": 0}
+        cfg = bench_bandwidth.contender_config(spec, epochs=1)
+        assert cfg.algorithm == ("lsgd" if name.startswith("lsgd") else name)
+        assert cfg.num_groups == 2 and cfg.optimizer.lr == 0.05
+    reference = bench_bandwidth.contender_config({**spec, "contender": "lsgd_reference"}, epochs=1)
+    assert reference.redeal_shards and reference.lsgd.proximal == 0.1 and reference.lsgd.tau_global == period
+    diloco = bench_bandwidth.contender_config({**spec, "contender": "diloco"}, epochs=1)
+    assert (diloco.diloco.tau, diloco.diloco.tau_global) == (max(1, period // 4), period)

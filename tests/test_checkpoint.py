@@ -14,7 +14,7 @@ import pytest
 import ray
 import torch
 
-from lsgd_ray import ConfigError, EASGDConfig, LSGDConfig, OptimizerConfig, TrainConfig, fit
+from lsgd_ray import ConfigError, DiLoCoConfig, EASGDConfig, LSGDConfig, OptimizerConfig, TrainConfig, fit
 from lsgd_ray.checkpoint import CheckpointError, list_checkpoints, load_latest, read_checkpoint, save_checkpoint
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
@@ -134,6 +134,7 @@ def final_workers(result):
     [
         ("lsgd", dict(lsgd=LSGDConfig(tau=4, tau_global=8, lam=0.2, lam_global=0.2, proximal=0.1))),
         ("easgd", dict(easgd=EASGDConfig(tau=4))),
+        ("diloco", dict(diloco=DiLoCoConfig(tau_global=8, fragments=2))),  # an outer step every 4
     ],
 )
 def test_a_stopped_run_resumes_to_the_same_weights(local_ray, tmp_path, algorithm, extra):

@@ -36,7 +36,7 @@ BAD_CONFIGS = [
     (lambda: OptimizerConfig(momentum=0.0), "nesterov=True needs momentum > 0"),
     (
         lambda: TrainConfig(algorithm="sgd-magic", epochs=1),
-        "unknown algorithm 'sgd-magic'; choose one of: aldsgd, data_parallel, downpour, dpsgd, easgd, local_sgd, lsgd",
+        "unknown algorithm 'sgd-magic'; choose one of: aldsgd, data_parallel, diloco, downpour, dpsgd, easgd, local_sgd, lsgd",
     ),
     (lambda: LSGDConfig(proximal=2.0), "proximal .* must be in \\[0, 1\\]"),
     (lambda: EASGDConfig(beta=1.5), "beta .* must be in \\[0, 1\\]"),

@@ -55,7 +55,7 @@ def test_each_group_runs_on_its_own_node_and_converges(cluster, tmp_path):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    "algorithm", ["data_parallel", "local_sgd", "easgd", "easgd_async", "downpour", "dpsgd", "aldsgd"]
+    "algorithm", ["data_parallel", "local_sgd", "easgd", "easgd_async", "downpour", "dpsgd", "aldsgd", "diloco"]
 )
 def test_every_peer_trains_across_nodes(cluster, tmp_path, algorithm):
     """Collectives across raylets, the parameter server on another node, neighbours' weights

@@ -13,7 +13,7 @@ import pytest
 import ray
 from ray import cloudpickle
 
-from lsgd_ray import EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
+from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.worker import Worker
 from tests.helpers import once_checkpointed
 from tests.test_failures import DATA, MODEL, pids, strike
@@ -99,6 +99,18 @@ def test_data_parallel_re_forms_its_group_and_its_workers_stay_equal(tmp_path):
     result, old_pid, node, new, weights = run_with_a_kill(tmp_path, cfg, rank=1, step=21)
     check_replaced(result, old_pid, node, new, "worker 0's weights and optimizer state")
     for w in weights[1:]:  # one gradient all-reduce per step again: the group really re-formed
+        np.testing.assert_array_equal(w, weights[0])
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_diloco_worker_is_replaced_from_the_global_weights_and_outer_state(tmp_path):
+    """Killed after step 30, between outer steps (every 16): the new worker starts from the
+    global weights and a copy of the outer optimizer; at step 96, an outer step, every worker
+    holds the same global weights again (a fresh outer momentum would not give them)."""
+    cfg = config(tmp_path, "diloco", num_groups=2, diloco=DiLoCoConfig(tau_global=16))
+    result, old_pid, node, new, weights = run_with_a_kill(tmp_path, cfg, rank=3, step=30)
+    check_replaced(result, old_pid, node, new, "the global weights", rank=3)
+    for w in weights[1:]:
         np.testing.assert_array_equal(w, weights[0])
 
 

@@ -10,6 +10,7 @@ import torch
 
 from lsgd_ray import (
     ConfigError,
+    DiLoCoConfig,
     EASGDConfig,
     GossipConfig,
     LocalSGDConfig,
@@ -56,6 +57,7 @@ RECEIVED = {
     "downpour": S / 4,
     "dpsgd": S * 1,
     "aldsgd": S * 1,
+    "diloco": 2 * S * 3 / 4 / 16,  # a ring all-reduce of the weights over 4 every H = 16 steps
 }
 
 
@@ -171,6 +173,19 @@ def test_aldsgd_with_zero_coefficients_equals_dpsgd_and_matches_the_reference_ro
     gossip.gossip_round(xs, adjacency, losses, c1=0.3, c2=0.1, p1=0.2, p2=0.2)
     for rank in range(4):
         torch.testing.assert_close(got[rank], xs[rank], rtol=0, atol=2e-6)
+
+
+@pytest.mark.timeout(240)
+def test_hierarchical_diloco_with_outer_sgd_lr_1_and_no_momentum_is_local_sgd(tmp_path):
+    """Group averages every 2 steps, the outer step every 8: with lr 1 and no momentum the
+    global weights are the plain average, so every worker is where local SGD puts it."""
+    plain_outer = OptimizerConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0)
+    hierarchical = DiLoCoConfig(tau=2, tau_global=8, outer=plain_outer)
+    _, _, dl = _weights(tmp_path, "diloco", 20, optimizer=PLAIN_SGD, diloco=hierarchical)
+    _, _, ls = _weights(tmp_path, "local_sgd", 20, optimizer=PLAIN_SGD, local_sgd=LocalSGDConfig(tau=2, tau_global=8))
+    for rank in range(4):
+        torch.testing.assert_close(dl[rank], ls[rank], rtol=0, atol=1e-5, msg=f"worker {rank}")
+    assert not torch.equal(dl[0], dl[2])  # step 18 averaged each group, 20 is past it: groups differ
 
 
 @pytest.mark.timeout(180)

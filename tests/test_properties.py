@@ -14,9 +14,10 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lsgd_ray.cli import build_parser, prepare
+from lsgd_ray.cli import build_parser, parse_args, prepare
 from lsgd_ray.config import (
     ConfigError,
+    DiLoCoConfig,
     DownpourConfig,
     EASGDConfig,
     GossipConfig,
@@ -29,12 +30,12 @@ from lsgd_ray.data import DatasetNotFoundError
 from lsgd_ray.topology import PlacementError
 
 EXAMPLES = 400
-NESTED = [LSGDConfig, EASGDConfig, DownpourConfig, LocalSGDConfig, GossipConfig, OptimizerConfig]
+NESTED = [LSGDConfig, EASGDConfig, DownpourConfig, LocalSGDConfig, GossipConfig, DiLoCoConfig, OptimizerConfig]
 CONFIGS = [*NESTED, TrainConfig]
 FIELDS = {f.name for cls in CONFIGS for f in dataclasses.fields(cls)}
 NAMES = [  # words that choices accept, so some draws are valid
     "sync", "async", "leader", "center", "val_batch", "loss", "mean", "sum", "ring", "torus",
-    "complete", "random", "matchings", "none", "sgd", "adam", "adamw", "lsgd", "easgd", "dpsgd",
+    "complete", "random", "matchings", "none", "sgd", "adam", "adamw", "lsgd", "easgd", "dpsgd", "diloco",
 ]  # fmt: skip
 ANY = st.one_of(
     st.none(),
@@ -169,7 +170,7 @@ def test_any_command_line_is_taken_or_refused_in_one_line(pairs):
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            args = build_parser().parse_args(argv)
+            args = parse_args(argv)  # as main does (--preset: a second pass with its defaults)
     except SystemExit as exc:
         lines = err.getvalue().strip().splitlines()
         assert exc.code == 2 and len(lines) == 1 and "error:" in lines[0], (argv, err.getvalue())

@@ -22,7 +22,7 @@ from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
 from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class, node_id
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths, worker_handles
-from lsgd_ray.algorithms import downpour, local_sgd
+from lsgd_ray.algorithms import diloco, downpour, local_sgd
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
@@ -245,6 +245,41 @@ class LocalSGD(PeerCoordinator):
         c = self.cfg.local_sgd
         scope = local_sgd.averaging_scope(target, c.tau, c.tau_global)
         return self._call("train", [(num_steps, None, 0.0, None, 0.0, scope)] * self.num_workers)[0]
+
+
+class DiLoCo(LocalSGD):
+    """DiLoCo: an outer step on the averaged pseudo-gradient of one fragment every H/F steps
+    (every H without streaming) and, hierarchical, group averages every τ in between. Every
+    worker holds the global weights and outer optimizers and takes the same outer step."""
+
+    evaluated = "the global weights"
+
+    def _next_step(self, step: int) -> int:
+        c = self.cfg.diloco
+        return diloco.next_sync_step(step, c.tau, c.tau_global, c.fragments)
+
+    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
+        c = self.cfg.diloco
+        scope = "local" if diloco.local_due(target, c.tau, c.tau_global, c.fragments) else None
+        fragment = diloco.outer_due(target, c.tau_global, c.fragments)
+        return self._call("train", [(num_steps, None, 0.0, None, 0.0, scope, fragment)] * self.num_workers)[0]
+
+    def _collective_source(self, rank: int, live: list[int], steps: dict[int, int]) -> tuple[list[Any], int, str]:
+        # the global weights, which every worker holds: where every worker went on from at the
+        # last outer step (its outer state follows in _after_reform)
+        source = live[0]
+        return [self._handles()[source].global_weights.remote()], steps[source], "the global weights"
+
+    def _after_reform(self, live: list[int]) -> None:
+        handles = self._handles()
+        fresh = [r for r in range(len(handles)) if r not in live]
+        state = handles[live[0]].outer_state.remote()
+        get_all(
+            [handles[r].load_outer_state.remote(state) for r in fresh], self.timeout_s, [f"worker {r}" for r in fresh]
+        )
+
+    def leader_weights(self) -> list[ray.ObjectRef]:
+        return [self._handles()[0].global_weights.remote()]
 
 
 class EASGD(PeerCoordinator):

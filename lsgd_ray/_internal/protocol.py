@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from lsgd_ray.algorithms import downpour, easgd
-from lsgd_ray.config import LSGDConfig, OptimizerConfig
+from lsgd_ray.config import DiLoCoConfig, LSGDConfig, OptimizerConfig
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class WorkerSpec:
     gpus: float = 0.0
     num_groups: int = 1  # at the start (whether a local leader exists to be pulled toward)
     redeal_shards: bool = False
+    diloco: DiLoCoConfig | None = None  # DiLoCo runs only
     step_delay_s: dict[int, float] = field(default_factory=dict)
     collective_timeout_s: float = 120.0
 

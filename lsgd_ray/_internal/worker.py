@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lsgd_ray._internal.protocol import WorkerSpec, node_id, node_ip
 from lsgd_ray._internal.worker_async import AsyncWorkerMixin
+from lsgd_ray._internal.worker_diloco import DiLoCoWorkerMixin
 from lsgd_ray._internal.worker_peers import PeerWorkerMixin
 from lsgd_ray._internal.worker_state import WorkerStateMixin
 from lsgd_ray.algorithms.lsgd import LossWindow, ProximalTargets, pull_toward
@@ -29,7 +30,7 @@ from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory, build_optimizer
 
 
-class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
+class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMixin):
     def __init__(
         self,
         rank: int,
@@ -83,6 +84,7 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
         if cfg.proximal > 0:
             self.proximal = ProximalTargets(cfg.proximal, cfg.tau, cfg.tau_global, spec.num_groups)
             self.proximal.start(self.state.flat)
+        self._outer_init()  # DiLoCo: the global weights and outer optimizers
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
         self._pending: list[tuple[np.ndarray | None, float, str]] = []  # None: a reset keeping the weights
         self._snapshot_requests: list[dict[str, Any]] = []
@@ -182,10 +184,12 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
         global_: np.ndarray | None = None,
         global_strength: float = 0.0,
         average: str | None = None,
+        outer: int | None = None,
     ) -> dict[str, Any]:
         """Synchronous mode: apply the previous round's pulls (local, then global), then take
         ``num_steps`` local steps and return the loss estimate. Local SGD: ``average`` ("local"
-        or "global") averages the weights after the steps.
+        or "global") averages the weights after the steps; DiLoCo: ``outer`` is the fragment
+        whose outer step follows them.
 
         The leader arrays arrive as top-level arguments, so Ray resolves them before the call
         runs: zero-copy views of the object store, and the leader's own snapshot is taken
@@ -197,6 +201,8 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin):
         for _ in range(num_steps):
             self._step()
         self.average_weights(average)
+        if outer is not None:
+            self.outer_sync(outer)
         estimate = self.estimate()
         self.bytes_sent += 8  # the estimate travels to the LocalLeader
         elapsed = time.perf_counter() - start

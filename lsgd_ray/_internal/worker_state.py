@@ -34,6 +34,9 @@ class WorkerStateMixin:
     _async: bool
     _between_steps: Callable[[str], Any]
     _flush_losses: Callable[[], None]
+    _outer: list | None
+    _outer_snapshot: Callable[[], dict[str, Any]]
+    _load_outer: Callable[[dict[str, Any]], None]
 
     COUNTERS = (
         "compute_s",
@@ -71,6 +74,7 @@ class WorkerStateMixin:
             "torch_rng": torch.get_rng_state(),
             "window": self.window.values(),
             "counters": {k: getattr(self, k) for k in self.COUNTERS},
+            "outer": self._outer_snapshot() if self._outer is not None else None,  # DiLoCo
             "proximal_targets": {
                 k: v.detach().cpu().clone() for k, v in (self.proximal.targets if self.proximal else {}).items()
             },
@@ -94,6 +98,8 @@ class WorkerStateMixin:
             self._recent.clear()
             for name, value in state["counters"].items():
                 setattr(self, name, value)
+            if state.get("outer") is not None:
+                self._load_outer(state["outer"])
             # checkpoints from before 2026-12-04 kept (target, strength) pairs as "last_leaders"
             targets = state.get("proximal_targets") or {k: v for k, (v, _) in state.get("last_leaders", {}).items()}
             if self.proximal is not None and targets:

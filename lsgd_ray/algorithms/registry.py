@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from lsgd_ray.algorithms import data_parallel, downpour, easgd, gossip, local_sgd, lsgd
+from lsgd_ray.algorithms import data_parallel, diloco, downpour, easgd, gossip, local_sgd, lsgd
 
 if TYPE_CHECKING:
     from lsgd_ray.config import TrainConfig
@@ -114,6 +114,18 @@ _ROWS = [
         "lsgd_ray._internal.peer_coordinators:LocalSGD",
         lambda c: f"tau={c.tau} tau_G={c.tau_global}",
         lambda c, S, sizes: local_sgd.expected_bytes(S, sizes, c.tau, c.tau_global),
+        fixed_mode="sync",
+    ),
+    Algorithm(
+        "diloco",
+        diloco,
+        "diloco",
+        "lsgd_ray._internal.peer_coordinators:DiLoCo",
+        lambda c: (
+            f"H={c.tau_global} tau={c.tau or 'flat'} fragments={c.fragments} outer={c.outer.name} "
+            f"lr={c.outer.lr} momentum={c.outer.momentum}"
+        ),
+        lambda c, S, sizes: diloco.expected_bytes(S, sizes, c.tau, c.tau_global, c.fragments),
         fixed_mode="sync",
     ),
     Algorithm(

@@ -1,0 +1,122 @@
+"""DiLoCo's side of a Worker: the global weights and the outer optimizer, held identically by
+every worker (the maths is ``lsgd_ray/algorithms/diloco.py``).
+
+Each fragment of the flat weights has its global copy; the parameter part of it is a leaf
+tensor stepped by that fragment's own outer optimizer (streaming needs one per fragment: a
+single optimizer would decay the momentum of the fragments not synchronised). Float buffers
+(BatchNorm statistics) are averaged, not stepped: an outer momentum means nothing for them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lsgd_ray.algorithms import diloco
+from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
+from lsgd_ray.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from lsgd_ray._internal.protocol import WorkerSpec
+    from lsgd_ray.flat import FlatState
+
+
+class DiLoCoWorkerMixin:
+    """``outer_sync`` and the outer state's copies (replacement, checkpoint) for ``Worker``."""
+
+    spec: WorkerSpec
+    state: FlatState
+    bytes_sent: float
+    bytes_received: float
+    exchanges: int
+    _world_size: int
+    _lock: threading.Lock
+
+    _outer: list[tuple[int, int, nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
+    _global_buffers: torch.Tensor | None = None
+
+    def _outer_init(self) -> None:
+        """Global weights = these weights (every worker starts from the same), fresh optimizers."""
+        cfg = self.spec.diloco
+        if cfg is None:
+            return
+        flat, params = self.state.flat, self.state.num_params
+        self._outer = []
+        for start, end in diloco.fragment_bounds(flat.numel(), cfg.fragments):
+            stop = min(end, params)
+            leaf = nn.Parameter(flat[start:stop].detach().clone(), requires_grad=False) if stop > start else None
+            optimizer = build_optimizer([leaf], cfg.outer) if leaf is not None else None
+            self._outer.append((start, end, leaf, optimizer))
+        self._global_buffers = flat[params:].detach().clone()
+
+    def outer_sync(self, fragment: int) -> None:
+        """Average fragment ``fragment`` over all workers, take the outer step on its parameter
+        part, and continue from the new global fragment (its buffers: from their average)."""
+        import torch.distributed as dist
+
+        assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
+        start, end, leaf, optimizer = self._outer[fragment]
+        part = self.state.flat[start:end]
+        world = getattr(self, "_world_size", 1)
+        if world > 1:
+            dist.all_reduce(part)
+            part.div_(world)
+            moved = ring_allreduce_bytes(part.numel() * part.element_size(), world)
+            self.bytes_sent += moved
+            self.bytes_received += moved
+        params = self.state.num_params
+        if leaf is not None and optimizer is not None:
+            with torch.no_grad():
+                diloco.outer_step(leaf, optimizer, part[: leaf.numel()])
+        if end > params:  # the fragment's float buffers: their average is the global copy
+            low = max(start, params)
+            self._global_buffers[low - params : end - params].copy_(part[low - start :])
+        self.exchanges += 1
+
+    def global_weights(self) -> np.ndarray:
+        """The global weights (what DiLoCo evaluates), on the CPU."""
+        assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
+        with self._lock:
+            parts = [leaf.detach() for _, _, leaf, _ in self._outer if leaf is not None]
+            return torch.cat([*parts, self._global_buffers]).cpu().numpy()
+
+    def outer_state(self) -> dict[str, Any]:
+        """The global weights and outer optimizers, to make a replacement hold exactly what the
+        others hold."""
+        with self._lock:
+            return self._outer_snapshot()
+
+    def load_outer_state(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self._load_outer(state)
+
+    def _outer_snapshot(self) -> dict[str, Any]:  # under the worker's lock (also for checkpoints)
+        assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
+        return {
+            "leaves": [None if leaf is None else leaf.detach().cpu().clone() for _, _, leaf, _ in self._outer],
+            "optimizers": [None if o is None else _cpu(o.state_dict()) for _, _, _, o in self._outer],
+            "buffers": self._global_buffers.detach().cpu().clone(),
+        }
+
+    def _load_outer(self, state: dict[str, Any]) -> None:  # under the worker's lock
+        assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
+        if len(state["leaves"]) != len(self._outer):
+            raise ValueError(f"outer state of {len(state['leaves'])} fragments, this run has {len(self._outer)}")
+        for (_, _, leaf, optimizer), saved, saved_opt in zip(self._outer, state["leaves"], state["optimizers"]):
+            if leaf is not None and optimizer is not None:
+                with torch.no_grad():
+                    leaf.copy_(saved)
+                optimizer.load_state_dict(saved_opt)
+        self._global_buffers.copy_(state["buffers"])
+
+
+def _cpu(state: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    from lsgd_ray.checkpoint import map_leaves
+
+    return map_leaves(copy.deepcopy(state), torch.Tensor, torch.Tensor.cpu)
