@@ -21,6 +21,7 @@ _EXPORTS = {
     "LocalSGDConfig": "lsgd_ray.config",
     "GossipConfig": "lsgd_ray.config",
     "DiLoCoConfig": "lsgd_ray.config",
+    "DataParallelConfig": "lsgd_ray.config",
     "ALGORITHMS": "lsgd_ray.algorithms",
     "OptimizerConfig": "lsgd_ray.config",
     "TrainConfig": "lsgd_ray.config",
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from lsgd_ray.algorithms import ALGORITHMS  # noqa: F401
     from lsgd_ray.config import (  # noqa: F401
         ConfigError,
+        DataParallelConfig,
         DiLoCoConfig,
         DownpourConfig,
         EASGDConfig,

@@ -8,11 +8,14 @@ from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.algorithms.gossip import GRAPHS, ROTATIONS
 from lsgd_ray.augment import AUGMENTS
 from lsgd_ray.config import (
+    COMM_DTYPES,
     DOWNPOUR_RULES,
+    GRADIENT_COMPRESSIONS,
     LEADER_ESTIMATES,
     MODES,
     OPTIMIZERS,
     ConfigError,
+    DataParallelConfig,
     DiLoCoConfig,
     DownpourConfig,
     EASGDConfig,
@@ -83,6 +86,9 @@ def add_train_parser(sub: argparse._SubParsersAction, preset: str | None) -> Non
     a("--rotation", default="matchings", choices=ROTATIONS, help="dpsgd/aldsgd: one matching per round, or none")
     for name, default in (("c1", 0.3), ("c2", 0.1), ("p1", 0.2), ("p2", 0.2)):
         a(f"--{name}", type=float, default=default, help=f"aldsgd: corrective coefficient {name}")
+    a("--compression", default="none", choices=GRADIENT_COMPRESSIONS, help="data_parallel: torch's gradient hook")
+    a("--powersgd-rank", type=int, default=2, help="data_parallel --compression powersgd: its rank")
+    a("--powersgd-start", type=int, default=10, help="data_parallel --compression powersgd: plain steps first")
     a("--fragments", type=int, default=1, help="diloco: Streaming DiLoCo's fragments (1 = plain DiLoCo)")
     a("--outer-optimizer", default="sgd", choices=OPTIMIZERS, help="diloco: the outer optimizer")
     a("--outer-lr", type=float, default=0.7, help="diloco: outer learning rate")
@@ -93,6 +99,12 @@ def add_train_parser(sub: argparse._SubParsersAction, preset: str | None) -> Non
     a("--no-nesterov", action="store_true")
     a("--weight-decay", type=float, default=1e-4)
     a("--batch-size", type=int, default=None, help="per worker; default: the dataset's (32 digits, 128 others)")
+    a(
+        "--comm-dtype",
+        default="float32",
+        choices=COMM_DTYPES,
+        help="how weights travel: float32, or bfloat16 for half the bytes (lsgd's leader weights)",
+    )
     a(
         "--redeal-shards",
         action="store_true",
@@ -163,6 +175,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         easgd=EASGDConfig(beta=args.beta, alpha=args.alpha, tau=tau, mode=args.mode),
         downpour=DownpourConfig(n_push=args.n_push, n_fetch=args.n_fetch, rule=args.downpour_rule),
         local_sgd=LocalSGDConfig(tau=tau, tau_global=args.tau_global),
+        data_parallel=DataParallelConfig(
+            compression=args.compression, powersgd_rank=args.powersgd_rank, powersgd_start=args.powersgd_start
+        ),
         diloco=_diloco(args) if args.algorithm == "diloco" else DiLoCoConfig(),  # its checks tie --tau to it
         gossip=GossipConfig(
             graph=args.graph,
@@ -187,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         gpus_per_worker=args.gpus_per_worker,
         batch_size=args.batch_size or spec.default_batch_size,
         redeal_shards=args.redeal_shards,
+        comm_dtype=args.comm_dtype,
         epochs=args.epochs if budget_given else 50.0,
         max_steps=args.max_steps,
         time_budget_s=args.time_budget,

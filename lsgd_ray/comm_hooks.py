@@ -1,9 +1,16 @@
-"""Gradient compression on DistributedDataParallel with torch's own communication hooks
-(``torch.distributed.algorithms.ddp_comm_hooks``), as a Ray Train user would add it."""
+"""Gradient compression with torch's own communication hooks
+(``torch.distributed.algorithms.ddp_comm_hooks``): on DistributedDataParallel, as a Ray Train
+user would add it (``register_comm_hook``), and on our workers' flat gradient
+(``FlatGradientHook``)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
+import torch
+
+from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
 
 COMM_HOOKS = ("powersgd", "bf16")
 
@@ -46,3 +53,100 @@ def _one_bucket_at_a_time(hook: Any) -> Any:
         return future
 
     return in_order
+
+
+class FlatBucket:
+    """The part of DDP's ``GradBucket`` that torch's hooks read, over a worker's flat gradient:
+    one bucket holding every gradient. torch's ``GradBucket`` cannot be made from Python (no
+    constructor), and the hooks are Python that calls only these methods; the per-parameter
+    gradients are views of the flat one, as DDP's are views of its bucket."""
+
+    def __init__(self, flat_grad: torch.Tensor, parameters: list[torch.Tensor]) -> None:
+        self._buffer, self._parameters = flat_grad, parameters
+        self._gradients = [p.grad for p in parameters]
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def gradients(self) -> list[torch.Tensor]:
+        return self._gradients  # type: ignore[return-value]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._parameters
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
+
+
+class FlatGradientHook:
+    """torch's ``powerSGD_hook`` or ``bf16_compress_hook`` over the flat gradient, once per
+    step, in the run's torch.distributed world (``process_group=None``): the averaged gradient
+    replaces the flat one. Its state (PowerSGD's error feedback, warm-start matrices, step
+    count and random state) goes into checkpoints and replicas (``state_dict``)."""
+
+    def __init__(self, compression: str, rank: int, start: int, error_feedback: bool, warm_start: bool) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+        self.compression = compression
+        self.state: Any = None
+        if compression == "powersgd":
+            self.state = powerSGD_hook.PowerSGDState(
+                process_group=None,
+                matrix_approximation_rank=rank,
+                start_powerSGD_iter=start,
+                use_error_feedback=error_feedback,
+                warm_start=warm_start,
+            )
+            self.hook: Any = powerSGD_hook.powerSGD_hook
+        elif compression == "bf16":
+            self.hook = default_hooks.bf16_compress_hook
+        else:
+            raise ValueError(f"compression must be one of {COMM_HOOKS}, got {compression!r}")
+
+    def __call__(self, flat_grad: torch.Tensor, parameters: list[torch.Tensor], world: int) -> float:
+        """Average ``flat_grad`` over the world through the hook; returns the bytes each worker
+        sent (and received): ring all-reduces of what the hook put on the wire."""
+        plain = self.state is not None and self.state.iter < self.state.start_powerSGD_iter
+        before = self.state.total_numel_after_compression if self.state is not None else 0
+        averaged = self.hook(self.state, FlatBucket(flat_grad, parameters)).wait()
+        if isinstance(averaged, list):
+            averaged = averaged[0]
+        if averaged.data_ptr() != flat_grad.data_ptr():
+            flat_grad.copy_(averaged)
+        if self.compression == "bf16":
+            wire = flat_grad.numel() * 2
+        elif plain:
+            wire = flat_grad.numel() * flat_grad.element_size()
+        else:  # P and Q of each compressed matrix, and the uncompressed tensors, all-reduced
+            wire = (self.state.total_numel_after_compression - before) * flat_grad.element_size()
+        return ring_allreduce_bytes(wire, world)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Tensors and plain values only (checkpoints load with ``weights_only``)."""
+        s = self.state
+        if s is None:
+            return None
+        name, keys, pos, has_gauss, cached = s.rng.get_state()
+        return {
+            "iter": s.iter,
+            "error": {k: v.detach().cpu().clone() for k, v in s.error_dict.items()},
+            "p": {k: v.detach().cpu().clone() for k, v in s.p_memory_dict.items()},
+            "q": {k: v.detach().cpu().clone() for k, v in s.q_memory_dict.items()},
+            "rng": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "numel": [s.total_numel_before_compression, s.total_numel_after_compression],
+        }
+
+    def load_state_dict(self, saved: dict[str, Any] | None, device: torch.device) -> None:
+        s = self.state
+        if s is None or saved is None:
+            return
+        s.iter = int(saved["iter"])
+        s.error_dict = {int(k): v.to(device) for k, v in saved["error"].items()}
+        s.p_memory_dict = {int(k): v.to(device) for k, v in saved["p"].items()}
+        s.q_memory_dict = {int(k): v.to(device) for k, v in saved["q"].items()}
+        name, keys, pos, has_gauss, cached = saved["rng"]
+        s.rng.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        s.total_numel_before_compression, s.total_numel_after_compression = saved["numel"]

@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lsgd_ray.config_checks import (
+    COMM_DTYPES,
     DOWNPOUR_RULES,
     EVALUATED_MODELS,
+    GRADIENT_COMPRESSIONS,
     LEADER_ESTIMATES,
     MODES,
     OPTIMIZERS,
@@ -29,6 +31,7 @@ from lsgd_ray.config_checks import (
     check_choice,
 )
 from lsgd_ray.settings import (
+    DataParallelConfig,
     DiLoCoConfig,
     DownpourConfig,
     EASGDConfig,
@@ -39,12 +42,15 @@ from lsgd_ray.settings import (
 )
 
 __all__ = [
+    "COMM_DTYPES",
     "DOWNPOUR_RULES",
+    "GRADIENT_COMPRESSIONS",
     "EVALUATED_MODELS",
     "LEADER_ESTIMATES",
     "MODES",
     "OPTIMIZERS",
     "ConfigError",
+    "DataParallelConfig",
     "DiLoCoConfig",
     "DownpourConfig",
     "EASGDConfig",
@@ -78,6 +84,7 @@ class TrainConfig:
     local_sgd: LocalSGDConfig = field(default_factory=LocalSGDConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)  # dpsgd and aldsgd
     diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     num_groups: int | None = None
     workers_per_group: int | None = None
@@ -89,6 +96,9 @@ class TrainConfig:
     # torch's DistributedSampler with set_epoch does and the reference code runs; each worker
     # then holds the whole training split. One worker is a plain loop over the shuffled data.
     redeal_shards: bool = False
+    # How weights travel between workers: "float32", or "bfloat16" for half the bytes (LSGD's
+    # leader weights; the algorithms that take it are in the registry's comm_dtypes).
+    comm_dtype: str = "float32"
     epochs: float | None = None
     max_steps: int | None = None
     time_budget_s: float | None = None
@@ -125,6 +135,7 @@ class TrainConfig:
             ("local_sgd", LocalSGDConfig),
             ("gossip", GossipConfig),
             ("diloco", DiLoCoConfig),
+            ("data_parallel", DataParallelConfig),
         ):
             value = getattr(self, name)
             _check(isinstance(value, kind), f"{name} must be a {kind.__name__}(...), got {_got(value)}")
@@ -140,6 +151,12 @@ class TrainConfig:
         _check_number("gpus_per_worker", self.gpus_per_worker, ">=", 0, " of GPUs per worker; 0.5 shares one")
         _check_positive_int("batch_size", self.batch_size)
         _check_bool("redeal_shards", self.redeal_shards)
+        check_choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
+        takes = ALGORITHMS[self.algorithm].comm_dtypes
+        _check(
+            self.comm_dtype in takes,
+            f"comm_dtype {self.comm_dtype!r} is not implemented for {self.algorithm} (it takes: {', '.join(takes)})",
+        )
         _check_positive_int("eval_batch_size", self.eval_batch_size)
         _check(
             self.epochs is not None or self.max_steps is not None or self.time_budget_s is not None,

@@ -11,6 +11,8 @@ MODES = ("sync", "async")
 LEADER_ESTIMATES = ("train_loss", "val_batch")
 EVALUATED_MODELS = ("leader", "center")  # LSGD: which model test_accuracy, the progress line and a target use
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+GRADIENT_COMPRESSIONS = ("none", "powersgd", "bf16")  # data-parallel SGD (DataParallelConfig)
+COMM_DTYPES = ("float32", "bfloat16")  # how weights travel (lsgd_ray.flat.encode)
 DOWNPOUR_RULES = ("mean", "sum")  # how the server applies a push: scaled by 1/W, or added whole
 
 

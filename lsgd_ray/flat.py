@@ -103,6 +103,26 @@ def as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+# ``comm_dtype``: how weights travel. bfloat16 travels as its bit pattern in an int16 array
+# (numpy has no bfloat16); an int16 array of weights is never anything else.
+COMM_DTYPES = ("float32", "bfloat16")  # also lsgd_ray.config_checks.COMM_DTYPES (no torch there)
+
+
+def encode(weights: np.ndarray, comm_dtype: str) -> np.ndarray:
+    """``weights`` (float32) as they travel: unchanged for "float32"; for "bfloat16" rounded to
+    the nearest bfloat16 (ties to even), half the bytes."""
+    if comm_dtype == "float32":
+        return weights
+    if comm_dtype != "bfloat16":
+        raise ValueError(f"comm_dtype must be one of {COMM_DTYPES}, got {comm_dtype!r}")
+    return as_tensor(weights).to(torch.bfloat16).view(torch.int16).numpy()
+
+
+def decode(weights: torch.Tensor) -> torch.Tensor:
+    """A torch view of weights as they travelled (``encode``): int16 bits seen as bfloat16."""
+    return weights.view(torch.bfloat16) if weights.dtype == torch.int16 else weights
+
+
 def flatten_state(model: nn.Module) -> torch.Tensor:
     """The flat vector (parameters then float buffers) of an ordinary model, same order as FlatState."""
     tensors = list(model.parameters()) + [b for _, _, b in _float_buffers(model)]

@@ -10,6 +10,7 @@ from typing import Literal
 from lsgd_ray.config_checks import (
     DOWNPOUR_RULES,
     EVALUATED_MODELS,
+    GRADIENT_COMPRESSIONS,
     LEADER_ESTIMATES,
     MODES,
     OPTIMIZERS,
@@ -242,4 +243,37 @@ class DiLoCoConfig:
         _check(
             isinstance(self.outer, OptimizerConfig),
             f"outer must be an OptimizerConfig(...) (the outer optimizer), got {_got(self.outer)}",
+        )
+
+
+@dataclass(frozen=True)
+class DataParallelConfig:
+    """Data-parallel SGD's gradient all-reduce, compressed or not. ``compression``: ``"none"``;
+    ``"powersgd"``, torch's ``powerSGD_hook`` (rank ``powersgd_rank``, a plain all-reduce for
+    the first ``powersgd_start`` steps, ``error_feedback``, ``warm_start``); ``"bf16"``, torch's
+    ``bf16_compress_hook``. The hooks run on the workers' flat gradient
+    (``lsgd_ray/comm_hooks.py``)."""
+
+    compression: str = "none"
+    powersgd_rank: int = 2
+    powersgd_start: int = 10
+    error_feedback: bool = True
+    warm_start: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("compression", self.compression, GRADIENT_COMPRESSIONS)
+        _check_positive_int("powersgd_rank (PowerSGD's matrix approximation rank)", self.powersgd_rank)
+        _check(
+            isinstance(self.powersgd_start, int)
+            and not isinstance(self.powersgd_start, bool)
+            and self.powersgd_start >= 0,
+            f"powersgd_start (steps of plain all-reduce before PowerSGD) must be an integer >= 0, got "
+            f"{_got(self.powersgd_start)}",
+        )
+        _check_bool("error_feedback", self.error_feedback)
+        _check_bool("warm_start", self.warm_start)
+        _check(
+            not ((self.error_feedback or self.warm_start) and self.powersgd_start <= 1),
+            f"powersgd_start must be > 1 with error_feedback or warm_start (torch's PowerSGD needs two plain "
+            f"steps first), got {self.powersgd_start}",
         )

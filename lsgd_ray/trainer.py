@@ -121,6 +121,8 @@ class Trainer(Loops):
             num_groups=len(topo.groups),
             redeal_shards=cfg.redeal_shards,
             diloco=cfg.diloco if cfg.algorithm == "diloco" else None,
+            comm_dtype=cfg.comm_dtype,
+            data_parallel=cfg.data_parallel if cfg.algorithm == "data_parallel" else None,
             step_delay_s=dict(cfg.straggler_delay_s),
             collective_timeout_s=cfg.actor_timeout_s,
         )

@@ -29,6 +29,7 @@ from lsgd_ray._internal.driver.placement import AVAILABILITY_GRACE_S
 from lsgd_ray.cli import main
 from lsgd_ray.config import (
     ConfigError,
+    DataParallelConfig,
     DiLoCoConfig,
     DownpourConfig,
     EASGDConfig,
@@ -92,6 +93,10 @@ def gossip(**fields):
 
 def diloco(**fields):
     return Config(DiLoCoConfig, fields)
+
+
+def data_parallel(**fields):
+    return Config(DataParallelConfig, fields)
 
 
 def optimizer(**fields):
@@ -294,6 +299,55 @@ TABLE = [
         cli("--algorithm", "diloco", "--fragments", "0"),
         CliExit,
         rf"^error: fragments \(Streaming DiLoCo's fragments; 1 = plain DiLoCo\) {POSITIVE_INT}, got 0 \(set by --fragments\)$",
+    ),
+    # ------------------------------------------------------------------ DataParallelConfig
+    Row(
+        "compression unknown",
+        data_parallel(compression="topk"),
+        ConfigError,
+        r"^unknown compression 'topk'; choose one of: none, powersgd, bf16$",
+    ),
+    Row(
+        "powersgd_rank zero",
+        data_parallel(powersgd_rank=0),
+        ConfigError,
+        rf"^powersgd_rank \(PowerSGD's matrix approximation rank\) {POSITIVE_INT}, got 0$",
+    ),
+    Row(
+        "powersgd_start negative",
+        data_parallel(powersgd_start=-1),
+        ConfigError,
+        r"^powersgd_start \(steps of plain all-reduce before PowerSGD\) must be an integer >= 0, got -1$",
+    ),
+    Row(
+        "powersgd_start 1 with error feedback",
+        data_parallel(powersgd_start=1),
+        ConfigError,
+        r"^powersgd_start must be > 1 with error_feedback or warm_start .*got 1$",
+    ),
+    Row(
+        "error_feedback a string",
+        data_parallel(error_feedback="yes"),
+        ConfigError,
+        r"^error_feedback must be True or False, got 'yes' \(str\)$",
+    ),
+    Row(
+        "warm_start a number",
+        data_parallel(warm_start=1),
+        ConfigError,
+        r"^warm_start must be True or False, got 1$",
+    ),
+    Row(
+        "--powersgd-rank zero",
+        cli("--algorithm", "data_parallel", "--compression", "powersgd", "--powersgd-rank", "0"),
+        CliExit,
+        rf"^error: powersgd_rank .*{POSITIVE_INT}, got 0 \(set by --powersgd-rank\)$",
+    ),
+    Row(
+        "data_parallel settings as a string",
+        train(data_parallel="powersgd"),
+        ConfigError,
+        r"^data_parallel must be a DataParallelConfig\(...\), got 'powersgd' \(str\)$",
     ),
     # ------------------------------------------------------------------ GossipConfig
     Row(
@@ -563,6 +617,18 @@ TABLE = [
         r"^straggler_delay_s maps worker rank -> seconds >= 0, e\.g\. \{0: 0\.05\}, got \[0\.1\] \(list\)$",
     ),
     Row("quiet a string", train(quiet="no"), ConfigError, r"^quiet must be True or False, got 'no' \(str\)$"),
+    Row(
+        "comm_dtype unknown",
+        train(comm_dtype="float16"),
+        ConfigError,
+        r"^unknown comm_dtype 'float16'; choose one of: float32, bfloat16$",
+    ),
+    Row(
+        "comm_dtype bfloat16 for an algorithm without it",
+        train(algorithm="easgd", comm_dtype="bfloat16"),
+        ConfigError,
+        r"^comm_dtype 'bfloat16' is not implemented for easgd \(it takes: float32\)$",
+    ),
     Row(
         "redeal_shards a string",
         train(redeal_shards="yes"),
@@ -969,7 +1035,8 @@ def test_the_table_covers_every_config_field():
         if isinstance(row.input, Config):
             covered.setdefault(row.input.cls, set()).update(row.input.fields)
     for cls in (
-        TrainConfig, LSGDConfig, EASGDConfig, DownpourConfig, LocalSGDConfig, GossipConfig, DiLoCoConfig, OptimizerConfig
+        TrainConfig, LSGDConfig, EASGDConfig, DownpourConfig, LocalSGDConfig, GossipConfig, DiLoCoConfig,
+        DataParallelConfig, OptimizerConfig,
     ):  # fmt: skip
         fields = {f.name for f in dataclasses.fields(cls)}
         assert fields <= covered.get(cls, set()), f"{cls.__name__}: no bad-input row for {fields - covered[cls]}"

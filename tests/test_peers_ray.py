@@ -10,6 +10,7 @@ import torch
 
 from lsgd_ray import (
     ConfigError,
+    DataParallelConfig,
     DiLoCoConfig,
     EASGDConfig,
     GossipConfig,
@@ -19,7 +20,7 @@ from lsgd_ray import (
     TrainConfig,
     Trainer,
 )
-from lsgd_ray.algorithms import gossip
+from lsgd_ray.algorithms import data_parallel, gossip
 from lsgd_ray.algorithms.communication import expected_bytes
 from lsgd_ray.algorithms.lsgd import sync_round
 from lsgd_ray.data import synthetic
@@ -58,20 +59,27 @@ RECEIVED = {
     "dpsgd": S * 1,
     "aldsgd": S * 1,
     "diloco": 2 * S * 3 / 4 / 16,  # a ring all-reduce of the weights over 4 every H = 16 steps
+    "lsgd_bf16": (S / 4 * (1 / 2) + S / 16 * (3 / 4)) / 2,  # the leaders' weights travel as bfloat16
+    "data_parallel_bf16": 2 * S * 3 / 4 / 2,  # torch's bf16_compress_hook: the gradient in half the bytes
+}
+VARIANTS = {  # name: (algorithm, settings)
+    "easgd_async": ("easgd", {"easgd": EASGDConfig(mode="async")}),
+    "lsgd_bf16": ("lsgd", {"comm_dtype": "bfloat16"}),
+    "data_parallel_bf16": ("data_parallel", {"data_parallel": DataParallelConfig(compression="bf16")}),
 }
 
 
 def test_hand_theory_agrees_with_the_library_table():
     for name, value in RECEIVED.items():
-        cfg = TrainConfig(algorithm=name.removesuffix("_async"), epochs=1)
+        algorithm, extra = VARIANTS.get(name, (name, {}))
+        cfg = TrainConfig(algorithm=algorithm, epochs=1, **extra)
         assert expected_bytes(cfg, S, [2, 2])["received"] == pytest.approx(value), name
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("name", sorted(RECEIVED))
 def test_trains_and_moves_the_bytes_theory_says(tmp_path, name):
-    algorithm = name.removesuffix("_async")
-    extra = {"easgd": EASGDConfig(mode="async")} if name == "easgd_async" else {}
+    algorithm, extra = VARIANTS.get(name, (name, {}))
     cfg = config(tmp_path, algorithm, epochs=8, lsgd=LSGDConfig(tau=4, tau_global=16), **extra)
     with Trainer(MODEL, DATA, cfg) as trainer:
         result = trainer.fit()
@@ -116,6 +124,33 @@ def test_data_parallel_equals_one_process_with_the_union_batch_and_local_sgd_tau
     _, _, local = _weights(tmp_path, "local_sgd", 20, optimizer=PLAIN_SGD, local_sgd=one)
     for rank, w in enumerate(local):
         torch.testing.assert_close(w, dp[rank], rtol=0, atol=1e-5, msg=f"worker {rank}")
+    # PowerSGD with a rank at least every gradient's and no error feedback: nothing is worth
+    # compressing, torch's hook all-reduces every gradient whole: data-parallel to float rounding
+    whole = DataParallelConfig(compression="powersgd", powersgd_rank=64, powersgd_start=0, error_feedback=False,
+                               warm_start=False)  # fmt: skip
+    _, _, psgd = _weights(tmp_path / "psgd", "data_parallel", 20, optimizer=PLAIN_SGD, data_parallel=whole)
+    for rank, w in enumerate(psgd):
+        torch.testing.assert_close(w, dp[rank], rtol=0, atol=1e-6, msg=f"worker {rank}")
+
+
+@pytest.mark.timeout(180)
+def test_powersgd_rank_1_trains_and_moves_what_its_low_rank_factors_weigh(tmp_path):
+    """64 steps: 10 plain all-reduces, then P and Q of each weight matrix (biases whole)."""
+    cfg = config(
+        tmp_path, "data_parallel", epochs=8, data_parallel=DataParallelConfig(compression="powersgd", powersgd_rank=1)
+    )
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        result = trainer.fit()
+    assert result.status == "completed" and result.final_test_accuracy > 0.7, result.history
+    steps = result.steps_per_worker
+    shapes = [tuple(p.shape) for p in MODEL().parameters()]
+    compressed = 4 * data_parallel.powersgd_elements(shapes, 1)
+    expected = (10 * 2 * S * 3 / 4 + (steps - 10) * 2 * compressed * 3 / 4) / steps
+    assert compressed < S / 4
+    comm = result.communication
+    assert comm["bytes_received_per_worker_step"] == pytest.approx(expected, rel=0.05)
+    saved = json.loads((tmp_path / "data_parallel" / "result.json").read_text())
+    assert saved["config"]["data_parallel"]["compression"] == "powersgd"
 
 
 @pytest.mark.timeout(180)

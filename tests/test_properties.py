@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from lsgd_ray.cli import build_parser, parse_args, prepare
 from lsgd_ray.config import (
     ConfigError,
+    DataParallelConfig,
     DiLoCoConfig,
     DownpourConfig,
     EASGDConfig,
@@ -30,12 +31,21 @@ from lsgd_ray.data import DatasetNotFoundError
 from lsgd_ray.topology import PlacementError
 
 EXAMPLES = 400
-NESTED = [LSGDConfig, EASGDConfig, DownpourConfig, LocalSGDConfig, GossipConfig, DiLoCoConfig, OptimizerConfig]
+NESTED = [
+    LSGDConfig,
+    EASGDConfig,
+    DownpourConfig,
+    LocalSGDConfig,
+    GossipConfig,
+    DiLoCoConfig,
+    DataParallelConfig,
+    OptimizerConfig,
+]
 CONFIGS = [*NESTED, TrainConfig]
 FIELDS = {f.name for cls in CONFIGS for f in dataclasses.fields(cls)}
 NAMES = [  # words that choices accept, so some draws are valid
     "sync", "async", "leader", "center", "val_batch", "loss", "mean", "sum", "ring", "torus",
-    "complete", "random", "matchings", "none", "sgd", "adam", "adamw", "lsgd", "easgd", "dpsgd", "diloco",
+    "complete", "random", "matchings", "none", "sgd", "adam", "adamw", "lsgd", "easgd", "dpsgd", "diloco", "powersgd", "bf16",
 ]  # fmt: skip
 ANY = st.one_of(
     st.none(),

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from lsgd_ray.algorithms import downpour, easgd
-from lsgd_ray.config import DiLoCoConfig, LSGDConfig, OptimizerConfig
+from lsgd_ray.config import DataParallelConfig, DiLoCoConfig, LSGDConfig, OptimizerConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class WorkerSpec:
     num_groups: int = 1  # at the start (whether a local leader exists to be pulled toward)
     redeal_shards: bool = False
     diloco: DiLoCoConfig | None = None  # DiLoCo runs only
+    comm_dtype: str = "float32"  # how published weights travel (lsgd_ray.flat.encode)
+    data_parallel: DataParallelConfig | None = None  # data-parallel runs only: gradient compression
     step_delay_s: dict[int, float] = field(default_factory=dict)
     collective_timeout_s: float = 120.0
 

@@ -24,8 +24,9 @@ from lsgd_ray._internal.worker_diloco import DiLoCoWorkerMixin
 from lsgd_ray._internal.worker_peers import PeerWorkerMixin
 from lsgd_ray._internal.worker_state import WorkerStateMixin
 from lsgd_ray.algorithms.lsgd import LossWindow, ProximalTargets, pull_toward
+from lsgd_ray.comm_hooks import FlatGradientHook
 from lsgd_ray.data import DatasetFactory, ImageFiles, batch_stream, resident, worker_seed
-from lsgd_ray.flat import FlatState, all_finite
+from lsgd_ray.flat import FlatState, all_finite, encode
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.optim import OptimizerFactory, build_optimizer
 
@@ -85,6 +86,11 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
             self.proximal = ProximalTargets(cfg.proximal, cfg.tau, cfg.tau_global, spec.num_groups)
             self.proximal.start(self.state.flat)
         self._outer_init()  # DiLoCo: the global weights and outer optimizers
+        if spec.data_parallel is not None and spec.data_parallel.compression != "none":
+            c = spec.data_parallel
+            self._grad_hook = FlatGradientHook(
+                c.compression, c.powersgd_rank, c.powersgd_start, c.error_feedback, c.warm_start
+            )
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
         self._pending: list[tuple[np.ndarray | None, float, str]] = []  # None: a reset keeping the weights
         self._snapshot_requests: list[dict[str, Any]] = []
@@ -218,12 +224,14 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
         While the asynchronous loop runs, a consistent snapshot is taken between steps.
         ``count=False`` for reads that are not the algorithm's traffic (evaluation, checks).
         """
-        if count:
-            self.bytes_sent += self.state.nbytes
         with self._lock:
-            if not self._async:
-                return self.state.to_numpy()
-        return self._between_steps("weights")
+            weights = self.state.to_numpy() if not self._async else None
+        if weights is None:
+            weights = self._between_steps("weights")
+        if count:  # the algorithm's traffic: in the run's comm_dtype
+            weights = encode(weights, self.spec.comm_dtype)
+            self.bytes_sent += weights.nbytes
+        return weights
 
     def pull(
         self, leader: np.ndarray, strength: float, inspect: bool = False, kind: str = "global"

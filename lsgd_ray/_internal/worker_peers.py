@@ -20,10 +20,11 @@ import torch
 from lsgd_ray.algorithms import easgd
 from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
 from lsgd_ray.algorithms.gossip import mix_
-from lsgd_ray.flat import as_tensor
+from lsgd_ray.flat import as_tensor, decode
 
 if TYPE_CHECKING:
     from lsgd_ray._internal.protocol import WorkerSpec
+    from lsgd_ray.comm_hooks import FlatGradientHook
     from lsgd_ray.flat import FlatState
 
 
@@ -44,6 +45,7 @@ class PeerWorkerMixin:
     rank: int
     spec: WorkerSpec
     state: FlatState
+    model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
     bytes_sent: float
@@ -54,6 +56,7 @@ class PeerWorkerMixin:
 
     _dist_group: Any = None  # this worker's group's process group (local SGD)
     _allreduce_grads = False  # data-parallel SGD
+    _grad_hook: FlatGradientHook | None = None  # data-parallel SGD with gradient compression
     exchanges = 0
     base: torch.Tensor | None = None  # DOWNPOUR: weights at the last push or fetch
 
@@ -79,13 +82,19 @@ class PeerWorkerMixin:
         self._allreduce_grads = allreduce_grads
 
     def _after_backward(self) -> None:
-        """Data-parallel SGD: average the flat gradient over all workers before the step."""
+        """Data-parallel SGD: average the flat gradient over all workers before the step (or
+        have torch's compression hook do it: ``DataParallelConfig.compression``)."""
         if self._allreduce_grads and self._world_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(self.state.grad)
-            self.state.grad.div_(self._world_size)
-            moved = ring_allreduce_bytes(self.state.grad.numel() * self.state.grad.element_size(), self._world_size)
+            if self._grad_hook is not None:
+                params: list[torch.Tensor] = list(self.model.parameters())
+                moved = self._grad_hook(self.state.grad, params, self._world_size)
+            else:
+                dist.all_reduce(self.state.grad)
+                self.state.grad.div_(self._world_size)
+                grad = self.state.grad
+                moved = ring_allreduce_bytes(grad.numel() * grad.element_size(), self._world_size)
             self.bytes_sent += moved
             self.bytes_received += moved
             self.exchanges += 1
@@ -122,7 +131,13 @@ class PeerWorkerMixin:
 
         with self._lock:
             optimizer = map_leaves(copy.deepcopy(self.optimizer.state_dict()), torch.Tensor, torch.Tensor.cpu)
-            return {"weights": self.state.to_numpy(copy=True), "optimizer": optimizer, "steps": self.steps}
+            hook = self._grad_hook.state_dict() if self._grad_hook is not None else None
+            return {
+                "weights": self.state.to_numpy(copy=True),
+                "optimizer": optimizer,
+                "steps": self.steps,
+                "hook": hook,
+            }
 
     def load_replica(self, replica: dict[str, Any]) -> None:
         """Become a replica of the worker ``replica_state()`` came from."""
@@ -130,6 +145,8 @@ class PeerWorkerMixin:
             self.state.load(self.on_device(replica["weights"]))
             self.optimizer.load_state_dict(replica["optimizer"])
             self.steps = int(replica["steps"])
+            if self._grad_hook is not None:
+                self._grad_hook.load_state_dict(replica["hook"], self.device)
 
     # ------------------------------------------------------------------ EASGD (synchronous)
 
@@ -163,5 +180,10 @@ class PeerWorkerMixin:
     # ------------------------------------------------------------------ helpers
 
     def on_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
-        source = as_tensor(array)
-        return source if source.device == self.device else source.to(self.device)
+        """Weights that arrived (a view of the object store on the CPU), as a tensor on this
+        worker's device in its dtype: no copy for float32 on the CPU; bfloat16 (``comm_dtype``)
+        crosses to the device as it travelled and is widened there."""
+        source = decode(as_tensor(array))
+        if source.device != self.device:
+            source = source.to(self.device)
+        return source if source.dtype == self.state.flat.dtype else source.to(self.state.flat.dtype)

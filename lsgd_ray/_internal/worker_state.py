@@ -12,6 +12,7 @@ import torch
 
 from lsgd_ray.algorithms.lsgd import LossWindow, ProximalTargets
 from lsgd_ray.checkpoint import map_leaves
+from lsgd_ray.comm_hooks import FlatGradientHook
 from lsgd_ray.data import BatchStream
 from lsgd_ray.flat import FlatState
 
@@ -35,6 +36,7 @@ class WorkerStateMixin:
     _between_steps: Callable[[str], Any]
     _flush_losses: Callable[[], None]
     _outer: list | None
+    _grad_hook: FlatGradientHook | None
     _outer_snapshot: Callable[[], dict[str, Any]]
     _load_outer: Callable[[dict[str, Any]], None]
 
@@ -75,6 +77,7 @@ class WorkerStateMixin:
             "window": self.window.values(),
             "counters": {k: getattr(self, k) for k in self.COUNTERS},
             "outer": self._outer_snapshot() if self._outer is not None else None,  # DiLoCo
+            "grad_hook": self._grad_hook.state_dict() if self._grad_hook is not None else None,  # PowerSGD
             "proximal_targets": {
                 k: v.detach().cpu().clone() for k, v in (self.proximal.targets if self.proximal else {}).items()
             },
@@ -100,6 +103,8 @@ class WorkerStateMixin:
                 setattr(self, name, value)
             if state.get("outer") is not None:
                 self._load_outer(state["outer"])
+            if self._grad_hook is not None:
+                self._grad_hook.load_state_dict(state.get("grad_hook"), self.device)
             # checkpoints from before 2026-12-04 kept (target, strength) pairs as "last_leaders"
             targets = state.get("proximal_targets") or {k: v for k, (v, _) in state.get("last_leaders", {}).items()}
             if self.proximal is not None and targets:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from lsgd_ray.config import TrainConfig
 
 Bytes = dict[str, float]
+WIRE_SIZE = {"float32": 4, "bfloat16": 2}  # bytes per weight as it travels
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Algorithm:
     report_every: Callable[[Any], int] | None = None
     fixed_mode: str | None = None  # its only mode; None: the settings' ``mode`` field says
     needs_graph: bool = False  # a communication graph over the workers, checked at start
+    comm_dtypes: tuple[str, ...] = ("float32",)  # how its weights may travel (TrainConfig.comm_dtype)
 
     def settings_of(self, config: TrainConfig) -> Any:
         return getattr(config, self.settings) if self.settings else None
@@ -49,7 +51,9 @@ class Algorithm:
         return self.describe(self.settings_of(config))
 
     def expected_bytes(self, config: TrainConfig, weight_bytes: int, group_sizes: Sequence[int]) -> Bytes:
-        return self.theory(self.settings_of(config), weight_bytes, group_sizes)
+        """``weight_bytes``: S in float32; what travels is S x (comm_dtype's size / 4)."""
+        wire = weight_bytes * WIRE_SIZE[config.comm_dtype] // 4
+        return self.theory(self.settings_of(config), wire, group_sizes)
 
     def async_report_period(self, config: TrainConfig) -> int:
         if self.report_every is None:
@@ -87,6 +91,7 @@ _ROWS = [
         lambda c: f"tau={c.tau} tau_G={c.tau_global} lam={c.lam} lam_G={c.lam_global}",
         lambda c, S, sizes: lsgd.expected_bytes(S, sizes, c.tau, c.tau_global),
         report_every=lambda c: max(1, min(c.tau, c.tau_global)),
+        comm_dtypes=("float32", "bfloat16"),
     ),
     Algorithm(
         "easgd",
@@ -131,10 +136,14 @@ _ROWS = [
     Algorithm(
         "data_parallel",
         data_parallel,
-        None,
+        "data_parallel",
         "lsgd_ray._internal.peer_coordinators:DataParallel",
-        lambda _: "gradients all-reduced every step",
-        lambda _, S, sizes: data_parallel.expected_bytes(S, sum(sizes)),
+        lambda c: (
+            "gradients all-reduced every step"
+            + ("" if c.compression == "none" else f", compressed: {c.compression}")
+            + (f" rank={c.powersgd_rank} from step {c.powersgd_start}" if c.compression == "powersgd" else "")
+        ),
+        lambda c, S, sizes: data_parallel.expected_bytes(S, sum(sizes), c.compression),
         fixed_mode="sync",
     ),
     _gossip("dpsgd", corrective=False),
