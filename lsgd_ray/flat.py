@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lsgd_ray.config_checks import COMM_DTYPES
+
 
 def _float_buffers(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
     for module in model.modules():
@@ -103,9 +105,8 @@ def as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-# ``comm_dtype``: how weights travel. bfloat16 travels as its bit pattern in an int16 array
-# (numpy has no bfloat16); an int16 array of weights is never anything else.
-COMM_DTYPES = ("float32", "bfloat16")  # also lsgd_ray.config_checks.COMM_DTYPES (no torch there)
+# ``comm_dtype`` (COMM_DTYPES): how weights travel. bfloat16 travels as its bit pattern in an
+# int16 array (numpy has no bfloat16); an int16 array of weights is never anything else.
 
 
 def encode(weights: np.ndarray, comm_dtype: str) -> np.ndarray:
