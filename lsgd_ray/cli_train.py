@@ -103,7 +103,7 @@ def add_train_parser(sub: argparse._SubParsersAction, preset: str | None) -> Non
         "--comm-dtype",
         default="float32",
         choices=COMM_DTYPES,
-        help="how weights travel: float32, or bfloat16 for half the bytes (lsgd's leader weights)",
+        help="how weights travel: float32, or bfloat16 for half the bytes (lsgd, easgd, local_sgd, diloco)",
     )
     a(
         "--redeal-shards",

@@ -97,7 +97,8 @@ class TrainConfig:
     # then holds the whole training split. One worker is a plain loop over the shuffled data.
     redeal_shards: bool = False
     # How weights travel between workers: "float32", or "bfloat16" for half the bytes (LSGD's
-    # leader weights; the algorithms that take it are in the registry's comm_dtypes).
+    # leaders, EASGD's center, local SGD's averages, DiLoCo's pseudo-gradients; the algorithms
+    # that take it are in the registry's comm_dtypes; docs/algorithms.md says what travels).
     comm_dtype: str = "float32"
     epochs: float | None = None
     max_steps: int | None = None

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsgd_ray.config_checks import COMM_DTYPES
+from lsgd_ray.wire import encode as encode  # re-exported: how weights travel
 
 
 def _float_buffers(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
@@ -105,22 +105,9 @@ def as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-# ``comm_dtype`` (COMM_DTYPES): how weights travel. bfloat16 travels as its bit pattern in an
-# int16 array (numpy has no bfloat16); an int16 array of weights is never anything else.
-
-
-def encode(weights: np.ndarray, comm_dtype: str) -> np.ndarray:
-    """``weights`` (float32) as they travel: unchanged for "float32"; for "bfloat16" rounded to
-    the nearest bfloat16 (ties to even), half the bytes."""
-    if comm_dtype == "float32":
-        return weights
-    if comm_dtype != "bfloat16":
-        raise ValueError(f"comm_dtype must be one of {COMM_DTYPES}, got {comm_dtype!r}")
-    return as_tensor(weights).to(torch.bfloat16).view(torch.int16).numpy()
-
-
 def decode(weights: torch.Tensor) -> torch.Tensor:
-    """A torch view of weights as they travelled (``encode``): int16 bits seen as bfloat16."""
+    """A torch view of weights as they travelled (``lsgd_ray.wire.encode``): int16 bits seen as
+    bfloat16, widened where they are used (on the worker's device)."""
     return weights.view(torch.bfloat16) if weights.dtype == torch.int16 else weights
 
 

@@ -52,10 +52,19 @@ sys.path.insert(0, ROOT)
 from lsgd_ray.cluster import EmulatedCluster, format_rate, parse_rate  # noqa: E402
 
 CONTENDERS = [
-    "lsgd", "lsgd_async", "lsgd_reference", "easgd", "local_sgd", "diloco", "data_parallel", "ray_train_ddp",
-    "ray_train_powersgd", "plain",
+    "lsgd", "lsgd_async", "lsgd_reference", "lsgd_bf16", "easgd", "local_sgd", "diloco", "diloco_flat",
+    "diloco_streaming", "data_parallel", "data_parallel_powersgd", "ray_train_ddp", "ray_train_powersgd", "plain",
 ]  # fmt: skip
-PERIODIC = {"lsgd", "lsgd_async", "lsgd_reference", "easgd", "local_sgd", "diloco"}
+PERIODIC = {
+    "lsgd", "lsgd_async", "lsgd_reference", "lsgd_bf16", "easgd", "local_sgd", "diloco", "diloco_flat",
+    "diloco_streaming",
+}  # fmt: skip
+STREAMING_FRAGMENTS = 4  # diloco_streaming: one quarter of the weights crosses every P/4 steps
+# contender -> its algorithm, where the name is not the algorithm's
+ALGORITHM_OF = {
+    "lsgd_async": "lsgd", "lsgd_reference": "lsgd", "lsgd_bf16": "lsgd", "diloco_flat": "diloco",
+    "diloco_streaming": "diloco", "data_parallel_powersgd": "data_parallel",
+}  # fmt: skip
 LAYOUT_RATES = {"2x2": ["none", "1gbit", "100mbit", "30mbit"], "2x1": ["none", "100mbit"]}
 LR_GRID = [0.1, 0.05, 0.02]
 PERIOD_GRID = [4, 16, 64]
@@ -128,7 +137,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def contender_config(spec: dict[str, Any], **run: Any) -> Any:
     """The TrainConfig of a contender run by ``fit`` (everything but the baselines): the sweep's
     lr and period P (what crosses the link every P steps; in-node periods P/4)."""
-    from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, LSGDConfig, OptimizerConfig, TrainConfig
+    from lsgd_ray import (
+        DataParallelConfig,
+        DiLoCoConfig,
+        EASGDConfig,
+        LocalSGDConfig,
+        LSGDConfig,
+        OptimizerConfig,
+        TrainConfig,
+    )
     from lsgd_ray.presets import PRESETS
 
     name, period = spec["contender"], spec["period"]
@@ -139,12 +156,19 @@ def contender_config(spec: dict[str, Any], **run: Any) -> Any:
     if name == "lsgd_reference":  # its pulls, proximal pull and sampler; the sweep's periods and lr
         lsgd = {**PRESETS["reference-lsgd"].settings["lsgd"], "tau": inner, "tau_global": period}
         redeal = True
+    # DiLoCo: hierarchical (group averages every P/4, the outer step every P); flat (only the
+    # outer step); streaming (flat, one of 4 fragments every P/4 steps)
+    hierarchical = name == "diloco" and inner < period
+    fragments = STREAMING_FRAGMENTS if name == "diloco_streaming" else 1
+    compression = "powersgd" if name == "data_parallel_powersgd" else "none"
     return TrainConfig(
-        algorithm="lsgd" if name.startswith("lsgd") else name,
+        algorithm=ALGORITHM_OF.get(name, name),
         lsgd=LSGDConfig(**lsgd),
         easgd=EASGDConfig(tau=period),
         local_sgd=LocalSGDConfig(tau=inner, tau_global=period),
-        diloco=DiLoCoConfig(tau=inner if inner < period else None, tau_global=period),
+        diloco=DiLoCoConfig(tau=inner if hierarchical else None, tau_global=period, fragments=fragments),
+        data_parallel=DataParallelConfig(compression=compression),
+        comm_dtype="bfloat16" if name == "lsgd_bf16" else "float32",
         optimizer=OptimizerConfig(lr=spec["lr"]),
         num_groups=spec["nodes"],
         workers_per_group=spec["per_node"],

@@ -135,12 +135,18 @@ def test_every_contender_of_the_bandwidth_sweep_has_a_valid_config(period):
     import bench_bandwidth
 
     fitted = [c for c in bench_bandwidth.CONTENDERS if c != "plain" and not c.startswith("ray_train")]
-    assert {"lsgd_reference", "diloco"} <= set(fitted)
+    assert {"lsgd_reference", "lsgd_bf16", "diloco", "diloco_flat", "diloco_streaming"} <= set(fitted)
+    assert "data_parallel_powersgd" in fitted
+    configs = {}
     for name in fitted:
         spec = {"contender": name, "period": period, "lr": 0.05, "nodes": 2, "per_node": 2, "batch": 128, "seed": 0}
-        cfg = bench_bandwidth.contender_config(spec, epochs=1)
-        assert cfg.algorithm == ("lsgd" if name.startswith("lsgd") else name)
+        configs[name] = cfg = bench_bandwidth.contender_config(spec, epochs=1)
+        assert cfg.algorithm == bench_bandwidth.ALGORITHM_OF.get(name, name)
         assert cfg.num_groups == 2 and cfg.optimizer.lr == 0.05
+    assert configs["lsgd_bf16"].comm_dtype == "bfloat16" and configs["lsgd"].comm_dtype == "float32"
+    assert configs["data_parallel_powersgd"].data_parallel.compression == "powersgd"
+    assert configs["diloco_flat"].diloco.tau is None and configs["diloco_flat"].diloco.fragments == 1
+    assert configs["diloco_streaming"].diloco.fragments == 4 and configs["diloco_streaming"].diloco.tau is None
     reference = bench_bandwidth.contender_config({**spec, "contender": "lsgd_reference"}, epochs=1)
     assert reference.redeal_shards and reference.lsgd.proximal == 0.1 and reference.lsgd.tau_global == period
     diloco = bench_bandwidth.contender_config({**spec, "contender": "diloco"}, epochs=1)

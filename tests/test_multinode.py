@@ -6,7 +6,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from lsgd_ray import EASGDConfig, LSGDConfig, TrainConfig, Trainer
+from lsgd_ray import DataParallelConfig, DiLoCoConfig, EASGDConfig, LSGDConfig, TrainConfig, Trainer
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
 
@@ -53,24 +53,33 @@ def test_each_group_runs_on_its_own_node_and_converges(cluster, tmp_path):
     assert all(w["bytes_received"] > 0 for w in result.communication["per_worker"])
 
 
+VARIANTS = {  # name: (algorithm, settings)
+    "easgd_async": ("easgd", {"easgd": EASGDConfig(mode="async")}),
+    "data_parallel_powersgd": ("data_parallel", {"data_parallel": DataParallelConfig(compression="powersgd")}),
+    # one fragment of the pseudo-gradients across the nodes every 4 steps, in bfloat16
+    "diloco_streaming_bf16": ("diloco", {"diloco": DiLoCoConfig(tau_global=8, fragments=2), "comm_dtype": "bfloat16"}),
+    "lsgd_bf16": ("lsgd", {"comm_dtype": "bfloat16"}),
+}
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    "algorithm", ["data_parallel", "local_sgd", "easgd", "easgd_async", "downpour", "dpsgd", "aldsgd", "diloco"]
+    "algorithm",
+    ["data_parallel", "local_sgd", "easgd", "downpour", "dpsgd", "aldsgd", "diloco", *VARIANTS],
 )
 def test_every_peer_trains_across_nodes(cluster, tmp_path, algorithm):
     """Collectives across raylets, the parameter server on another node, neighbours' weights
     read from another node's object store."""
     c, nodes = cluster
-    name = algorithm.removesuffix("_async")
-    easgd = EASGDConfig(mode="async" if algorithm.endswith("_async") else "sync")
+    name, settings = VARIANTS.get(algorithm, (algorithm, {}))
     cfg = TrainConfig(
         algorithm=name,
         batch_size=32,
         epochs=6,
         eval_every_s=2.0,
-        easgd=easgd,
         output_dir=str(tmp_path / "run"),
         quiet=True,
+        **settings,
     )
     with Trainer(MODEL, DATA, cfg) as trainer:
         assert sorted(g.node_id for g in trainer.topology.groups) == sorted(n.node_id for n in nodes)

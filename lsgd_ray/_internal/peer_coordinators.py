@@ -294,7 +294,7 @@ class EASGD(PeerCoordinator):
         # died with it (the re-placement test's EASGD case: "workers keep failing")
         here = NodeAffinitySchedulingStrategy(node_id(), soft=False)
         self.server = actor_class(ParameterServer, num_cpus=0, max_concurrency=1, scheduling_strategy=here).remote(
-            first
+            first, self.cfg.comm_dtype
         )
         self.center_ref = self.server.get.remote()
         self.alpha = self.cfg.easgd.moving_rate(self.num_workers)
@@ -305,7 +305,7 @@ class EASGD(PeerCoordinator):
     def _replacement(self, rank: int, args: tuple) -> tuple[list[Any], tuple, str]:
         # The center: the model EASGD evaluates, and the point every worker is elastically
         # tied to; the new worker then does the lost one's part of the round from it.
-        return [self.center_ref], args, "the center"
+        return self.leader_weights(), args, "the center"
 
     def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
         results, diffs = self._call(
@@ -316,7 +316,9 @@ class EASGD(PeerCoordinator):
         return results
 
     def leader_weights(self) -> list[ray.ObjectRef]:
-        return [self.center_ref if self.cfg.mode == "sync" else self.server.get.remote()]
+        """The center in full precision (the round's own reference when that is what travels)."""
+        exact = self.cfg.mode == "sync" and self.cfg.comm_dtype == "float32"
+        return [self.center_ref if exact else self.server.weights.remote()]
 
     def get_state(self) -> dict[str, Any]:
         center = ray.get(self.leader_weights()[0])
@@ -346,4 +348,4 @@ class Downpour(EASGD):
         raise NotImplementedError("DOWNPOUR is asynchronous only")
 
     def leader_weights(self) -> list[ray.ObjectRef]:
-        return [self.server.get.remote()]
+        return [self.server.weights.remote()]

@@ -20,6 +20,7 @@ import ray
 
 from lsgd_ray.algorithms import downpour, easgd
 from lsgd_ray.config import DataParallelConfig, DiLoCoConfig, LSGDConfig, OptimizerConfig
+from lsgd_ray.wire import encode
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class WorkerSpec:
     num_groups: int = 1  # at the start (whether a local leader exists to be pulled toward)
     redeal_shards: bool = False
     diloco: DiLoCoConfig | None = None  # DiLoCo runs only
-    comm_dtype: str = "float32"  # how published weights travel (lsgd_ray.flat.encode)
+    comm_dtype: str = "float32"  # how weights travel (lsgd_ray.wire.encode)
     data_parallel: DataParallelConfig | None = None  # data-parallel runs only: gradient compression
     step_delay_s: dict[int, float] = field(default_factory=dict)
     collective_timeout_s: float = 120.0
@@ -174,11 +175,12 @@ class ElasticExchange:
     def after_step(self, worker: Any) -> None:
         if worker.steps % self.tau:
             return
-        center = worker.on_device(ray.get(self.server.get.remote()))
-        diff = easgd.elastic_worker_step(worker.state.flat, center, self.alpha)
-        self.server.add.remote(diff.cpu().numpy(), self.alpha)  # fire and forget
-        worker.bytes_received += worker.state.nbytes
-        worker.bytes_sent += worker.state.nbytes
+        center = ray.get(self.server.get.remote())
+        diff = easgd.elastic_worker_step(worker.state.flat, worker.on_device(center), self.alpha)
+        sent = encode(diff.cpu().numpy(), worker.spec.comm_dtype)
+        self.server.add.remote(sent, self.alpha)  # fire and forget
+        worker.bytes_received += center.nbytes
+        worker.bytes_sent += sent.nbytes
         worker.exchanges += 1
 
 

@@ -36,6 +36,7 @@ class DiLoCoWorkerMixin:
     _world_size: int
     _lock: threading.Lock
 
+    _anchors: dict[str, torch.Tensor]
     _outer: list[tuple[int, int, nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
     _global_buffers: torch.Tensor | None = None
 
@@ -62,12 +63,22 @@ class DiLoCoWorkerMixin:
         start, end, leaf, optimizer = self._outer[fragment]
         part = self.state.flat[start:end]
         world = getattr(self, "_world_size", 1)
-        if world > 1:
+        if world > 1 and self.spec.comm_dtype == "bfloat16":
+            # the pseudo-gradients travel, not the weights: the workers' mean is the global
+            # fragment (the same on every worker) minus the mean pseudo-gradient
+            global_ = self._global_fragment(fragment)
+            change = ((global_ - part) / world).to(torch.bfloat16)
+            dist.all_reduce(change)
+            torch.sub(global_, change.to(part.dtype), out=part)
+            moved = ring_allreduce_bytes(change.numel() * change.element_size(), world)
+        elif world > 1:
             dist.all_reduce(part)
             part.div_(world)
             moved = ring_allreduce_bytes(part.numel() * part.element_size(), world)
-            self.bytes_sent += moved
-            self.bytes_received += moved
+        else:
+            moved = 0
+        self.bytes_sent += moved
+        self.bytes_received += moved
         params = self.state.num_params
         if leaf is not None and optimizer is not None:
             with torch.no_grad():
@@ -75,7 +86,19 @@ class DiLoCoWorkerMixin:
         if end > params:  # the fragment's float buffers: their average is the global copy
             low = max(start, params)
             self._global_buffers[low - params : end - params].copy_(part[low - start :])
+        if "local" in self._anchors:  # comm_dtype bfloat16: the group's anchor for the next group average
+            self._anchors["local"][start:end].copy_(part)
         self.exchanges += 1
+
+    def _global_fragment(self, fragment: int) -> torch.Tensor:
+        """The global weights of a fragment: its leaf, then its float buffers."""
+        assert self._outer is not None and self._global_buffers is not None
+        params = self.state.num_params
+        start, end, leaf, _ = self._outer[fragment]
+        pieces = [] if leaf is None else [leaf.detach()]
+        if end > params:
+            pieces.append(self._global_buffers[max(start, params) - params : end - params])
+        return torch.cat(pieces)
 
     def global_weights(self) -> np.ndarray:
         """The global weights (what DiLoCo evaluates), on the CPU."""

@@ -20,7 +20,7 @@ import torch
 from lsgd_ray.algorithms import easgd
 from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
 from lsgd_ray.algorithms.gossip import mix_
-from lsgd_ray.flat import as_tensor, decode
+from lsgd_ray.flat import as_tensor, decode, encode
 
 if TYPE_CHECKING:
     from lsgd_ray._internal.protocol import WorkerSpec
@@ -59,6 +59,9 @@ class PeerWorkerMixin:
     _grad_hook: FlatGradientHook | None = None  # data-parallel SGD with gradient compression
     exchanges = 0
     base: torch.Tensor | None = None  # DOWNPOUR: weights at the last push or fetch
+    # comm_dtype bfloat16: per scope ("local", "global"), the weights every member held after
+    # the last exchange (local SGD, DiLoCo's group averages); see _mean_
+    _anchors: dict[str, torch.Tensor] = {}  # replaced per instance in setup_collective
 
     # ------------------------------------------------------------------ collectives
 
@@ -80,6 +83,9 @@ class PeerWorkerMixin:
                 self._dist_group, self._group_size = group, len(ranks)
         self._world_size = world_size
         self._allreduce_grads = allreduce_grads
+        # identical on every worker at a fresh start; after a re-formation _mean_ finds out
+        bf16 = self.spec.comm_dtype == "bfloat16"
+        self._anchors = {scope: self.state.flat.detach().clone() for scope in ("local", "global")} if bf16 else {}
 
     def _after_backward(self) -> None:
         """Data-parallel SGD: average the flat gradient over all workers before the step (or
@@ -100,21 +106,61 @@ class PeerWorkerMixin:
             self.exchanges += 1
 
     def average_weights(self, scope: str | None) -> None:
-        """Local SGD: replace the flat weights by their mean over the group or over everyone."""
+        """Local SGD: replace the flat weights by their mean over the group or over everyone
+        (``comm_dtype`` bfloat16: the mean of the changes since the anchor, see ``_mean_``)."""
         if scope is None:
             return
-        import torch.distributed as dist
-
         size = self._world_size if scope == "global" else self._group_size
         if size < 2:
             return
         group = None if scope == "global" else self._dist_group
-        dist.all_reduce(self.state.flat, group=group)
-        self.state.flat.div_(size)
-        moved = ring_allreduce_bytes(self.state.nbytes, size)
+        self._mean_(self.state.flat, scope, group, size)
+        for kept in ("local", "global") if scope == "global" else ("local",):
+            if kept in self._anchors:  # the closer the anchor, the smaller what travels
+                self._anchors[kept].copy_(self.state.flat)
+        self.exchanges += 1
+
+    def _mean_(self, flat: torch.Tensor, scope: str, group: Any, size: int) -> None:
+        """``flat`` ← its mean over ``group``. In float32 the weights are all-reduced as they
+        are. In bfloat16, weights themselves would lose every update below 2^-8 of their size
+        at each average; what travels is instead the change from an anchor every member holds
+        identically (x̄ = a + mean(x_i − a), exact for any common a), rounded to bfloat16. A
+        24-byte all-reduce first checks that the anchors are identical (a replacement, a reset
+        or a resume leaves them apart): if not, this one average is exact in float32."""
+        import torch.distributed as dist
+
+        anchor = self._common_anchor(scope, group, size)
+        if anchor is None:
+            dist.all_reduce(flat, group=group)
+            flat.div_(size)
+            moved = ring_allreduce_bytes(flat.numel() * flat.element_size(), size)
+        else:
+            change = ((flat - anchor) / size).to(torch.bfloat16)
+            dist.all_reduce(change, group=group)
+            torch.add(anchor, change.to(flat.dtype), out=flat)
+            moved = ring_allreduce_bytes(change.numel() * change.element_size(), size)
         self.bytes_sent += moved
         self.bytes_received += moved
-        self.exchanges += 1
+
+    def _common_anchor(self, scope: str, group: Any, size: int) -> torch.Tensor | None:
+        """This worker's anchor for ``scope`` if every member of ``group`` holds the same one."""
+        import torch.distributed as dist
+
+        anchor = self._anchors.get(scope)
+        if self.spec.comm_dtype == "float32":
+            return None
+        if anchor is None:
+            digest = torch.tensor([1, 0, 0], dtype=torch.int64, device=self.device)
+        else:  # a position-weighted sum of the bits (integer arithmetic: wraps, never rounds)
+            positions = torch.arange(1, anchor.numel() + 1, dtype=torch.int64, device=anchor.device)
+            checksum = (anchor.view(torch.int32).to(torch.int64) * positions).sum()
+            digest = torch.stack([torch.zeros_like(checksum), checksum, -checksum])
+        dist.all_reduce(digest, op=dist.ReduceOp.MAX, group=group)
+        moved = ring_allreduce_bytes(digest.numel() * digest.element_size(), size)
+        self.bytes_sent += moved
+        self.bytes_received += moved
+        missing, highest, negated_lowest = digest.tolist()
+        return anchor if missing == 0 and highest == -negated_lowest else None
 
     def close_collective(self) -> None:
         """Leave the process group (also one a dead peer broke: the group is then re-formed)."""
@@ -152,13 +198,15 @@ class PeerWorkerMixin:
 
     def train_elastic(self, num_steps: int, alpha: float, center: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
         """``num_steps`` local steps, then the elastic exchange with ``center`` (a view of the
-        object store); returns the round's result and the difference ``x − x̃`` for the center."""
+        object store); returns the round's result and the difference ``x − x̃`` for the center, as it
+        travels (``comm_dtype``)."""
         result = self.train(num_steps)
         diff = easgd.elastic_worker_step(self.state.flat, self.on_device(center), alpha)
+        sent = encode(diff.cpu().numpy(), self.spec.comm_dtype)
         self.bytes_received += center.nbytes
-        self.bytes_sent += self.state.nbytes
+        self.bytes_sent += sent.nbytes
         self.exchanges += 1
-        return result, diff.cpu().numpy()
+        return result, sent
 
     # ------------------------------------------------------------------ D-PSGD / AL-DSGD
 

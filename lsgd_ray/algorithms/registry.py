@@ -17,12 +17,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from lsgd_ray.algorithms import data_parallel, diloco, downpour, easgd, gossip, local_sgd, lsgd
+from lsgd_ray.wire import WIRE_SIZE
 
 if TYPE_CHECKING:
     from lsgd_ray.config import TrainConfig
 
 Bytes = dict[str, float]
-WIRE_SIZE = {"float32": 4, "bfloat16": 2}  # bytes per weight as it travels
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ _ROWS = [
         lambda c: f"tau={c.tau} beta={c.beta} alpha={c.alpha or 'beta/p'}",
         lambda c, S, sizes: easgd.expected_bytes(S, c.tau),
         report_every=lambda c: c.tau,
+        comm_dtypes=("float32", "bfloat16"),
     ),
     Algorithm(
         "downpour",
@@ -120,6 +121,7 @@ _ROWS = [
         lambda c: f"tau={c.tau} tau_G={c.tau_global}",
         lambda c, S, sizes: local_sgd.expected_bytes(S, sizes, c.tau, c.tau_global),
         fixed_mode="sync",
+        comm_dtypes=("float32", "bfloat16"),
     ),
     Algorithm(
         "diloco",
@@ -132,6 +134,7 @@ _ROWS = [
         ),
         lambda c, S, sizes: diloco.expected_bytes(S, sizes, c.tau, c.tau_global, c.fragments),
         fixed_mode="sync",
+        comm_dtypes=("float32", "bfloat16"),
     ),
     Algorithm(
         "data_parallel",
