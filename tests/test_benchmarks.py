@@ -153,33 +153,40 @@ def test_every_contender_of_the_bandwidth_sweep_has_a_valid_config(period):
     assert (diloco.diloco.tau, diloco.diloco.tau_global) == (max(1, period // 4), period)
 
 
-def test_the_bandwidth_tuning_runs_its_grid_defaults_first_and_cuts_runs_that_cannot_win():
-    """The tuning grid per contender (3 lr x 3 periods, 3 lr for data-parallel), the defaults
-    first; each later run's budget ends one evaluation after the fastest time so far; the choice
-    is the fastest run to the target, and a run already in the report is not planned again."""
+def test_the_bandwidth_tuning_searches_by_coordinates_and_cuts_runs_that_cannot_win():
+    """Per periodic contender: the three learning rates at the default period (the default
+    first), then the two other periods at the best of them; data-parallel: the rates only. Each
+    run's budget ends one evaluation after its contender's fastest time so far; the choice is the
+    fastest run to the target; a run already in the report is not planned again."""
     import argparse
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import bench_bandwidth as bw
 
-    args = argparse.Namespace(tune=True, tune_rate="100mbit", tune_seed=100, contenders=["lsgd", "data_parallel", "plain"],
-                              time_budget=300.0, eval_every=15.0)  # fmt: skip
+    args = argparse.Namespace(tune=True, tune_rate="100mbit", tune_seed=100, time_budget=300.0, eval_every=15.0,
+                              contenders=["lsgd", "lsgd_bf16", "data_parallel", "plain"])  # fmt: skip
     report: dict = {"runs": []}
-    todo = bw.plan(args, report)
-    lsgd = [(t["lr"], t["period"]) for t in todo if t["contender"] == "lsgd"]
-    assert lsgd[0] == (bw.DEFAULT_LR, bw.DEFAULT_PERIOD) and len(set(lsgd)) == len(lsgd) == 9
-    assert len([t for t in todo if t["contender"] == "data_parallel"]) == 3 and all(t["tuning"] for t in todo)
-    assert bw.tuning_budget(report, "lsgd", args) == 300.0  # nothing measured yet: the full budget
+
+    def planned(name):
+        return [(t["lr"], t["period"]) for t in bw.plan(args, report) if t["contender"] == name]
 
     def ran(lr, period, tta, final):
-        report["runs"].append({**next(t for t in todo if (t["contender"], t["lr"], t["period"]) == ("lsgd", lr, period)),
-                               "time_to_target_s": tta, "final_test_accuracy": final})  # fmt: skip
+        report["runs"].append({"contender": "lsgd", "layout": "2x2", "rate": "100mbit", "seed": 100, "lr": lr,
+                               "period": period, "tuning": True, "time_to_target_s": tta, "final_test_accuracy": final})  # fmt: skip
 
+    assert planned("lsgd") == [(0.05, 16), (0.1, 16), (0.02, 16)]
+    assert planned("data_parallel") == [(0.05, 16), (0.1, 16), (0.02, 16)]
+    assert planned("lsgd_bf16") == [] and planned("plain") == []  # bf16 runs on lsgd's choice
+    assert bw.tuning_budget(report, "lsgd", args) == 300.0  # nothing measured yet: the full budget
     ran(0.05, 16, 120.0, 0.89)
-    ran(0.1, 16, None, 0.87)  # cut at 135 s, never got there
     assert bw.tuning_budget(report, "lsgd", args) == 135.0
     assert bw.tuning_budget(report, "data_parallel", args) == 300.0  # each contender its own bound
+    ran(0.1, 16, 100.0, 0.885)
+    assert planned("lsgd") == [(0.02, 16)]  # the periods wait for the last rate
+    ran(0.02, 16, None, 0.86)  # cut at 115 s, never got there
+    assert planned("lsgd") == [(0.1, 4), (0.1, 64)]  # the periods at the best rate
     ran(0.1, 4, 90.0, 0.88)
     assert bw.tuning_budget(report, "lsgd", args) == 105.0
-    assert bw.choose(report, args)["lsgd"] == {"lr": 0.1, "period": 4, "time_to_target_s": 90.0}
-    assert len([t for t in bw.plan(args, report) if t["contender"] == "lsgd"]) == 6
+    report["tuning"] = {"chosen": bw.choose(report, args)}
+    assert report["tuning"]["chosen"]["lsgd"] == {"lr": 0.1, "period": 4, "time_to_target_s": 90.0}
+    assert bw.chosen_settings(report, "lsgd_bf16") == (0.1, 4, True)
