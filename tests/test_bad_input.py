@@ -625,9 +625,9 @@ TABLE = [
     ),
     Row(
         "comm_dtype bfloat16 for an algorithm without it",
-        train(algorithm="easgd", comm_dtype="bfloat16"),
+        train(algorithm="downpour", comm_dtype="bfloat16"),
         ConfigError,
-        r"^comm_dtype 'bfloat16' is not implemented for easgd \(it takes: float32\)$",
+        r"^comm_dtype 'bfloat16' is not implemented for downpour \(it takes: float32\)$",
     ),
     Row(
         "redeal_shards a string",
