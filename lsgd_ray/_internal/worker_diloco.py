@@ -10,6 +10,7 @@ single optimizer would decay the momentum of the fragments not synchronised). Fl
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +38,7 @@ class DiLoCoWorkerMixin:
     _lock: threading.Lock
 
     _anchors: dict[str, torch.Tensor]
+    _mean_about_: Callable[[torch.Tensor, torch.Tensor, Any, int], None]
     _outer: list[tuple[int, int, nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
     _global_buffers: torch.Tensor | None = None
 
@@ -66,19 +68,13 @@ class DiLoCoWorkerMixin:
         if world > 1 and self.spec.comm_dtype == "bfloat16":
             # the pseudo-gradients travel, not the weights: the workers' mean is the global
             # fragment (the same on every worker) minus the mean pseudo-gradient
-            global_ = self._global_fragment(fragment)
-            change = ((global_ - part) / world).to(torch.bfloat16)
-            dist.all_reduce(change)
-            torch.sub(global_, change.to(part.dtype), out=part)
-            moved = ring_allreduce_bytes(change.numel() * change.element_size(), world)
+            self._mean_about_(part, self._global_fragment(fragment), None, world)
         elif world > 1:
             dist.all_reduce(part)
             part.div_(world)
             moved = ring_allreduce_bytes(part.numel() * part.element_size(), world)
-        else:
-            moved = 0
-        self.bytes_sent += moved
-        self.bytes_received += moved
+            self.bytes_sent += moved
+            self.bytes_received += moved
         params = self.state.num_params
         if leaf is not None and optimizer is not None:
             with torch.no_grad():

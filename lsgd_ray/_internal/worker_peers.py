@@ -130,15 +130,25 @@ class PeerWorkerMixin:
         import torch.distributed as dist
 
         anchor = self._common_anchor(scope, group, size)
-        if anchor is None:
-            dist.all_reduce(flat, group=group)
-            flat.div_(size)
-            moved = ring_allreduce_bytes(flat.numel() * flat.element_size(), size)
-        else:
-            change = ((flat - anchor) / size).to(torch.bfloat16)
-            dist.all_reduce(change, group=group)
-            torch.add(anchor, change.to(flat.dtype), out=flat)
-            moved = ring_allreduce_bytes(change.numel() * change.element_size(), size)
+        if anchor is not None:
+            self._mean_about_(flat, anchor, group, size)
+            return
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        moved = ring_allreduce_bytes(flat.numel() * flat.element_size(), size)
+        self.bytes_sent += moved
+        self.bytes_received += moved
+
+    def _mean_about_(self, flat: torch.Tensor, anchor: torch.Tensor, group: Any, size: int) -> None:
+        """``flat`` ← its mean over ``group`` as ``anchor + mean(flat − anchor)``, the changes
+        travelling in bfloat16; ``anchor`` must be the same on every member (local SGD's last
+        common average, DiLoCo's global weights)."""
+        import torch.distributed as dist
+
+        change = ((flat - anchor) / size).to(torch.bfloat16)
+        dist.all_reduce(change, group=group)
+        torch.add(anchor, change.to(flat.dtype), out=flat)
+        moved = ring_allreduce_bytes(change.numel() * change.element_size(), size)
         self.bytes_sent += moved
         self.bytes_received += moved
 
@@ -146,9 +156,9 @@ class PeerWorkerMixin:
         """This worker's anchor for ``scope`` if every member of ``group`` holds the same one."""
         import torch.distributed as dist
 
-        anchor = self._anchors.get(scope)
         if self.spec.comm_dtype == "float32":
             return None
+        anchor = self._anchors.get(scope)
         if anchor is None:
             digest = torch.tensor([1, 0, 0], dtype=torch.int64, device=self.device)
         else:  # a position-weighted sum of the bits (integer arithmetic: wraps, never rounds)
