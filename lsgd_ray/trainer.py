@@ -198,7 +198,7 @@ class Trainer(Loops):
             else:
                 self._fit_async()
             if self.config.mode != "sync" or not self._evaluation_ends_run():  # else it was just evaluated
-                self.evaluate_leader()
+                self._supervised(self.evaluate_leader)
         except BaseException as exc:  # keep what we have, then re-raise
             error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self._write_result(error)

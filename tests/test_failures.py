@@ -71,8 +71,11 @@ def test_a_killed_worker_is_replaced_and_training_goes_on(tmp_path, mode):
     assert result.final_test_accuracy > 0.6  # chance is 0.25
 
 
-def test_a_hung_worker_is_detected_named_and_replaced(tmp_path):
-    cfg = config(tmp_path, actor_timeout_s=4.0)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_hung_worker_is_detected_named_and_replaced(tmp_path, mode):
+    """Sync: its round gets no answer; async: it stops reporting (its LocalLeader kills it, and
+    the loop is restarted as a dead one's, also when the others have finished meanwhile)."""
+    cfg = config(tmp_path, mode, actor_timeout_s=4.0)
     with Trainer(MODEL, DATA, cfg) as trainer:
         hung_pid, _ = pids(trainer)[2]
         strike(hung_pid, signal.SIGSTOP)

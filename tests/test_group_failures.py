@@ -111,7 +111,10 @@ def test_a_coordinator_dead_when_a_sync_checkpoint_starts_is_restarted(local_ray
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # a removed node is declared dead after ~3 missed 1 s health checks (Ray's default: ~25 s here)
+    fast = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_timeout_ms": 1000}
+    head = {"num_cpus": 0, "include_dashboard": False, "_system_config": fast}
+    c = Cluster(initialize_head=True, head_node_args=head)
     c.add_node(num_cpus=2)  # the node that stays; each test adds the one it removes
     c.wait_for_nodes()
     yield c
@@ -145,6 +148,57 @@ def test_a_removed_node_drops_its_group(cluster, tmp_path, mode):
     assert [e["group"] for e in dropped] == [gone], result.events
     assert result.status == "completed" and result.steps_per_worker == 120
     assert len(result.communication["per_worker"]) == 2  # the surviving group's workers
+
+
+REJOIN_STEPS = 1200  # the run outlasts the removed node's death being noticed, and the rejoin
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_dropped_group_rejoins_when_a_node_with_room_joins(cluster, tmp_path, mode):
+    """Its node removed with no room elsewhere, a group is dropped; a node that joins later takes
+    it back (from the leader's weights, at the run's step then), and every worker trains to the
+    end."""
+    c = cluster
+    (victim,) = add_nodes(c)
+    joined = []
+    try:
+        cfg = config(tmp_path, mode, num_groups=None, workers_per_group=None, max_steps=REJOIN_STEPS)
+        with Trainer(MODEL, DATA, cfg) as trainer:
+            gone = next(g.group for g in trainer.topology.groups if g.node_id == victim.node_id)
+
+            box: dict = {}
+
+            def train():  # in a thread: Ray adds a node only from the main thread
+                try:
+                    box["result"] = trainer.fit()
+                except BaseException as exc:
+                    box["error"] = exc
+
+            training = threading.Thread(target=train, daemon=True)
+            training.start()
+            time.sleep(1.5)  # the node goes; once the driver knows of the drop, a new one joins
+            c.remove_node(victim)
+            deadline = time.time() + 60
+            while len(ray.get(trainer.global_leader.group_plans.remote())) > 1 and time.time() < deadline:
+                time.sleep(0.05)
+            joined.append(c.add_node(num_cpus=2))
+            training.join(timeout=240)
+            assert "result" in box, box.get("error")
+            result = box["result"]
+            steps = [s["steps"] for s in trainer.worker_stats()]
+    finally:
+        ray.shutdown()
+        for node in joined:  # leave the module's cluster as it was
+            c.remove_node(node)
+    kinds = [(e["event"], e.get("group")) for e in result.events]
+    assert kinds == [("group_dropped", gone), ("group_rejoined", gone)], result.events
+    rejoined = result.events[1]
+    assert rejoined["node_id"] == joined[0].node_id and 0 < rejoined["step"] < REJOIN_STEPS
+    assert rejoined["from"] in ("the leader's weights", "worker 0's weights", "worker 1's weights")
+    assert result.status == "completed" and steps == [REJOIN_STEPS] * 4
+    assert len(result.communication["per_worker"]) == 4
+    assert result.final_test_accuracy > 0.6
 
 
 @pytest.mark.timeout(300)
@@ -212,7 +266,7 @@ def test_a_global_leader_killed_after_a_group_was_dropped_goes_on_with_the_rest(
             def strike():  # once the driver knows of the drop (the new coordinator must not re-drop the group)
                 c.remove_node(victim)
                 deadline = time.time() + 60
-                while len(trainer.groups) > 1 and time.time() < deadline:
+                while len(ray.get(trainer.global_leader.group_plans.remote())) > 1 and time.time() < deadline:
                     time.sleep(0.05)
                 ray.kill(coordinator)
 

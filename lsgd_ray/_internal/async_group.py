@@ -1,13 +1,16 @@
 """A LocalLeader in asynchronous mode: its workers run their own loops and report every few
 steps; it pulls the group toward its leader every l·τ steps summed over the group and forwards
 the global leader's pulls, without waiting on anyone (with backpressure: a worker whose last pull
-of a kind has not run yet is left out)."""
+of a kind has not run yet is left out). A worker whose loop runs but that has not reported for
+``actor_timeout_s`` is hung: it is killed, so its loop ends as a dead one's and is restarted
+like it, under the reason "hung"."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +18,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from lsgd_ray._internal.group_repair import GroupRepair
-from lsgd_ray._internal.protocol import WorkerSpec
+from lsgd_ray._internal.protocol import Failure, FailureKind, WorkerSpec
+from lsgd_ray._internal.waiting import MARGIN_S
 from lsgd_ray.algorithms.lsgd import crossed, select_leader
 
 
@@ -35,6 +39,10 @@ class AsyncGroup(GroupRepair):
     _global_leader: Any
     _lam: float
     _local_period: int
+    _loops: list[ray.ObjectRef]  # each worker's loop, by index in the group
+    _heard: list[float]  # time.monotonic() each worker last reported (or its loop started)
+    _hung: dict[int, str]  # workers killed as hung, by index: the reason their replacement gets
+    _watchdog: threading.Thread | None
 
     def start_async(
         self,
@@ -55,7 +63,35 @@ class AsyncGroup(GroupRepair):
         self._group_steps = 0
         handle = ray.get_runtime_context().current_actor
         self._async_args = (handle, report_every, max_steps, exchange)
-        return [w.run_async.remote(*self._async_args) for w in self.workers]
+        loops = [w.run_async.remote(*self._async_args) for w in self.workers]
+        with self._lock:  # a first step may be slow (imports, warm-up): a margin before the first report
+            self._loops, self._heard = list(loops), [time.monotonic() + MARGIN_S] * len(loops)
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch_for_hangs, daemon=True, name="hang watchdog")
+            self._watchdog.start()
+        return loops
+
+    def _watch_for_hangs(self) -> None:
+        """Asynchronous mode, on a thread of its own: a worker whose loop has not ended and that
+        has not reported for ``timeout_s`` is killed (its loop ends; whoever waits on it restarts
+        it as a dead one's, and ``replace_async`` names the hang as the reason)."""
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            now = time.monotonic()
+            with self._lock:
+                silent = [i for i, heard in enumerate(self._heard) if now - heard > self.timeout_s]
+                loops = {i: self._loops[i] for i in silent}
+            running = set(ray.wait(list(loops.values()), num_returns=len(loops), timeout=0)[1]) if loops else set()
+            for i, loop in loops.items():
+                if loop not in running:
+                    continue  # its loop ended: it has nothing to report
+                failure = Failure(self.ranks[i], FailureKind.HUNG, f"{self.timeout_s:g}s")
+                with self._lock:
+                    self._hung[i] = failure.reason
+                    self._heard[i] = math.inf  # until its replacement starts
+                self.log.warning(f"worker {self.ranks[i]}: no report within {self.timeout_s:g}s (hung): killed")
+                with contextlib.suppress(Exception):
+                    ray.kill(self.workers[i])
 
     def replace_async(
         self, rank: int, reason: str, source: list[ray.ObjectRef | None], origin: str = "the leader's weights"
@@ -65,9 +101,13 @@ class AsyncGroup(GroupRepair):
         index = self.ranks.index(rank)
         with self._lock:
             self._diverged.discard(index)
+            reason = self._hung.pop(index, reason)
         steps = max((s["steps"] for s in self._alive_stats()), default=None)
         self.replace_worker(index, reason, source, steps, origin)
-        return [self.workers[index].run_async.remote(*self._async_args), self.workers[index]]
+        loop = self.workers[index].run_async.remote(*self._async_args)
+        with self._lock:
+            self._loops[index], self._heard[index] = loop, time.monotonic() + MARGIN_S
+        return [loop, self.workers[index]]
 
     def _alive_stats(self) -> list[dict[str, Any]]:
         stats = []
@@ -83,6 +123,7 @@ class AsyncGroup(GroupRepair):
         as the group has a finite leader, whoever's report shows it: the diverged worker's own
         last report may come before any other worker's first (it may even have finished)."""
         with self._lock:
+            self._heard[index] = time.monotonic()
             self.estimates[index] = estimate
             if math.isfinite(estimate):
                 self._resetting.discard(index)

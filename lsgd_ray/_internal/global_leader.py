@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from lsgd_ray._internal.leader_recovery import LeaderRecovery
-from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.waiting import ActorTimeoutError, answers, get_all
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader, weighted_mean
 from lsgd_ray.config import LSGDConfig
 
@@ -52,6 +52,7 @@ class GlobalLeader(LeaderRecovery):
         self._restarted: dict[int, list[ray.ObjectRef | None]] = {}  # new loops not yet taken by the driver
         self._reform_step: int | None = None  # synchronous: the step the round being gathered ends at
         self._recovering = threading.RLock()  # one recovery at a time (reports and the driver may both notice)
+        self._next_rejoin_check = 0.0
 
     STATE = (
         *LeaderRecovery.STATE,
@@ -106,7 +107,8 @@ class GlobalLeader(LeaderRecovery):
         while self.step < max_step and time.perf_counter() - start < max_seconds:
             self._round(cfg, max_step)
         flush_start = time.perf_counter()
-        self._gather_groups([ll.flush.remote(*self._global_args()) for ll in self.local_leaders], self.timeout_s)
+        flushes = [ll.flush.remote(*self._global_args()) for ll in self.local_leaders]
+        self._gather_groups(flushes, self.deadlines.group_round_s)  # a group may replace a lost worker
         self._pending_global = None
         self.round_wall_s += time.perf_counter() - flush_start
         return self.status()
@@ -118,6 +120,7 @@ class GlobalLeader(LeaderRecovery):
 
     def _round(self, cfg: LSGDConfig, max_step: int) -> None:
         round_start = time.perf_counter()
+        self._rejoin_dropped()  # a dropped group whose node (or another with room) is back
         target = min(next_pull_step(self.step, cfg.tau, cfg.tau_global, self.num_groups), max_step)
         local, global_ = pulls_due(target, cfg.tau, cfg.tau_global, self.num_groups)
         self._reform_step = target  # a group re-formed in this round starts where the round ends
@@ -135,8 +138,9 @@ class GlobalLeader(LeaderRecovery):
         self.step, self.rounds = target, self.rounds + 1
         self._record_events([e for r in results for e in r.events])
         for r in results:
-            plan = next(p for p in self.plans if p.group == r.group)
-            self.estimates[plan.first_rank : plan.first_rank + plan.num_workers] = r.estimates
+            plan = next((p for p in self.plans if p.group == r.group), None)
+            if plan is not None:  # else dropped meanwhile (a recovery in the same gather)
+                self.estimates[plan.first_rank : plan.first_rank + plan.num_workers] = r.estimates
         best = select_leader([r.leader_estimate for r in results])
         if best >= 0:
             self._set_leader(results[best].leader, results[best].leader_estimate, self.step)
@@ -148,7 +152,8 @@ class GlobalLeader(LeaderRecovery):
             self._pending_global = (self.leader_ref, self.leader)  # sent with the next round
             self.global_pulls += 1
         self.round_wall_s += time.perf_counter() - round_start
-        self.round_compute_s += max(max(r.compute_s) for r in results)
+        # every group lost in this round (all re-formed or dropped): no compute to count
+        self.round_compute_s += max((max(r.compute_s, default=0.0) for r in results), default=0.0)
 
     def _record_events(self, events: list[dict[str, Any]]) -> None:
         self.events.extend(events)
@@ -156,13 +161,34 @@ class GlobalLeader(LeaderRecovery):
             self._worker_handles = None  # a replaced worker has a new handle
 
     def leader_weights(self) -> list[ray.ObjectRef | None]:
-        """A reference to the current leader's weights, fresh from the worker (wrapped)."""
+        """A reference to the current leader's weights, fresh from the worker (wrapped). A
+        leader lost at this moment (or not known yet, after a restart) gives way to the best
+        of the workers that answer; the lost one is replaced at the next round."""
+        alive = self._answering_workers()
+        if not alive and not self._async_started:  # every worker lost at this moment: repaired, once
+            self.repair_groups()
+            alive = self._answering_workers()
+        if not alive:
+            raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no weights to evaluate")
         handles = self._handles()
-        if self.leader not in handles:
-            ranks = list(handles)
-            stats = get_all([handles[r].stats.remote() for r in ranks], self.timeout_s, [f"worker {r}" for r in ranks])
-            self.leader = ranks[max(select_leader([s["estimate"] for s in stats]), 0)]
+        if self.leader not in [r for r, _ in alive]:
+            self.leader = alive[max(select_leader([s["estimate"] for _, s in alive]), 0)][0]
         return [handles[self.leader].get_weights.remote(count=False)]
+
+    def repair_groups(self) -> None:
+        """Synchronous mode, between rounds: each LocalLeader replaces its workers that died or
+        hang now (from a live worker of its group, or the global leader's weights it last
+        pulled toward), without waiting for the next round to find them."""
+        flushes = [ll.flush.remote() for ll in self.local_leaders]
+        self._gather_groups(flushes, self.deadlines.group_round_s)
+        self.status()  # takes the replacements' events, and with them the new handles
+
+    def _answering_workers(self) -> list[tuple[int, dict[str, Any]]]:
+        """``(rank, stats)`` of each worker that answers now."""
+        handles = self._handles()
+        ranks = list(handles)
+        stats = answers([handles[r].stats.remote() for r in ranks], self.timeout_s)
+        return [(r, s) for r, s in zip(ranks, stats) if s is not None]
 
     def center_weights(self) -> list[ray.ObjectRef]:
         """A reference to the center, the mean of every worker's weights (wrapped). Each
@@ -172,6 +198,9 @@ class GlobalLeader(LeaderRecovery):
         everywhere (``_gather_groups``: its group is re-formed or dropped) and its group is
         left out of this center."""
         replies = self._gather_groups([ll.group_mean.remote() for ll in self.local_leaders], self.timeout_s)
+        replies = [reply for reply in replies if reply["count"]]  # a group with no worker answering: left out
+        if not replies:
+            raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no center to evaluate")
         means = (ray.get(reply["mean"][0]) for reply in replies)  # fetched one at a time
         return [ray.put(weighted_mean(means, [reply["count"] for reply in replies]))]
 

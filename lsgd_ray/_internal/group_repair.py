@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from lsgd_ray._internal.protocol import Failure, FailureKind
 from lsgd_ray._internal.waiting import Deadlines, get_all
@@ -32,6 +32,7 @@ class GroupRepair:
     _spawn: Callable[[int, int], Any]  # (index, rank) -> a new worker on this node
     _pull_lock: threading.Lock
     _in_flight: dict[tuple[int, str], ray.ObjectRef]
+    _last_global: list[ray.ObjectRef | None]  # wrapped: the last global leader's weights received
 
     def _names(self) -> list[str]:
         return [f"worker {r} (group {self.plan.group})" for r in self.ranks]
@@ -55,7 +56,9 @@ class GroupRepair:
             except GetTimeoutError:
                 failures.append(Failure(index, FailureKind.HUNG, f"{timeout_s:g}s"))
             except RayTaskError as exc:
-                if isinstance(exc, RayActorError):  # RayTaskError(ActorDiedError): an argument's producer died
+                # RayTaskError(ActorDiedError): an argument's producer died; RayTaskError(OwnerDiedError):
+                # the process that owned it did (a LocalLeader lost with its node owned the leader's weights)
+                if isinstance(exc, (RayActorError, ObjectLostError)):
                     failures.append(Failure(index, FailureKind.LOST_INPUT))
                 elif collective:
                     failures.append(Failure(index, FailureKind.BROKEN, str(exc).strip().splitlines()[-1]))
@@ -97,7 +100,9 @@ class GroupRepair:
         the global leader's when the group has no usable worker."""
         if leader >= 0:
             return self.workers[leader].get_weights.remote(count=False)
-        return global_pull[0] if global_pull else None
+        if global_pull and global_pull[0] is not None:
+            return global_pull[0]
+        return self._last_global[0]  # the global leader's weights this group last pulled toward
 
     def replace_worker(
         self,

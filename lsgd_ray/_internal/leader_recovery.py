@@ -1,10 +1,12 @@
 """LSGD's GlobalLeader when a group is lost: a LocalLeader that died (with its workers: they
 share its fate) is re-formed from the leader's weights on its node, or, the node gone, on
-another with room for its workers; its group is dropped when no node can take it. In
-asynchronous mode the re-formed group's loops are started here and taken by the driver."""
+another with room for its workers; its group is dropped when no node can take it, and comes
+back (synchronous mode) once a node has room for it again. In asynchronous mode the re-formed
+group's loops are started here and taken by the driver."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -17,6 +19,10 @@ from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
+
+NO_ROOM = "no live node has the free resources for its workers"
+REFORM_ATTEMPTS = 3  # re-forming a lost group, before it is dropped
+REJOIN_CHECK_S = 2.0  # synchronous mode: how often the rounds look for room for a dropped group
 
 
 class LeaderRecovery(Coordinator):
@@ -35,6 +41,7 @@ class LeaderRecovery(Coordinator):
     _group_best: list[tuple[int, float]]
     _global_period: int
     _count_group_steps: Callable[[int, int], None]
+    _next_rejoin_check: float  # time.monotonic() of the next look for room for a dropped group
 
     def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[Any]:
         """The live groups' results (``calls`` went to ``self.local_leaders`` in order)."""
@@ -74,28 +81,15 @@ class LeaderRecovery(Coordinator):
             "step": self.step,
             "time": time.time(),
         }
-        factory = self.make_local_leader
-        target = factory.placed(plan) if factory is not None else None
-        if factory is None or target is None:
-            event["reason"] = f"{reason} with its node, and no live node has the free resources for its workers"
-        else:
-            try:
-                replacement = factory(target)
-                get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new {name}"])
-                g = self.plans.index(plan)
-                self.local_leaders[g], self.plans[g] = replacement, target
-                self._worker_handles = None
-                source, origin = self._survivor_source(exclude=plan.ranks)
-                steps = self.step if self._reform_step is None else self._reform_step
-                get_all([replacement.reset_workers.remote(source, steps)], self.timeout_s, [f"new {name}"])
-                if self._async_started:
-                    self._restart_group_async(target, replacement)
-                self.events.append({"event": "group_replaced", **event, "from": origin, "node_id": target.node_id})
-                where = "its node" if target == plan else f"node {target.node_id[:8]} (its own was lost)"
-                self.log.warning(f"{name} {reason}: group re-formed on {where} from {origin}")
+        failures = []
+        for _ in range(REFORM_ATTEMPTS):  # a failure amid the re-forming (its new worker lost) tries again
+            failure = self._reform(plan, name, reason, event)
+            if failure is None:
                 return
-            except Exception as exc:  # re-placing failed: drop the group instead
-                event["reason"] = f"{reason}; could not re-form it: {type(exc).__name__}: {exc}"
+            failures.append(failure)
+            if NO_ROOM in failure:  # trying again will not help
+                break
+        event["reason"] = failures[-1] if len(failures) == 1 else f"{failures[-1]} (after {len(failures)} attempts)"
         if len(self.plans) == 1:
             raise RuntimeError(f"{name} {event['reason']}, and it was the last group")
         g = self.plans.index(plan)  # a recovery nested in this one may have dropped another group
@@ -107,6 +101,111 @@ class LeaderRecovery(Coordinator):
             self._drop_group_async(plan)
         self.events.append({"event": "group_dropped", **event})
         self.log.warning(f"{name} {event['reason']}: group dropped, training goes on with the rest")
+
+    def _reform(self, plan: GroupPlan, name: str, reason: str, event: dict[str, Any]) -> str | None:
+        """One attempt to re-form ``plan``'s group: a new LocalLeader on its node (or another
+        with room), its workers started from a survivor's weights. ``None`` when it worked,
+        else why not (the new LocalLeader, if any, is killed)."""
+        factory = self.make_local_leader
+        target = factory.placed(plan) if factory is not None else None
+        if factory is None or target is None:
+            return f"{reason} with its node, and {NO_ROOM}"
+        replacement, g = None, self.plans.index(plan)
+        dead = self.local_leaders[g]
+        try:
+            replacement = factory(target)
+            get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new {name}"])
+            g = self.plans.index(plan)  # a recovery nested in this one may have dropped another group
+            self.local_leaders[g], self.plans[g] = replacement, target
+            self._worker_handles = None
+            source, origin = self._survivor_source(exclude=plan.ranks)
+            steps = self.step if self._reform_step is None else self._reform_step
+            get_all([replacement.reset_workers.remote(source, steps)], self.timeout_s, [f"new {name}"])
+            if self._async_started:
+                self._restart_group_async(target, replacement)
+        except Exception as exc:  # re-placing failed
+            if replacement is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(replacement)
+            if target in self.plans:  # the group as it was, for the next attempt or the drop
+                g = self.plans.index(target)
+                self.local_leaders[g], self.plans[g] = dead, plan
+                self._worker_handles = None
+            return f"{reason}; could not re-form it: {type(exc).__name__}: {exc}"
+        self.events.append({"event": "group_replaced", **event, "from": origin, "node_id": target.node_id})
+        where = "its node" if target == plan else f"node {target.node_id[:8]} (its own was lost)"
+        self.log.warning(f"{name} {reason}: group re-formed on {where} from {origin}")
+        return None
+
+    def _dropped_plans(self) -> list[GroupPlan]:
+        """The groups dropped and not back, from the run's events (so a restarted coordinator
+        knows them too); their node is unknown."""
+        dropped: dict[int, GroupPlan] = {}
+        for e in self.events:
+            if e["event"] == "group_dropped":
+                ranks = e["ranks"]
+                dropped[e["group"]] = GroupPlan(e["group"], "", len(ranks), ranks[0])
+            elif e["event"] == "group_rejoined":
+                dropped.pop(e["group"], None)
+        in_run = {p.group for p in self.plans}
+        return [p for g, p in sorted(dropped.items()) if g not in in_run]
+
+    def rejoin_groups(self) -> dict[int, list[ray.ObjectRef | None]]:
+        """Asynchronous mode, asked by the driver while a group is dropped: the dropped groups a
+        node has room for again rejoin, their loops started; returns every loop started since
+        the driver last took them, as ``restart_loops`` does."""
+        with self._recovering:
+            self._rejoin_dropped()
+            restarted, self._restarted = self._restarted, {}
+        return restarted
+
+    def _rejoin_dropped(self) -> None:
+        """At most every ``REJOIN_CHECK_S`` (synchronous mode: between rounds; asynchronous: when
+        the driver asks): a dropped group whose workers a live node has room for again (a node
+        joined the cluster, or resources were freed) starts there, from the leader's weights at
+        the current step (a fresh optimizer; its ranks keep their shards). A failed attempt
+        leaves it dropped, for later."""
+        now = time.monotonic()
+        if self.make_local_leader is None or now < self._next_rejoin_check:
+            return
+        self._next_rejoin_check = now + REJOIN_CHECK_S
+        for plan in self._dropped_plans():
+            target = self.make_local_leader.placed(plan)
+            if target is None:
+                continue
+            try:
+                newcomer = self.make_local_leader(target)
+                get_all([newcomer.ready.remote()], self.deadlines.nested_start_s, [f"LocalLeader {plan.group}"])
+                source, origin = self._survivor_source(exclude=plan.ranks)
+                get_all(
+                    [newcomer.reset_workers.remote(source, self.step)], self.timeout_s, [f"LocalLeader {plan.group}"]
+                )
+            except Exception as exc:  # e.g. the node went again: try later
+                self.log.warning(f"group {plan.group} could not rejoin on node {target.node_id[:8]}: {exc}")
+                continue
+            g = sum(p.group < plan.group for p in self.plans)  # the plans stay in group order
+            self.local_leaders.insert(g, newcomer)
+            self.plans.insert(g, target)
+            self.group_sizes.insert(g, target.num_workers)
+            self._names.insert(g, f"LocalLeader {plan.group}")
+            self.num_groups, self.num_workers = len(self.plans), sum(self.group_sizes)
+            self._worker_handles = None
+            if self._async_started:
+                with self._lock:
+                    self._global_period = self.cfg.tau_global * self.num_workers
+                self._restart_group_async(target, newcomer)
+            self.events.append(
+                {
+                    "event": "group_rejoined",
+                    "group": plan.group,
+                    "ranks": list(plan.ranks),
+                    "node_id": target.node_id,
+                    "step": self.step,
+                    "from": origin,
+                    "time": time.time(),
+                }
+            )
+            self.log.warning(f"group {plan.group} rejoined on node {target.node_id[:8]} from {origin}")
 
     def _restart_group_async(self, plan: GroupPlan, replacement: Any) -> None:
         """Asynchronous mode: start the re-formed group's loops (its workers are at ``self.step``);

@@ -34,7 +34,7 @@ from lsgd_ray._internal.protocol import (
     node_id,
     node_ip,
 )
-from lsgd_ray._internal.waiting import Deadlines, get_all
+from lsgd_ray._internal.waiting import Deadlines, answers, get_all
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import select_leader, weighted_mean
 from lsgd_ray.topology import GroupPlan, node_with_room, nodes_from_ray, worker_resources
@@ -117,6 +117,8 @@ class LocalLeader(AsyncGroup):
         self._busy = threading.Lock()  # held by synchronous rounds and calls; settle() waits for it
         self.estimates = [float("inf")] * len(self.workers)
         self.leader_index = 0
+        self.steps: int | None = None  # the group's step count after its last round
+        self._last_global: list[ray.ObjectRef | None] = [None]
         # asynchronous state
         self._lock = threading.Lock()
         self._group_steps = 0
@@ -124,6 +126,10 @@ class LocalLeader(AsyncGroup):
         self._lam = 0.0
         self._local_period = 0
         self._pending_local: tuple[ray.ObjectRef, float, int] | None = None
+        self._loops: list[ray.ObjectRef] = []
+        self._heard: list[float] = []
+        self._hung: dict[int, str] = {}
+        self._watchdog: threading.Thread | None = None
         # backpressure: each worker's last pull of each kind, and the pulls left out meanwhile
         self._pull_lock = threading.Lock()
         self._in_flight: dict[tuple[int, str], ray.ObjectRef] = {}
@@ -180,6 +186,8 @@ class LocalLeader(AsyncGroup):
         lam_global: float,
         global_rank: int,
     ) -> GroupRound:
+        if global_pull and global_pull[0] is not None:  # kept: a group with no usable worker restarts from it
+            self._last_global = [global_pull[0]]
         pulls = [self._pulls_for(i, global_pull, lam_global, global_rank) for i in range(len(self.workers))]
         calls = [w.train.remote(num_steps, *p) for w, p in zip(self.workers, pulls)]
         local_leader = self._pending_local[2] if self._pending_local else None
@@ -200,9 +208,11 @@ class LocalLeader(AsyncGroup):
         leader = select_leader(self.estimates)
         self.leader_index = leader
         steps = max((r["steps"] for r in results if r), default=None)
+        self.steps = steps if steps is not None else self.steps
         diverged = [i for i, r in enumerate(results) if r and not math.isfinite(r["estimate"]) and i != leader]
         if failed or diverged:  # only then: a snapshot of the leader's weights to restart from
             source = self._weights_source(leader, global_pull)
+            steps = steps if steps is not None else self.steps  # none answered: as after the last round
             for f in failed:
                 self.replace_worker(f.rank, f.reason, [source], steps)
             self._reset_diverged(diverged, source, steps)
@@ -260,7 +270,15 @@ class LocalLeader(AsyncGroup):
             for i, w in enumerate(self.workers)
         ]
         self._pending_local = None
-        get_all(calls, self.timeout_s, self._names())
+        _, failures = self._gather(calls)
+        failed = [f for f in failures if f.kind is not FailureKind.LOST_INPUT]  # lost input: it goes on without
+        if failed:  # replaced now, from a live worker of this group (or the global leader's weights)
+            down = {f.rank for f in failed}
+            live = [i for i in range(len(self.workers)) if i not in down]
+            leader = self.leader_index if self.leader_index in live else next(iter(live), -1)
+            source = self._weights_source(leader, global_pull)
+            for f in failed:
+                self.replace_worker(f.rank, f.reason, [source], self.steps)
 
     # ------------------------------------------------------------------ the peers' rounds
 
@@ -310,8 +328,12 @@ class LocalLeader(AsyncGroup):
         the GlobalLeader gets the reference) with the number of workers it averages. The
         workers' arrays are read-only views of this node's shared memory, summed into one
         buffer; in asynchronous mode each worker takes its snapshot between two steps, as for
-        ``GlobalLeader.leader_weights``. A worker that died or hangs fails the call."""
-        arrays = get_all([w.get_weights.remote(count=False) for w in self.workers], self.timeout_s, self._names())
+        ``GlobalLeader.leader_weights``. A worker that died or hangs at this moment is left out
+        (and replaced at the next round); with none left the mean is ``[None]`` with count 0."""
+        replies = answers([w.get_weights.remote(count=False) for w in self.workers], self.timeout_s)
+        arrays = [array for array in replies if array is not None]
+        if not arrays:
+            return {"group": self.plan.group, "mean": [None], "count": 0}
         mean = weighted_mean(arrays, [1] * len(arrays))
         return {"group": self.plan.group, "mean": [ray.put(mean)], "count": len(arrays)}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ASYNC_POLL_S = 1.0  # asynchronous runs checkpointing by steps: how often the driver reads the step count
+ASYNC_POLL_S = 1.0  # asynchronous runs: how often at least the driver looks at the loops and the step count
 
 
 @dataclass

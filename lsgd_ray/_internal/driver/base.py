@@ -6,18 +6,21 @@ which declares the state they share and the few calls all of them make.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray
 
 from lsgd_ray._internal.schedule import Schedule
-from lsgd_ray._internal.waiting import Deadlines
+from lsgd_ray._internal.waiting import Deadlines, answers
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.data import DatasetFactory
 from lsgd_ray.divergence import DivergenceWatch
 from lsgd_ray.models import ModelFactory
 from lsgd_ray.results import RunLogger
-from lsgd_ray.topology import GroupPlan
+from lsgd_ray.topology import GroupPlan, Topology
+
+T = TypeVar("T")
 
 
 class DriverBase:
@@ -42,6 +45,7 @@ class DriverBase:
     _events_seen: int
     _events_known: list[dict[str, Any]]
 
+    topology: Topology | None  # the layout the run started with (set by ``start``)
     # the actors, as the coordinator has them now (a failure may replace or drop some)
     groups: list[GroupPlan]
     local_leaders: list[Any]
@@ -66,8 +70,15 @@ class DriverBase:
     def _make_evaluator(self) -> Any:
         raise NotImplementedError
 
+    def _supervised(self, call: Callable[[], T]) -> T:
+        """``call()``, restarting the coordinator if it dies meanwhile (``Supervisor``)."""
+        raise NotImplementedError
+
     def worker_stats(self) -> list[dict[str, Any]]:
-        return ray.get([w.stats.remote() for w in self.workers])
+        """Each worker's counters; one that died or hangs at this moment is left out (its
+        LocalLeader replaces it at the next round)."""
+        stats = answers([w.stats.remote() for w in self.workers], self.config.actor_timeout_s)
+        return [s for s in stats if s is not None]
 
     def status(self) -> dict[str, Any]:
         return self._seen(ray.get(self.global_leader.status.remote()))

@@ -13,7 +13,7 @@ import ray
 from lsgd_ray._internal.driver.records import Records
 from lsgd_ray._internal.driver.supervisor import Supervisor
 from lsgd_ray._internal.schedule import ASYNC_POLL_S
-from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.waiting import ActorTimeoutError
 from lsgd_ray.algorithms import ALGORITHMS
 
 
@@ -40,14 +40,8 @@ class Loops(Supervisor, Records):
         coordinator may die in any call between rounds too (a checkpoint, an evaluation): it is
         restarted as in ``run_rounds`` and the turn taken again."""
         self.schedule.evaluated(self.train_s)
-        while True:
-            try:
-                if self._sync_turn():
-                    return
-            except ray.exceptions.RayActorError as exc:
-                if not self._coordinator_died(exc):
-                    raise
-                self._restart_coordinator(f"died ({type(exc).__name__})")
+        while not self._supervised(self._sync_turn):
+            pass
 
     def _sync_turn(self) -> bool:
         """Rounds up to the next deadline, then what is due; whether the run is over."""
@@ -68,6 +62,25 @@ class Loops(Supervisor, Records):
                 return True
         return False
 
+    def _stop_loops(self, loops: dict[int, ray.ObjectRef]) -> None:
+        """Asynchronous mode, at the end: every loop stopped. One that died meanwhile (or was
+        killed as hung) is restarted as during the run, so every worker is there at the end, and
+        stopped in turn; ``stop`` is sent again at every poll, as a replacement's loop may start
+        after the first one arrived. Loops still running after a hung worker would have been
+        detected and replaced raise an error naming them."""
+        deadline = time.monotonic() + self.deadlines.replace_s + 2 * self.config.actor_timeout_s
+        while True:
+            for worker in self.workers:
+                worker.stop.remote()
+            ready, pending = ray.wait(list(loops.values()), num_returns=len(loops), timeout=ASYNC_POLL_S)
+            if self._restart_dead_loops(loops, ready):
+                continue
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                late = ", ".join(f"worker {r}" for r, ref in loops.items() if ref in set(pending))
+                raise ActorTimeoutError(f"{late}: still training after being told to stop")
+
     def _fit_async(self) -> None:
         """Every worker's own loop; the driver wakes for evaluations, checkpoints, failures and
         the end of the budget."""
@@ -75,24 +88,26 @@ class Loops(Supervisor, Records):
         report_every = ALGORITHMS[cfg.algorithm].async_report_period(cfg)
         max_steps = None if not math.isfinite(schedule.max_step) else int(schedule.max_step)
         begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
+        started_with = len(self.topology.groups) if self.topology else 0
         loops: dict[int, ray.ObjectRef] = {}
         self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
         schedule.evaluated(trained)
         while True:
             try:
-                wait = schedule.wait_s(self.train_s)
-                if schedule.checkpoint_every_steps:
-                    wait = min(wait, ASYNC_POLL_S)  # look at the step count this often
+                # this often at least: loops that ended (their worker died) are restarted, the step
+                # count looked at for checkpoints, and a dropped group's chance to rejoin taken
+                wait = min(schedule.wait_s(self.train_s), ASYNC_POLL_S)
+                dropped = len(self.groups) < started_with  # LSGD went on without a group
                 ready, pending = ray.wait(list(loops.values()), num_returns=len(loops), timeout=wait)
                 self.train_s = trained + time.perf_counter() - begin
                 if self._restart_dead_loops(loops, ready):
                     continue
+                if dropped and pending:  # a node with room for a dropped group: it rejoins
+                    self._take_loops(loops, ray.get(self.global_leader.rejoin_groups.remote()))
                 if not pending:
                     break
                 if schedule.time_left(self.train_s) <= 0 or self._evaluation_ends_run():
-                    for worker in self.workers:
-                        worker.stop.remote()
-                    get_all(list(loops.values()), cfg.actor_timeout_s, [f"worker {r}" for r in loops])
+                    self._stop_loops(loops)
                     self.train_s = trained + time.perf_counter() - begin
                     break
                 if schedule.checkpointing and schedule.checkpoint_due(self.status()["step"], self.train_s):

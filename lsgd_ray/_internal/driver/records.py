@@ -114,7 +114,7 @@ class Records(DriverBase):
     def _write_result(self, error: str | None) -> FitResult:
         status, stats, final = {}, [], self.history[-1] if self.history else {}
         try:
-            status, stats = self.status(), self.worker_stats()
+            status, stats = self._supervised(self.status), self.worker_stats()  # a coordinator lost at the end too
             if error is None:
                 self._save_leader_weights()
         except Exception as exc:  # the cluster may be gone: write what we know

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from lsgd_ray._internal.driver.base import DriverBase
-from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.waiting import answers
 from lsgd_ray.checkpoint import load_latest, map_leaves, save_checkpoint
 from lsgd_ray.config import ConfigError
 from lsgd_ray.results import code_version
@@ -38,15 +38,18 @@ RESUMABLE_CHANGES = {
 
 
 class RunState(DriverBase):
-    def checkpoint(self) -> str:
+    def checkpoint(self) -> str | None:
         """Commit a checkpoint of the whole run now (between rounds in synchronous mode; in
-        asynchronous mode each worker's state is taken between two of its own steps)."""
+        asynchronous mode each worker's state is taken between two of its own steps). A worker
+        that died or hangs at this moment postpones it to the next turn (``None``): its
+        LocalLeader replaces it at the next round, and a checkpoint needs every worker."""
         coordinator = ray.get(self.global_leader.get_state.remote())
-        workers = get_all(
-            [w.get_state.remote() for w in self.workers],
-            self.config.actor_timeout_s,
-            [f"worker {r}" for r in range(len(self.workers))],
-        )
+        replies = answers([w.get_state.remote() for w in self.workers], self.config.actor_timeout_s)
+        lost = [rank for rank, reply in zip(self._ranks(), replies) if reply is None]
+        if lost:
+            self._say(f"lsgd-ray: checkpoint postponed: worker(s) {lost} died or hang (replaced at the next round)")
+            return None
+        workers = [reply for reply in replies if reply is not None]
         step = min(w["steps"] for w in workers)
         state = {
             "algorithm": self.config.algorithm,
@@ -96,11 +99,9 @@ class RunState(DriverBase):
         events to record (the caller adds them to the coordinator's)."""
         saved = {w["rank"]: w for w in state["workers"]}
         ranks, timeout = self._ranks(), self.config.actor_timeout_s
-        get_all(
-            [w.set_state.remote(saved[r]) for w, r in zip(self.workers, ranks) if r in saved],
-            timeout,
-            [f"worker {r}" for r in ranks if r in saved],
-        )
+        # a worker lost at this moment (a coordinator restart amid failures) is left out: its
+        # LocalLeader replaces it at the next round from the restored leader's weights
+        answers([w.set_state.remote(saved[r]) for w, r in zip(self.workers, ranks) if r in saved], timeout)
         missing = [(w, r) for w, r in zip(self.workers, ranks) if r not in saved]
         coordinator = _arrays(state["coordinator"])
         ray.get(self.global_leader.set_state.remote(coordinator))
@@ -110,9 +111,7 @@ class RunState(DriverBase):
             source = saved[leader] if leader in saved else next(iter(saved.values()))
             steps = min(w["steps"] for w in state["workers"])
             weights = source["weights"].numpy()
-            get_all(
-                [w.reset_to.remote(weights, steps) for w, _ in missing], timeout, [f"worker {r}" for _, r in missing]
-            )
+            answers([w.reset_to.remote(weights, steps) for w, _ in missing], timeout)
             origin = f"worker {source['rank']}'s weights in the checkpoint"
             event = {
                 "event": "workers_restarted",

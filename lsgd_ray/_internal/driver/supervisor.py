@@ -11,19 +11,33 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import ray
 
+from lsgd_ray._internal.driver.base import T
 from lsgd_ray._internal.driver.state import RunState
 from lsgd_ray._internal.waiting import get_all
-from lsgd_ray.checkpoint import list_checkpoints, load_latest
+from lsgd_ray.checkpoint import load_latest
+
+RESTART_ATTEMPTS = 5  # a coordinator that dies while it is being restarted is restarted again
 
 
 class Supervisor(RunState):
     def _restart_coordinator(self, reason: str) -> None:
-        """The coordinator died: start a new one and continue from the last checkpoint (the
-        LocalLeaders and workers live on, but their state is rolled back to it so every part
-        of the run agrees), or, without a checkpoint, from the workers' current weights."""
+        """The coordinator died: start a new one (again, if the new one dies while it starts)."""
+        for attempt in range(1, RESTART_ATTEMPTS + 1):
+            try:
+                return self._start_coordinator_again(reason)
+            except ray.exceptions.RayActorError as exc:
+                if attempt == RESTART_ATTEMPTS or not self._coordinator_died(exc):
+                    raise
+                reason = f"died again while restarting ({type(exc).__name__})"
+
+    def _start_coordinator_again(self, reason: str) -> None:
+        """A new coordinator, continuing from this run's last checkpoint (the LocalLeaders and
+        workers live on, but their state is rolled back to it so every part of the run
+        agrees), or, without a checkpoint, from the workers' current weights."""
         cfg = self.config
         for ll in self.local_leaders:  # let a round still running finish; a lost group is handled below
             with contextlib.suppress(ray.exceptions.RayActorError):
@@ -33,13 +47,24 @@ class Supervisor(RunState):
         get_all([self.global_leader.setup.remote()], self.deadlines.nested_start_s, ["new coordinator"])
         self._events_seen = 0
         earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
+        self._refresh_handles()  # and workers replaced while it was down have new handles
         event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
-        if list_checkpoints(self.output_dir):  # workers it lacks or has beyond this run's: see _restore
-            state, where = load_latest(self.output_dir)
+        # this run's own newest checkpoint (or the one it resumed from), never one that another
+        # run left in the same output directory
+        own = self.checkpoints[-1] if self.checkpoints else self.resumed_from
+        if own:  # workers it lacks or has beyond this run's: see _restore
+            state, where = load_latest(own)
             earlier += self._restore(state, where)
             event["from_checkpoint"] = str(where)
         else:  # no checkpoint yet: go on from the current weights
-            steps = min(s["steps"] for s in self.worker_stats())
+            stats = self.worker_stats()  # those alive now; the others are replaced at the next round
+            if not stats and cfg.algorithm == "lsgd" and cfg.mode == "sync":  # none: repaired first
+                ray.get(self.global_leader.repair_groups.remote())
+                self._refresh_handles()
+                stats = self.worker_stats()
+            if not stats:
+                raise RuntimeError(f"coordinator {reason}, and no worker answered: nothing to continue from")
+            steps = min(s["steps"] for s in stats)
             total = steps * len(self.workers) if cfg.mode == "async" else 0  # async counts steps summed
             ray.get(self.global_leader.set_state.remote({"step": steps, "_total_steps": total, "events": []}))
         event["step"] = self.status()["step"]
@@ -47,6 +72,16 @@ class Supervisor(RunState):
         ray.get(self.global_leader.set_state.remote({"events": events}))
         self._events_seen, self._events_known = len(events), events
         self._say(f"lsgd-ray: coordinator {reason}: restarted, continuing from step {event['step']}")
+
+    def _supervised(self, call: Callable[[], T]) -> T:
+        """``call()``; if the coordinator dies meanwhile, it is restarted and ``call`` made again."""
+        while True:
+            try:
+                return call()
+            except ray.exceptions.RayActorError as exc:
+                if not self._coordinator_died(exc):
+                    raise
+                self._restart_coordinator(f"died ({type(exc).__name__})")
 
     def _coordinator_died(self, exc: ray.exceptions.RayActorError) -> bool:
         """Whether ``exc``, raised by a call between rounds, means the coordinator itself died
