@@ -1,0 +1,469 @@
+"""Chaos runs: a long run per algorithm on a multi-node ``ray.cluster_utils.Cluster`` while a
+seeded killer strikes at random, then the report (per algorithm and per failure kind: injected,
+recovered, time to recover, run aborts, accuracy against an undisturbed run of as many steps,
+object-store use over time, processes left after shutdown).
+
+Failure kinds (``--kinds``; a victim is picked at random among the live ones):
+
+- ``worker_kill``: a Worker process SIGKILLed;
+- ``worker_stop``: a Worker process SIGSTOPped (hung: detected by ``actor_timeout_s``, then
+  killed and replaced by the run; the script SIGCONTs any it stopped that outlived the run);
+- ``local_leader``: a LocalLeader SIGKILLed (its workers die with it);
+- ``coordinator``: the GlobalLeader, or the peer's coordinator, SIGKILLed (the driver restarts it
+  from the last checkpoint);
+- ``evaluator``: the evaluator SIGKILLed (the next evaluation starts a new one);
+- ``node``: a node holding a group removed from the cluster, as a spot node vanishes, and a
+  fresh node added a few seconds later. LSGD runs without a spare: the group is dropped and
+  rejoins on the fresh node. The peers cannot go on with fewer workers, so their cluster keeps
+  one spare node: the group is re-placed on it at once and the fresh node is the next spare.
+
+The gap between two failures is exponential with mean ``--mtbf`` seconds. A failure counts as
+recovered when the run records the matching event after it (``worker_replaced``,
+``group_replaced``, ``group_rejoined``, ``coordinator_restarted``; for the evaluator, the run's
+next evaluation) and the run ends without an abort; time to recover is from the strike to that
+event (a dropped group counts only once it rejoined).
+
+    .venv/bin/python scripts/chaos.py --minutes 15 --mtbf 10                  # every algorithm
+    .venv/bin/python scripts/chaos.py --algorithms lsgd --minutes 1 --mtbf 5  # a short look
+
+Every algorithm's report is written to ``--out`` (JSON) as soon as its run ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from lsgd_ray import EASGDConfig, LSGDConfig, OptimizerConfig, TrainConfig, Trainer  # noqa: E402
+from lsgd_ray.algorithms.registry import ALGORITHMS  # noqa: E402
+from lsgd_ray.data import dataset_factory, dataset_spec  # noqa: E402
+from lsgd_ray.models import model_factory  # noqa: E402
+
+KINDS = ("worker_kill", "worker_stop", "local_leader", "coordinator", "evaluator", "node")
+# name -> (algorithm, settings): every algorithm, sync and async where it has both
+RUNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lsgd": ("lsgd", {"lsgd": LSGDConfig(tau=4, tau_global=16)}),
+    "lsgd_async": ("lsgd", {"lsgd": LSGDConfig(tau=4, tau_global=16, mode="async")}),
+    "data_parallel": ("data_parallel", {}),
+    "local_sgd": ("local_sgd", {}),
+    "easgd": ("easgd", {}),
+    "easgd_async": ("easgd", {"easgd": EASGDConfig(mode="async")}),
+    "downpour": ("downpour", {}),
+    "dpsgd": ("dpsgd", {}),
+    "aldsgd": ("aldsgd", {}),
+    "diloco": ("diloco", {}),
+}
+# what each kind's recovery is recorded as
+RECOVERED_BY = {
+    "worker_kill": ("worker_replaced", "group_replaced", "group_rejoined", "coordinator_restarted"),
+    "worker_stop": ("worker_replaced", "group_replaced", "group_rejoined", "coordinator_restarted"),
+    "local_leader": ("group_replaced", "group_rejoined", "coordinator_restarted"),
+    "node": ("group_replaced", "group_rejoined"),  # a drop is not a recovery; its rejoin is
+    "coordinator": ("coordinator_restarted",),
+}
+
+
+@dataclass
+class Strike:
+    kind: str
+    time: float  # wall clock
+    victim: str  # what was hit, in words
+    pid: int | None = None
+    node_id: str | None = None
+
+
+@dataclass
+class Killer:
+    """Strikes at exponential intervals until ``stop`` is set; keeps one spare node in the
+    cluster and samples the object store between strikes."""
+
+    cluster: Cluster
+    coordinator_class: str
+    kinds: tuple[str, ...]
+    mtbf: float
+    rng: random.Random
+    cpus_per_node: int
+    spare: bool  # the cluster keeps a node free for a lost group (the peers need one)
+    spare_delay_s: float = 3.0
+    strikes: list[Strike] = field(default_factory=list)
+    store: list[tuple[float, float, int]] = field(default_factory=list)  # (time, MiB, objects)
+    stopped: list[int] = field(default_factory=list)
+    spares_due: list[float] = field(default_factory=list)  # when a fresh node joins (monotonic clock)
+    store_errors: list[str] = field(default_factory=list)  # samples of the object store that failed
+    pids_seen: set[int] = field(default_factory=set)
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[str] = field(default_factory=list)
+
+    def run(self) -> None:
+        """Strike until ``stop`` is set. Runs in the main thread: Ray adds a node only from there
+        (the training runs in another thread)."""
+        next_strike = time.monotonic() + self.rng.expovariate(1.0 / self.mtbf)
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                if self.spares_due and self.spares_due[0] <= now:
+                    self.spares_due.pop(0)
+                    self.cluster.add_node(num_cpus=self.cpus_per_node)
+                elif now >= next_strike:
+                    kind = self.rng.choice(self.kinds)
+                    strike = self.strike(kind)
+                    if strike is not None:
+                        self.strikes.append(strike)
+                        print(f"chaos: {time.strftime('%H:%M:%S')} {kind}: {strike.victim}", flush=True)
+                    next_strike = time.monotonic() + self.rng.expovariate(1.0 / self.mtbf)
+                else:
+                    self.stop.wait(min([next_strike, *self.spares_due]) - now)
+        except Exception as exc:  # a killer that dies must not look like a quiet run
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            self.stop.set()
+            raise
+
+    def actors(self, class_name: str | None) -> list[dict[str, Any]]:
+        """The live actors of a class (``None``: all) in this job, from the GCS actor table."""
+        job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+        rows = ray._private.state.actors(job_id=job, actor_state_name="ALIVE").values()
+        found = [a for a in rows if class_name in (None, a["ActorClassName"]) and a["Pid"]]
+        self.pids_seen.update(a["Pid"] for a in found)
+        return found
+
+    def strike(self, kind: str) -> Strike | None:
+        if kind == "node":
+            return self.remove_node()
+        class_name = {
+            "worker_kill": "Worker",
+            "worker_stop": "Worker",
+            "local_leader": "LocalLeader",
+            "coordinator": self.coordinator_class,
+            "evaluator": "Evaluator",
+        }[kind]
+        live = [a for a in self.actors(class_name) if a["Pid"] not in self.stopped]  # stopped: struck already
+        if not live:
+            return None
+        victim = self.rng.choice(live)
+        pid, node = victim["Pid"], victim["Address"]["NodeID"]
+        try:
+            os.kill(pid, signal.SIGSTOP if kind == "worker_stop" else signal.SIGKILL)
+        except ProcessLookupError:
+            return None  # it died meanwhile
+        if kind == "worker_stop":
+            self.stopped.append(pid)
+        return Strike(kind, time.time(), f"{class_name} pid {pid}", pid, node)
+
+    def remove_node(self) -> Strike | None:
+        """A node that holds workers goes (never the last such: a run needs one group), if the
+        cluster keeps a spare, only while a node holds none of this run's actors; a fresh node
+        joins ``spare_delay_s`` later."""
+        workers = {a["Address"]["NodeID"] for a in self.actors("Worker")}
+        anyone = {a["Address"]["NodeID"] for a in self.actors(None)}
+        nodes = [n for n in self.cluster.list_all_nodes() if n is not self.cluster.head_node]
+        held = [n for n in nodes if n.node_id in workers]
+        if len(held) < 2 or (self.spare and all(n.node_id in anyone for n in nodes)):
+            return None
+        victim = self.rng.choice(held)
+        self.cluster.remove_node(victim, allow_graceful=False)
+        self.spares_due.append(time.monotonic() + self.spare_delay_s)
+        return Strike("node", time.time(), f"node {victim.node_id[:8]}", None, victim.node_id)
+
+    def sample_store(self) -> None:
+        """One sample of the cluster's object store. Ray asks every worker for it, so a stopped
+        worker makes it wait (and fail): a sample that fails is counted, not fatal."""
+        from ray._private.internal_api import memory_summary
+
+        try:
+            summary = memory_summary(stats_only=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. DEADLINE_EXCEEDED while a worker is stopped
+            self.store_errors.append(f"{type(exc).__name__}")
+            return
+        match = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", summary)
+        if match:
+            self.store.append((time.time(), float(match.group(1)), int(match.group(2))))
+
+    def sample_store_until_stopped(self, every_s: float = 5.0) -> None:
+        """The object store every ``every_s`` seconds, in its own thread (a sample may block)."""
+        while not self.stop.wait(every_s):
+            self.sample_store()
+
+
+def recoveries(
+    strikes: list[Strike],
+    events: list[dict],
+    evaluation_times: list[float],
+    end: float | None = None,
+    settle_s: float = 0.0,
+) -> list[dict]:
+    """Each strike with the event that recovered it and the seconds until then. Two passes in
+    the order of the strikes: first each takes the first event of its own kind after it (a
+    worker's replacement, a coordinator's restart), then a strike still without one takes the
+    first other event that recovers it too (a restart from a checkpoint recovers a lost worker);
+    no event serves two strikes. The evaluator's is the run's next evaluation. A strike left
+    without one in the last ``settle_s`` before the run's ``end`` is ``open_at_end``: the run
+    ended before any call needed what it struck."""
+    ordered = sorted(enumerate(events), key=lambda ie: ie[1].get("time", 0))
+    chronological = sorted(strikes, key=lambda s: s.time)
+    found: dict[int, dict] = {}
+    taken: set[int] = set()
+    for first_pass in (True, False):
+        for n, s in enumerate(chronological):
+            if n in found:
+                continue
+            if s.kind == "evaluator":
+                # the history has no wall clock: whether a later evaluation ran, not how soon
+                if any(t > s.time for t in evaluation_times):
+                    found[n] = {"event": "evaluation", "time": None}
+                continue
+            kinds = RECOVERED_BY[s.kind][:1] if first_pass else RECOVERED_BY[s.kind]
+            for i, e in ordered:
+                if i not in taken and e.get("event") in kinds and e.get("time", 0) >= s.time:
+                    taken.add(i)
+                    found[n] = e
+                    break
+    rows = []
+    for n, s in enumerate(chronological):
+        e = found.get(n)
+        rows.append(
+            {
+                "kind": s.kind,
+                "victim": s.victim,
+                "time": s.time,
+                "recovered_by": e["event"] if e else None,
+                "recovery_s": e["time"] - s.time if e and e["time"] is not None else None,
+                "open_at_end": e is None and end is not None and s.time > end - settle_s,
+            }
+        )
+    return rows
+
+
+def config_for(name: str, args, output_dir: str, **run: Any) -> TrainConfig:
+    algorithm, settings = RUNS[name]
+    fields: dict[str, Any] = dict(
+        algorithm=algorithm,
+        num_groups=args.nodes,
+        workers_per_group=args.workers_per_node,
+        batch_size=32,
+        optimizer=OptimizerConfig(lr=0.05),
+        eval_every_s=args.eval_every,
+        actor_timeout_s=args.actor_timeout,
+        checkpoint_every_s=args.checkpoint_every,
+        seed=args.seed,
+        output_dir=output_dir,
+        quiet=True,
+        **settings,
+    )
+    return TrainConfig(**{**fields, **run})
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def chaos_run(name: str, args) -> dict[str, Any]:
+    """One algorithm: a fresh cluster, the disturbed run, then an undisturbed run of as many
+    steps on the same cluster."""
+    ds = dataset_spec("digits")
+    model_fn = model_factory("mlp", ds.model_input_shape(), ds.num_classes)
+    data_fn = dataset_factory("digits")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    spare = RUNS[name][0] != "lsgd"  # LSGD drops a lost group and takes it back later; the peers cannot
+    for _ in range(args.nodes + spare):  # one node per group (and the spare)
+        cluster.add_node(num_cpus=args.workers_per_node)
+    ray.init(address=cluster.address, logging_level="WARNING")
+    out: dict[str, Any] = {"algorithm": name, "minutes": args.minutes, "mtbf_s": args.mtbf, "seed": args.seed}
+    killer = None
+    try:
+        os.makedirs(args.tmp, exist_ok=True)
+        run_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=args.tmp)  # fresh: no other run's checkpoints
+        cfg = config_for(name, args, os.path.join(run_dir, "chaos"), time_budget_s=args.minutes * 60)
+        coordinator = ALGORITHMS[cfg.algorithm].coordinator_class().__name__
+        with Trainer(model_fn, data_fn, cfg) as trainer:
+            killer = Killer(cluster, coordinator, tuple(args.kinds), args.mtbf, random.Random(args.seed),
+                            args.workers_per_node, spare)  # fmt: skip
+            begin, box = time.time(), {}
+
+            def train() -> None:
+                try:
+                    box["result"] = trainer.fit()
+                except Exception as exc:  # an abort: the report says so, the next algorithm runs
+                    box["error"], box["traceback"] = exc, traceback.format_exc()
+                finally:
+                    killer.stop.set()
+
+            training = threading.Thread(target=train, daemon=True)
+            sampler = threading.Thread(target=killer.sample_store_until_stopped, daemon=True)
+            training.start()
+            sampler.start()
+            try:
+                killer.run()  # until the training ends
+            finally:
+                killer.stop.set()
+                training.join()
+                end = time.time()
+                sampler.join(timeout=120)
+            result = box.get("result")
+            if result is not None:
+                out["status"], out["error"] = result.status, result.error
+            else:
+                exc = box["error"]
+                out["status"], out["error"] = "aborted", f"{type(exc).__name__}: {exc}"
+                out["traceback"] = box["traceback"]
+                print(out["traceback"], file=sys.stderr, flush=True)
+            killer.actors(None)  # every process of the run, to look for after shutdown
+            killer.sample_store()
+            events = result.events if result else []
+            # an evaluation's wall time: the run's start plus its training and evaluation seconds so far
+            history = result.history if result else []
+            times = _evaluation_times(begin, history)
+        for pid in killer.stopped:  # a stopped worker the run never killed must not linger
+            if alive(pid):
+                os.kill(pid, signal.SIGCONT)
+        # a strike in the run's last moments may meet no call that needed what it struck
+        settle_s = 2 * args.actor_timeout + 15.0
+        out["strikes"] = recoveries(killer.strikes, events, times, end=end, settle_s=settle_s)
+        out["events"] = events
+        out["store"] = killer.store
+        out["killer_errors"] = killer.errors
+        out["store_sample_errors"] = len(killer.store_errors)
+        if result is not None:
+            out.update(
+                steps_per_worker=result.steps_per_worker,
+                final_test_accuracy=result.final_test_accuracy,
+                train_s=result.timings.get("train_s"),
+            )
+            if result.steps_per_worker:
+                calm = config_for(name, args, os.path.join(run_dir, "calm"),
+                                  max_steps=result.steps_per_worker, checkpoint_every_s=None)  # fmt: skip
+                with Trainer(model_fn, data_fn, calm) as trainer:
+                    undisturbed = trainer.fit()
+                out["undisturbed_test_accuracy"] = undisturbed.final_test_accuracy
+        time.sleep(2.0)  # actors killed at shutdown take a moment to exit
+        out["actor_processes_left"] = sorted(p for p in killer.pids_seen if alive(p)) if killer else []
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return out
+
+
+def _evaluation_times(begin: float, history: list[dict]) -> list[float]:
+    """Wall-clock times of the evaluations, approximated from the run's start: training and
+    evaluation seconds up to each (start-up is before ``begin``)."""
+    times, eval_s = [], 0.0
+    for h in history:
+        eval_s += h.get("eval_s", 0.0)
+        times.append(begin + h["train_s"] + eval_s)
+    return times
+
+
+def summarize(out: dict[str, Any]) -> dict[str, Any]:
+    """Per failure kind: injected, recovered, time to recover (median, max)."""
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for s in out.get("strikes", []):
+        by_kind[s["kind"]].append(s)
+    kinds = {}
+    for kind, rows in sorted(by_kind.items()):
+        times = [r["recovery_s"] for r in rows if r["recovery_s"] is not None]
+        kinds[kind] = {
+            "injected": len(rows),
+            "recovered": sum(r["recovered_by"] is not None for r in rows) if out["status"] != "aborted" else 0,
+            "open_at_end": sum(r.get("open_at_end", False) for r in rows) if out["status"] != "aborted" else 0,
+            "recovery_s_median": statistics.median(times) if times else None,
+            "recovery_s_max": max(times) if times else None,
+        }
+    store = [mib for _, mib, _ in out.get("store", [])]
+    return {
+        "status": out["status"],
+        "kinds": kinds,
+        "injected": sum(k["injected"] for k in kinds.values()),
+        "recovered": sum(k["recovered"] for k in kinds.values()),
+        "open_at_end": sum(k["open_at_end"] for k in kinds.values()),
+        "accuracy": out.get("final_test_accuracy"),
+        "undisturbed_accuracy": out.get("undisturbed_test_accuracy"),
+        "store_mib_first_last_max": [store[0], store[-1], max(store)] if store else None,
+        "processes_left": len(out.get("actor_processes_left", [])),
+    }
+
+
+def table(report: dict) -> str:
+    lines = [
+        "| algorithm | status | kind | injected | recovered | open at end | recover median | max | accuracy (undisturbed) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for run in report["runs"]:
+        s = run["summary"]
+        acc = f"{s['accuracy'] or 0:.3f} ({s['undisturbed_accuracy'] or 0:.3f})"
+        for kind, k in s["kinds"].items() or {"-": {"injected": 0, "recovered": 0}}.items():
+            med = "-" if k.get("recovery_s_median") is None else f"{k['recovery_s_median']:.1f} s"
+            mx = "-" if k.get("recovery_s_max") is None else f"{k['recovery_s_max']:.1f} s"
+            lines.append(f"| {run['algorithm']} | {s['status']} | {kind} | {k['injected']} | {k['recovered']} | "
+                         f"{k.get('open_at_end', 0)} | {med} | {mx} | {acc} |")  # fmt: skip
+    total = sum(r["summary"]["injected"] for r in report["runs"])
+    survived = sum(r["summary"]["recovered"] for r in report["runs"])
+    aborts = sum(r["summary"]["status"] == "aborted" for r in report["runs"])
+    open_ = sum(r["summary"].get("open_at_end", 0) for r in report["runs"])
+    lines.append(f"\n{survived} of {total} injected failures recovered, {open_} open when the run ended; "
+                 f"{aborts} run abort(s)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algorithms", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--minutes", type=float, default=15.0, help="training minutes per algorithm")
+    p.add_argument("--mtbf", type=float, default=10.0, help="mean seconds between failures")
+    p.add_argument("--nodes", type=int, default=4, help="nodes with a group each (and one spare)")
+    p.add_argument("--workers-per-node", type=int, default=2)
+    p.add_argument("--actor-timeout", type=float, default=10.0, help="a hung actor is declared after this")
+    p.add_argument("--checkpoint-every", type=float, default=20.0, help="training seconds")
+    p.add_argument("--eval-every", type=float, default=10.0, help="training seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/chaos.json")
+    p.add_argument("--tmp", default="runs/chaos_tmp")
+    args = p.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "runs": [],
+    }
+    for name in args.algorithms:
+        print(f"chaos: {name}, {args.minutes:g} min, a failure every {args.mtbf:g} s on average", flush=True)
+        out = chaos_run(name, args)
+        out["summary"] = summarize(out)
+        report["runs"].append(out)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(args.out + ".tmp", args.out)
+        s = out["summary"]
+        print(f"chaos: {name}: {s['status']}, {s['recovered']}/{s['injected']} recovered, accuracy "
+              f"{s['accuracy']} (undisturbed {s['undisturbed_accuracy']})", flush=True)  # fmt: skip
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The chaos script: a short run with failures struck at random (every kind it knows) on a
+multi-node ``Cluster``, as a user runs it; and how strikes are matched to the run's recoveries."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import chaos  # noqa: E402
+
+
+def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_none_serves_two():
+    strikes = [
+        chaos.Strike("worker_kill", 10.0, "Worker pid 1"),
+        chaos.Strike("worker_kill", 11.0, "Worker pid 2"),
+        chaos.Strike("coordinator", 12.0, "GlobalLeader pid 3"),
+        chaos.Strike("evaluator", 13.0, "Evaluator pid 4"),
+        chaos.Strike("node", 30.0, "node abcd"),
+        chaos.Strike("worker_kill", 40.0, "Worker pid 5"),
+    ]
+    events = [
+        {"event": "worker_replaced", "rank": 0, "time": 9.0},  # before any strike: not a recovery
+        {"event": "worker_replaced", "rank": 1, "time": 12.5},
+        {"event": "coordinator_restarted", "time": 14.0},
+        {"event": "worker_replaced", "rank": 2, "time": 15.0},
+    ]
+    rows = chaos.recoveries(strikes, events, evaluation_times=[5.0, 20.0], end=45.0, settle_s=10.0)
+    assert [(r["kind"], r["recovered_by"], r["open_at_end"]) for r in rows] == [
+        ("worker_kill", "worker_replaced", False),
+        ("worker_kill", "worker_replaced", False),  # its own kind first: the restart is the coordinator's
+        ("coordinator", "coordinator_restarted", False),
+        ("evaluator", "evaluation", False),
+        ("node", None, False),  # nothing after it, long before the end
+        ("worker_kill", None, True),  # in the run's last 10 s: nothing needed it before the end
+    ]
+    assert rows[0]["recovery_s"] == 2.5 and rows[1]["recovery_s"] == 4.0 and rows[3]["recovery_s"] is None
+    # without an event of its own kind, a strike takes another that recovers it too
+    late = chaos.recoveries(strikes[:1], [{"event": "coordinator_restarted", "time": 11.0}], [])
+    assert late[0]["recovered_by"] == "coordinator_restarted" and not late[0]["open_at_end"]
+    summary = chaos.summarize({"status": "completed", "strikes": rows, "store": [(0, 1.0, 2), (1, 3.0, 4)]})
+    assert summary["injected"] == 6 and summary["recovered"] == 4 and summary["open_at_end"] == 1
+    assert summary["kinds"]["worker_kill"] == {
+        "injected": 3,
+        "recovered": 2,
+        "open_at_end": 1,
+        "recovery_s_median": 3.25,
+        "recovery_s_max": 4.0,
+    }
+    assert summary["store_mib_first_last_max"] == [1.0, 3.0, 3.0]
+    aborted = chaos.summarize({"status": "aborted", "strikes": rows})
+    assert aborted["recovered"] == 0  # an aborted run survived nothing
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_short_chaos_run_survives_every_strike_and_leaves_nothing_running(tmp_path):
+    out = tmp_path / "chaos.json"
+    command = [
+        sys.executable, str(ROOT / "scripts" / "chaos.py"), "--algorithms", "lsgd", "--minutes", "0.75",
+        "--mtbf", "4", "--nodes", "2", "--workers-per-node", "1", "--actor-timeout", "5", "--checkpoint-every", "5",
+        "--eval-every", "5", "--seed", "1", "--out", str(out), "--tmp", str(tmp_path / "tmp"),
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=560, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    summary = run["summary"]
+    # every strike survived: the run went on to its budget and completed
+    assert summary["status"] == "completed" and not run["killer_errors"], run.get("error")
+    assert summary["injected"] >= 4, run["strikes"]
+    # matched to a recovery event: not all (a recovery reported to a coordinator that then died is
+    # not in the run's events: docs/fault-tolerance.md, "Chaos runs"), but some
+    assert summary["recovered"] > 0, run["strikes"]
+    assert summary["processes_left"] == 0, run["actor_processes_left"]
+    assert summary["accuracy"] > 0.5 and summary["undisturbed_accuracy"] > 0.5, summary  # chance: 0.1
+    assert "injected failures recovered" in done.stdout
