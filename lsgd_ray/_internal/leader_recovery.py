@@ -1,7 +1,7 @@
 """LSGD's GlobalLeader when a group is lost: a LocalLeader that died (with its workers: they
 share its fate) is re-formed from the leader's weights on its node, or, the node gone, on
 another with room for its workers; its group is dropped when no node can take it, and comes
-back (synchronous mode) once a node has room for it again. In asynchronous mode the re-formed
+back (both modes) once a node has room for it again. In asynchronous mode the re-formed
 group's loops are started here and taken by the driver."""
 
 from __future__ import annotations
