@@ -88,6 +88,21 @@ def test_a_hung_worker_is_detected_named_and_replaced(tmp_path, mode):
     assert result.status == "completed" and result.steps_per_worker == 120
 
 
+def test_a_worker_hung_when_the_center_is_evaluated_is_left_out_of_it(tmp_path):
+    """Each LocalLeader waits up to the actor timeout on its workers for the group mean; the
+    GlobalLeader waits on the LocalLeaders longer than that (``Deadlines.group_call_s``), so a
+    hung worker is left out of the center instead of timing its LocalLeader out."""
+    with Trainer(MODEL, DATA, config(tmp_path, actor_timeout_s=3.0)) as trainer:
+        hung_pid, _ = pids(trainer)[2]
+        others = [ray.get(w.get_weights.remote(count=False)) for r, w in enumerate(trainer.workers) if r != 2]
+        os.kill(hung_pid, signal.SIGSTOP)
+        try:
+            center = ray.get(ray.get(trainer.global_leader.center_weights.remote())[0])
+        finally:
+            os.kill(hung_pid, signal.SIGKILL)
+    assert center == pytest.approx(sum(others) / 3, rel=1e-6, abs=1e-7)
+
+
 class LeaderThatHangs(Worker):
     """The first of group 1's workers asked to publish its weights as the leader after step 30
     stops its own process there (as a SIGSTOP would): the group's other workers then wait for

@@ -197,7 +197,8 @@ class GlobalLeader(LeaderRecovery):
         store: no weights pass through the driver. A LocalLeader that died is handled as
         everywhere (``_gather_groups``: its group is re-formed or dropped) and its group is
         left out of this center."""
-        replies = self._gather_groups([ll.group_mean.remote() for ll in self.local_leaders], self.timeout_s)
+        calls = [ll.group_mean.remote() for ll in self.local_leaders]
+        replies = self._gather_groups(calls, self.deadlines.group_call_s)  # each waits call_s on its workers
         replies = [reply for reply in replies if reply["count"]]  # a group with no worker answering: left out
         if not replies:
             raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no center to evaluate")

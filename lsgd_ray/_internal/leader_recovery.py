@@ -120,7 +120,7 @@ class LeaderRecovery(Coordinator):
             self._worker_handles = None
             source, origin = self._survivor_source(exclude=plan.ranks)
             steps = self.step if self._reform_step is None else self._reform_step
-            get_all([replacement.reset_workers.remote(source, steps)], self.timeout_s, [f"new {name}"])
+            get_all([replacement.reset_workers.remote(source, steps)], self.deadlines.group_call_s, [f"new {name}"])
             if self._async_started:
                 self._restart_group_async(target, replacement)
         except Exception as exc:  # re-placing failed
@@ -178,7 +178,7 @@ class LeaderRecovery(Coordinator):
                 get_all([newcomer.ready.remote()], self.deadlines.nested_start_s, [f"LocalLeader {plan.group}"])
                 source, origin = self._survivor_source(exclude=plan.ranks)
                 get_all(
-                    [newcomer.reset_workers.remote(source, self.step)], self.timeout_s, [f"LocalLeader {plan.group}"]
+                    [newcomer.reset_workers.remote(source, self.step)], self.deadlines.group_call_s, [f"LocalLeader {plan.group}"]
                 )
             except Exception as exc:  # e.g. the node went again: try later
                 self.log.warning(f"group {plan.group} could not rejoin on node {target.node_id[:8]}: {exc}")
