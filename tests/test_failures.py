@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import pytest
 import ray
@@ -101,6 +102,49 @@ def test_a_worker_hung_when_the_center_is_evaluated_is_left_out_of_it(tmp_path):
         finally:
             os.kill(hung_pid, signal.SIGKILL)
     assert center == pytest.approx(sum(others) / 3, rel=1e-6, abs=1e-7)
+
+
+def dead(actor):
+    """``actor`` killed, and known to be dead before this returns."""
+    ray.kill(actor)
+    for _ in range(600):  # a call sent right after the kill may still be answered
+        try:
+            ray.get(actor.ready.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{actor} still answers a minute after it was killed")
+
+
+@ray.remote
+class Publisher:
+    def weights(self, weights):
+        time.sleep(600)  # killed before it answers
+        return weights
+
+
+def test_weights_lost_before_the_evaluator_read_them_are_asked_for_again(tmp_path):
+    """The first reference handed to the evaluator is to weights whose producer dies before it
+    answers (as a leader's worker or the coordinator may in a chaos run): the evaluation is made
+    again from fresh weights, not ended."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        publisher = Publisher.remote()
+        lost = publisher.weights.remote(ray.get(trainer.leader_weights_ref()))
+        ray.kill(publisher)
+        asked = []
+        real = trainer.leader_weights_ref
+        trainer._evaluated_models = lambda: {"leader": lambda: asked.append(1) or (lost if len(asked) == 1 else real())}
+        scores = trainer._score()
+    assert len(asked) == 2 and 0 <= scores["leader"]["test_accuracy"] <= 1
+
+
+def test_a_killed_evaluator_is_replaced_and_the_evaluation_made(tmp_path):
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        old = trainer.evaluator
+        dead(old)
+        record = trainer.evaluate_leader()
+        assert trainer.evaluator is not old
+    assert 0 <= record["test_accuracy"] <= 1 and record["leader_test_accuracy"] >= 0
 
 
 class LeaderThatHangs(Worker):

@@ -178,7 +178,9 @@ class LeaderRecovery(Coordinator):
                 get_all([newcomer.ready.remote()], self.deadlines.nested_start_s, [f"LocalLeader {plan.group}"])
                 source, origin = self._survivor_source(exclude=plan.ranks)
                 get_all(
-                    [newcomer.reset_workers.remote(source, self.step)], self.deadlines.group_call_s, [f"LocalLeader {plan.group}"]
+                    [newcomer.reset_workers.remote(source, self.step)],
+                    self.deadlines.group_call_s,
+                    [f"LocalLeader {plan.group}"],
                 )
             except Exception as exc:  # e.g. the node went again: try later
                 self.log.warning(f"group {plan.group} could not rejoin on node {target.node_id[:8]}: {exc}")

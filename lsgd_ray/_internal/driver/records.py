@@ -18,6 +18,8 @@ from lsgd_ray.divergence import divergence_line
 from lsgd_ray.flat import load_flat
 from lsgd_ray.results import FitResult, communication_summary, summary_lines, write_json
 
+EVAL_ATTEMPTS = 3  # an evaluation whose weights were lost (or its evaluator) is made again
+
 
 class Records(DriverBase):
     def leader_weights_ref(self) -> ray.ObjectRef:
@@ -37,20 +39,36 @@ class Records(DriverBase):
         return {"leader": self.leader_weights_ref}
 
     def _score(self) -> dict[str, dict[str, Any]]:
-        """Each evaluated model's test scores: every evaluation started, then one wait."""
-        calls = {name: self.evaluator.evaluate.remote(ref()) for name, ref in self._evaluated_models().items()}
-        return dict(zip(calls, ray.get(list(calls.values()))))
+        """Each evaluated model's test scores: every evaluation started, then one wait. Weights
+        lost before the evaluator read them (the worker or the coordinator that owned them
+        died) are asked for again, and a dead evaluator is replaced, up to ``EVAL_ATTEMPTS``
+        times; a dead coordinator raises here, for ``_supervised`` to restart."""
+        for attempt in range(1, EVAL_ATTEMPTS + 1):
+            refs = {name: ref() for name, ref in self._evaluated_models().items()}
+            calls = {name: self.evaluator.evaluate.remote(ref) for name, ref in refs.items()}
+            try:
+                return dict(zip(calls, ray.get(list(calls.values()))))
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                # the evaluator died, or (wrapped in RayTaskError) an input's producer or owner did
+                if attempt == EVAL_ATTEMPTS:
+                    raise
+                if not self._evaluator_alive():  # e.g. its node was removed
+                    self.evaluator = self._make_evaluator()
+        raise AssertionError("unreachable")
+
+    def _evaluator_alive(self) -> bool:
+        try:
+            ray.get(self.evaluator.ready.remote(), timeout=self.config.actor_timeout_s)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
 
     def evaluate_leader(self) -> dict[str, Any]:
         """Test loss and accuracy of the evaluated model, recorded in the history. LSGD scores
         both its leader and its center: ``test_*`` are those of ``lsgd.evaluate``'s choice,
         ``leader_test_*`` and ``center_test_*`` both."""
         status = self.status()
-        try:
-            scores = self._score()
-        except ray.exceptions.ActorDiedError:  # e.g. its node was removed: a new one, once
-            self.evaluator = self._make_evaluator()
-            scores = self._score()
+        scores = self._score()
         chosen = self.config.lsgd.evaluate if "center" in scores else "leader"
         result = {**scores[chosen], "eval_s": sum(score["eval_s"] for score in scores.values())}
         if "center" in scores:  # LSGD: both models, by name
