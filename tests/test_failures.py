@@ -104,12 +104,12 @@ def test_a_worker_hung_when_the_center_is_evaluated_is_left_out_of_it(tmp_path):
     assert center == pytest.approx(sum(others) / 3, rel=1e-6, abs=1e-7)
 
 
-def dead(actor):
+def dead(actor, probe="ready"):
     """``actor`` killed, and known to be dead before this returns."""
     ray.kill(actor)
     for _ in range(600):  # a call sent right after the kill may still be answered
         try:
-            ray.get(actor.ready.remote(), timeout=60)
+            ray.get(getattr(actor, probe).remote(), timeout=60)
         except ray.exceptions.RayActorError:
             return
         time.sleep(0.1)
@@ -145,6 +145,24 @@ def test_a_killed_evaluator_is_replaced_and_the_evaluation_made(tmp_path):
         record = trainer.evaluate_leader()
         assert trainer.evaluator is not old
     assert 0 <= record["test_accuracy"] <= 1 and record["leader_test_accuracy"] >= 0
+
+
+def test_events_a_dead_coordinator_took_reach_the_result(tmp_path):
+    """A worker replaced in a round is an event the coordinator takes from its LocalLeader; when
+    the coordinator dies before the driver saw it, the restarted one still reports it, and an
+    event the driver saw is not reported twice."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        for rank, step in ((1, 8), (3, 16)):
+            pid, _ = pids(trainer)[rank]
+            os.kill(pid, signal.SIGKILL)
+            ray.get(trainer.global_leader.run_rounds.remote(1000.0, step))  # worker replaced in the round
+            if rank == 1:
+                trainer.status()  # the driver sees the first; the coordinator dies with the second
+        dead(trainer.global_leader, probe="local_leader_handles")
+        trainer._restart_coordinator("killed by the test")
+        events = trainer.status()["events"]
+    assert [e["rank"] for e in events if e["event"] == "worker_replaced"] == [1, 3], events
+    assert events[-1]["event"] == "coordinator_restarted"
 
 
 class LeaderThatHangs(Worker):

@@ -31,6 +31,7 @@ from lsgd_ray._internal.protocol import (
     WorkerSpec,
     actor_class,
     actor_log,
+    event_key,
     node_id,
     node_ip,
 )
@@ -111,6 +112,7 @@ class LocalLeader(AsyncGroup):
         self.ranks = list(plan.ranks)
         self.workers = [self._spawn(index, rank) for index, rank in enumerate(self.ranks)]
         self.events: list[dict[str, Any]] = []  # workers replaced or reset, for the result
+        self._handed: list[dict[str, Any]] = []  # events taken by a coordinator (events_not_in)
         self._resetting: set[int] = set()  # async: resets sent, not yet seen to take effect
         self._async_args: tuple = ()
         self._reset_diverged_async = False
@@ -240,7 +242,14 @@ class LocalLeader(AsyncGroup):
     def take_events(self) -> list[dict[str, Any]]:
         """The events since the last call (the coordinator collects them)."""
         events, self.events = self.events, []
+        self._handed.extend(events)
         return events
+
+    def events_not_in(self, known: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """The events taken earlier whose ``event_key`` is not in ``known``: after a coordinator
+        died, those it took but the driver never saw (a few per failure, kept for this)."""
+        seen = set(known)
+        return [e for e in self._handed if event_key(e) not in seen]
 
     def _pulls_for(
         self, index: int, global_pull: list[ray.ObjectRef] | None, lam_global: float, global_rank: int

@@ -126,6 +126,11 @@ class Failure:
         }[self.kind]
 
 
+def event_key(event: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells one event from another (an event's time is taken once, where it happens)."""
+    return (event["event"], event.get("rank"), event.get("group"), event.get("time"))
+
+
 # ---------------------------------------------------------------- a LocalLeader's replies
 
 

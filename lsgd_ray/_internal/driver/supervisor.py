@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import ray
 
 from lsgd_ray._internal.driver.base import T
 from lsgd_ray._internal.driver.state import RunState
-from lsgd_ray._internal.waiting import get_all
+from lsgd_ray._internal.protocol import event_key
+from lsgd_ray._internal.waiting import answers, get_all
 from lsgd_ray.checkpoint import load_latest
 
 RESTART_ATTEMPTS = 5  # a coordinator that dies while it is being restarted is restarted again
@@ -48,6 +50,7 @@ class Supervisor(RunState):
         self._events_seen = 0
         earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
         self._refresh_handles()  # and workers replaced while it was down have new handles
+        earlier = self._events_taken_by_the_dead(known + earlier) + earlier
         event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
         # this run's own newest checkpoint (or the one it resumed from), never one that another
         # run left in the same output directory
@@ -72,6 +75,13 @@ class Supervisor(RunState):
         ray.get(self.global_leader.set_state.remote({"events": events}))
         self._events_seen, self._events_known = len(events), events
         self._say(f"lsgd-ray: coordinator {reason}: restarted, continuing from step {event['step']}")
+
+    def _events_taken_by_the_dead(self, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The LocalLeaders' events that a coordinator took and died with before this driver
+        saw them (in the order they happened)."""
+        keys = [event_key(e) for e in seen]
+        replies = answers([ll.events_not_in.remote(keys) for ll in self.local_leaders], self.config.actor_timeout_s)
+        return sorted((e for reply in replies if reply for e in reply), key=lambda e: e["time"])
 
     def _supervised(self, call: Callable[[], T]) -> T:
         """``call()``; if the coordinator dies meanwhile, it is restarted and ``call`` made again."""
