@@ -165,6 +165,25 @@ def test_events_a_dead_coordinator_took_reach_the_result(tmp_path):
     assert events[-1]["event"] == "coordinator_restarted"
 
 
+def test_a_group_that_lost_its_only_worker_restarts_from_its_last_published_leader(tmp_path):
+    """With no live worker in the group and no global pull to take (``lam_global=0``), the new
+    worker starts from the group leader's weights its LocalLeader last published (those of the
+    round before), not from the initial weights: a lone group keeps its progress."""
+    lsgd = LSGDConfig(tau=4, tau_global=8, lam_global=0.0)
+    with Trainer(MODEL, DATA, config(tmp_path, num_groups=2, workers_per_group=1, lsgd=lsgd)) as trainer:
+        initial = ray.get(trainer.workers[1].get_weights.remote(count=False))
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 16))
+        published = ray.get(trainer.workers[1].get_weights.remote(count=False))  # as at the round's end
+        pid, _ = pids(trainer)[1]
+        os.kill(pid, signal.SIGKILL)
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 20))
+        events = trainer.status()["events"]
+        restarted = ray.get(trainer.workers[1].get_weights.remote(count=False))
+    (replaced,) = [e for e in events if e["event"] == "worker_replaced"]
+    assert replaced["rank"] == 1 and replaced["from"] == "the group leader's last published weights"
+    assert (restarted == published).all() and not (restarted == initial).all()
+
+
 class LeaderThatHangs(Worker):
     """The first of group 1's workers asked to publish its weights as the leader after step 30
     stops its own process there (as a SIGSTOP would): the group's other workers then wait for

@@ -33,6 +33,7 @@ class GroupRepair:
     _pull_lock: threading.Lock
     _in_flight: dict[tuple[int, str], ray.ObjectRef]
     _last_global: list[ray.ObjectRef | None]  # wrapped: the last global leader's weights received
+    _last_published: list[ray.ObjectRef | None]  # wrapped: the group leader's weights last published
 
     def _names(self) -> list[str]:
         return [f"worker {r} (group {self.plan.group})" for r in self.ranks]
@@ -95,14 +96,20 @@ class GroupRepair:
             out.append(f)
         return out
 
-    def _weights_source(self, leader: int, global_pull: list[ray.ObjectRef] | None) -> ray.ObjectRef | None:
-        """Where a replaced or diverged worker restarts from: the group leader's weights, or
-        the global leader's when the group has no usable worker."""
+    def _weights_source(self, leader: int, global_pull: list[ray.ObjectRef] | None) -> tuple[ray.ObjectRef | None, str]:
+        """Where a replaced or diverged worker restarts from, and its name: the group leader's
+        weights; when the group has no usable worker, the global leader's sent with this call,
+        else the group leader's this LocalLeader last published (it owns them, so they outlive
+        a coordinator or another node), else the global leader's it last pulled toward."""
         if leader >= 0:
-            return self.workers[leader].get_weights.remote(count=False)
+            return self.workers[leader].get_weights.remote(count=False), "the leader's weights"
         if global_pull and global_pull[0] is not None:
-            return global_pull[0]
-        return self._last_global[0]  # the global leader's weights this group last pulled toward
+            return global_pull[0], "the global leader's weights"
+        if self._last_published[0] is not None:
+            return self._last_published[0], "the group leader's last published weights"
+        if self._last_global[0] is not None:
+            return self._last_global[0], "the global leader's last weights"
+        return None, "the initial weights"
 
     def replace_worker(
         self,

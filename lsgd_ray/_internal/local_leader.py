@@ -121,6 +121,7 @@ class LocalLeader(AsyncGroup):
         self.leader_index = 0
         self.steps: int | None = None  # the group's step count after its last round
         self._last_global: list[ray.ObjectRef | None] = [None]
+        self._last_published: list[ray.ObjectRef | None] = [None]
         # asynchronous state
         self._lock = threading.Lock()
         self._group_steps = 0
@@ -213,15 +214,16 @@ class LocalLeader(AsyncGroup):
         self.steps = steps if steps is not None else self.steps
         diverged = [i for i, r in enumerate(results) if r and not math.isfinite(r["estimate"]) and i != leader]
         if failed or diverged:  # only then: a snapshot of the leader's weights to restart from
-            source = self._weights_source(leader, global_pull)
+            source, origin = self._weights_source(leader, global_pull)
             steps = steps if steps is not None else self.steps  # none answered: as after the last round
             for f in failed:
-                self.replace_worker(f.rank, f.reason, [source], steps)
+                self.replace_worker(f.rank, f.reason, [source], steps, origin)
             self._reset_diverged(diverged, source, steps)
         results = [r or {"compute_s": 0.0} for r in results]
         leader_ref = None
         if publish and leader >= 0:
             leader_ref = self.workers[leader].get_weights.remote()
+            self._last_published = [leader_ref]
             if local_pull and lam > 0 and (len(self.workers) > 1 or self.spec.lsgd.proximal > 0):
                 self._pending_local = (leader_ref, lam, leader)
         return GroupRound(
@@ -285,9 +287,9 @@ class LocalLeader(AsyncGroup):
             down = {f.rank for f in failed}
             live = [i for i in range(len(self.workers)) if i not in down]
             leader = self.leader_index if self.leader_index in live else next(iter(live), -1)
-            source = self._weights_source(leader, global_pull)
+            source, origin = self._weights_source(leader, global_pull)
             for f in failed:
-                self.replace_worker(f.rank, f.reason, [source], self.steps)
+                self.replace_worker(f.rank, f.reason, [source], self.steps, origin)
 
     # ------------------------------------------------------------------ the peers' rounds
 
