@@ -184,6 +184,41 @@ def test_a_group_that_lost_its_only_worker_restarts_from_its_last_published_lead
     assert (restarted == published).all() and not (restarted == initial).all()
 
 
+def test_a_restarted_coordinator_uses_only_its_own_runs_checkpoints(tmp_path):
+    """Another run left a newer checkpoint in the same output directory: a coordinator restarted
+    before this run wrote one goes on from the workers' weights, not from that checkpoint."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as other:
+        ray.get(other.global_leader.run_rounds.remote(1000.0, 16))
+        assert other.checkpoint()
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 8))
+        dead(trainer.global_leader, probe="local_leader_handles")
+        trainer._restart_coordinator("killed by the test")
+        status = trainer.status()
+    (restarted,) = [e for e in status["events"] if e["event"] == "coordinator_restarted"]
+    assert restarted["from_checkpoint"] is None and restarted["step"] == 8 and status["step"] == 8
+
+
+def test_a_coordinator_that_dies_while_it_is_restarted_is_restarted_again(tmp_path):
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 8))
+        dead(trainer.global_leader, probe="local_leader_handles")
+        made, make = [], trainer._make_coordinator
+
+        def make_and_kill_the_first():
+            made.append(make())
+            if len(made) == 1:  # dies before its set-up
+                dead(made[0], probe="local_leader_handles")
+            return made[-1]
+
+        trainer._make_coordinator = make_and_kill_the_first
+        trainer._restart_coordinator("killed by the test")
+        result = trainer.fit()
+    assert len(made) == 2 and result.status == "completed" and result.steps_per_worker == 120
+    (restarted,) = [e for e in result.events if e["event"] == "coordinator_restarted"]
+    assert restarted["reason"].startswith("died again while restarting") and restarted["step"] == 8
+
+
 class LeaderThatHangs(Worker):
     """The first of group 1's workers asked to publish its weights as the leader after step 30
     stops its own process there (as a SIGSTOP would): the group's other workers then wait for

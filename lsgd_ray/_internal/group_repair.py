@@ -132,12 +132,12 @@ class GroupRepair:
         info = get_all([new.ready.remote()], self.deadlines.start_s, [f"replacement {name}"])[0]
         try:
             if source and source[0] is not None:
-                get_all([new.reset_to.remote(source[0], steps)], self.timeout_s, [f"replacement {name}"])
+                get_all([new.reset_to.remote(source[0], steps)], self.deadlines.first_call_s, [f"replacement {name}"])
         except RayTaskError:  # the leader's weights were lost too: start from the initial weights
             source = [None]
             origin = "the initial weights"
         if not source or source[0] is None:
-            get_all([new.reset_to.remote(None, steps)], self.timeout_s, [f"replacement {name}"])
+            get_all([new.reset_to.remote(None, steps)], self.deadlines.first_call_s, [f"replacement {name}"])
         self.workers[index] = new
         with self._pull_lock:  # the dead worker's pulls never run
             self._in_flight = {key: ref for key, ref in self._in_flight.items() if key[0] != index}
@@ -179,4 +179,4 @@ class GroupRepair:
 
     def reset_workers(self, source: list[ray.ObjectRef | None], steps: int | None) -> None:
         """Start every worker of this (re-formed) group from ``source`` at ``steps``."""
-        get_all([w.reset_to.remote(source[0], steps) for w in self.workers], self.timeout_s, self._names())
+        get_all([w.reset_to.remote(source[0], steps) for w in self.workers], self.deadlines.first_call_s, self._names())

@@ -120,7 +120,9 @@ class LeaderRecovery(Coordinator):
             self._worker_handles = None
             source, origin = self._survivor_source(exclude=plan.ranks)
             steps = self.step if self._reform_step is None else self._reform_step
-            get_all([replacement.reset_workers.remote(source, steps)], self.deadlines.group_call_s, [f"new {name}"])
+            get_all(
+                [replacement.reset_workers.remote(source, steps)], self.deadlines.group_first_call_s, [f"new {name}"]
+            )
             if self._async_started:
                 self._restart_group_async(target, replacement)
         except Exception as exc:  # re-placing failed
@@ -179,7 +181,7 @@ class LeaderRecovery(Coordinator):
                 source, origin = self._survivor_source(exclude=plan.ranks)
                 get_all(
                     [newcomer.reset_workers.remote(source, self.step)],
-                    self.deadlines.group_call_s,
+                    self.deadlines.group_first_call_s,
                     [f"LocalLeader {plan.group}"],
                 )
             except Exception as exc:  # e.g. the node went again: try later

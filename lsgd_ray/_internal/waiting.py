@@ -41,6 +41,17 @@ class Deadlines:
         return 2 * self.call_s
 
     @property
+    def first_call_s(self) -> float:
+        """The first call on a process just started (a replacement's reset: its weights fetched
+        on a node that may be busy with other starts)."""
+        return self.call_s + MARGIN_S
+
+    @property
+    def group_first_call_s(self) -> float:
+        """A LocalLeader's first call on its group's new workers (a re-formed group's reset)."""
+        return self.first_call_s + MARGIN_S
+
+    @property
     def group_call_s(self) -> float:
         """A LocalLeader's call on its workers (it waits ``call_s`` for them, then reports)."""
         return self.call_s + MARGIN_S
@@ -53,12 +64,13 @@ class Deadlines:
     @property
     def replace_s(self) -> float:
         """Replacing workers: a new process started, reset, perhaps after a collective gave up."""
-        return self.start_s + 2 * self.call_s
+        return self.start_s + self.first_call_s + self.call_s
 
     @property
     def group_round_s(self) -> float:
-        """A synchronous LSGD round of a group: its workers' answers, then a hung one replaced."""
-        return self.call_s + self.start_s + 2 * MARGIN_S
+        """A synchronous LSGD round of a group: its workers' answers, then a hung one replaced
+        (started and reset), with a margin for the LocalLeader's own work."""
+        return self.call_s + self.start_s + self.first_call_s + MARGIN_S
 
 
 class ActorTimeoutError(TimeoutError):
