@@ -219,6 +219,28 @@ def test_a_coordinator_that_dies_while_it_is_restarted_is_restarted_again(tmp_pa
     assert restarted["reason"].startswith("died again while restarting") and restarted["step"] == 8
 
 
+def test_groups_with_no_live_worker_anywhere_restart_from_the_runs_checkpoint(tmp_path):
+    """Every LocalLeader and worker lost at once: no survivor's weights to re-form the groups
+    from, so they start from the leader's weights in the run's newest checkpoint, not from the
+    initial weights."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 16))
+        saved = ray.get(trainer.leader_weights_ref())
+        assert trainer.checkpoint()
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 24))
+        for pid, _ in pids(trainer).values():
+            os.kill(pid, signal.SIGKILL)
+        for leader in trainer.local_leaders:
+            dead(leader)
+        ray.get(trainer.global_leader.repair_groups.remote())
+        events = trainer.status()["events"]
+        restarted = [ray.get(w.get_weights.remote(count=False)) for w in trainer.workers]
+    formed = [e for e in events if e["event"] == "group_replaced"]
+    assert sorted(e["group"] for e in formed) == [0, 1], events
+    assert "in checkpoint" in formed[0]["from"]  # the first re-formed: no survivor anywhere
+    assert all((w == saved).all() for w in restarted)
+
+
 class LeaderThatHangs(Worker):
     """The first of group 1's workers asked to publish its weights as the leader after step 30
     stops its own process there (as a SIGSTOP would): the group's other workers then wait for

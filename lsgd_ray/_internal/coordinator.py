@@ -58,6 +58,7 @@ class Coordinator:
         self._total_steps = 0  # asynchronous: steps summed over all workers
         self._lock = threading.Lock()
         self._async_args: tuple = ()
+        self.last_checkpoint: str | None = None  # the run's newest (note_checkpoint)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -74,6 +75,11 @@ class Coordinator:
         for name in self.STATE:
             if name in state:
                 setattr(self, name, state[name])
+
+    def note_checkpoint(self, path: str | None) -> None:
+        """The run's newest checkpoint, as the driver wrote (or resumed from) it: where a group
+        left with no live worker anywhere restarts from."""
+        self.last_checkpoint = path
 
     def add_events(self, events: list[dict[str, Any]]) -> None:
         self.events.extend(events)

@@ -53,6 +53,7 @@ class GlobalLeader(LeaderRecovery):
         self._reform_step: int | None = None  # synchronous: the step the round being gathered ends at
         self._recovering = threading.RLock()  # one recovery at a time (reports and the driver may both notice)
         self._next_rejoin_check = 0.0
+        self._unready: set[int] = set()  # ranks of a group being re-formed: new workers, not yet reset
 
     STATE = (
         *LeaderRecovery.STATE,

@@ -17,6 +17,7 @@ import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.waiting import get_all, replies_or_deaths
+from lsgd_ray.checkpoint import CheckpointError, load_latest
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
 
@@ -42,6 +43,7 @@ class LeaderRecovery(Coordinator):
     _global_period: int
     _count_group_steps: Callable[[int, int], None]
     _next_rejoin_check: float  # time.monotonic() of the next look for room for a dropped group
+    _unready: set[int]  # ranks of a group being re-formed (its new workers not reset yet): no source
 
     def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[Any]:
         """The live groups' results (``calls`` went to ``self.local_leaders`` in order)."""
@@ -64,12 +66,27 @@ class LeaderRecovery(Coordinator):
     def _survivor_source(self, exclude: Collection[int]) -> tuple[list[ray.ObjectRef | None], str]:
         """The current leader's weights if its worker lives (outside ``exclude``), else another
         live worker's (wrapped; ``[None]`` when there is none), and their name."""
-        handles = {r: h for r, h in self._handles().items() if r not in exclude}
+        handles = {r: h for r, h in self._handles().items() if r not in exclude and r not in self._unready}
         rank = self.leader if self.leader in handles else next(iter(handles), -1)
         if rank < 0:
-            return [None], "the initial weights"
+            return self._checkpoint_source()
         origin = "the leader's weights" if rank == self.leader else f"worker {rank}'s weights"
         return [handles[rank].get_weights.remote(count=False)], origin
+
+    def _checkpoint_source(self) -> tuple[list[ray.ObjectRef | None], str]:
+        """No live worker anywhere: the leader's weights in the run's newest checkpoint (read
+        here, once per such recovery), else the initial weights."""
+        if self.last_checkpoint is None:
+            return [None], "the initial weights"
+        try:
+            state, where = load_latest(self.last_checkpoint)
+        except CheckpointError as exc:
+            self.log.warning(f"checkpoint {self.last_checkpoint} unusable ({exc}): starting from the initial weights")
+            return [None], "the initial weights"
+        saved = {w["rank"]: w for w in state["workers"]}
+        leader = state["coordinator"].get("leader", -1)
+        source = saved[leader] if leader in saved else next(iter(saved.values()))
+        return [ray.put(source["weights"].numpy())], f"worker {source['rank']}'s weights in checkpoint {where.name}"
 
     def _recover_group(self, g: int, reason: str) -> None:
         plan, name = self.plans[g], self._names[g]
@@ -118,11 +135,17 @@ class LeaderRecovery(Coordinator):
             g = self.plans.index(plan)  # a recovery nested in this one may have dropped another group
             self.local_leaders[g], self.plans[g] = replacement, target
             self._worker_handles = None
-            source, origin = self._survivor_source(exclude=plan.ranks)
-            steps = self.step if self._reform_step is None else self._reform_step
-            get_all(
-                [replacement.reset_workers.remote(source, steps)], self.deadlines.group_first_call_s, [f"new {name}"]
-            )
+            self._unready.update(plan.ranks)  # a group re-formed meanwhile (nested) must not start from these
+            try:
+                source, origin = self._survivor_source(exclude=plan.ranks)
+                steps = self.step if self._reform_step is None else self._reform_step
+                get_all(
+                    [replacement.reset_workers.remote(source, steps)],
+                    self.deadlines.group_first_call_s,
+                    [f"new {name}"],
+                )
+            finally:
+                self._unready.difference_update(plan.ranks)
             if self._async_started:
                 self._restart_group_async(target, replacement)
         except Exception as exc:  # re-placing failed

@@ -74,6 +74,7 @@ class RunState(DriverBase):
         path = save_checkpoint(self.output_dir, step, state, meta, self.config.keep_checkpoints)
         self.schedule.checkpointed(step, self.train_s)
         self.checkpoints.append(str(path))
+        ray.get(self.global_leader.note_checkpoint.remote(str(path)))
         self._say(f"lsgd-ray: checkpoint at step {step} -> {path}")
         return str(path)
 
@@ -85,6 +86,7 @@ class RunState(DriverBase):
         _check_resumable(saved.get("config", {}), self.config.to_dict(), saved_ranks, self._ranks())
         ray.get(self.global_leader.add_events.remote(self._restore(state, where)))
         self.resumed_from = str(where)
+        ray.get(self.global_leader.note_checkpoint.remote(self.resumed_from))
         self._say(f"lsgd-ray: resumed from {where} (step {self.schedule.checkpoint_step}, {self.train_s:.1f}s trained)")
 
     def _ranks(self) -> list[int]:

@@ -47,14 +47,15 @@ class Supervisor(RunState):
         known = self._events_known  # the dead coordinator's events, as last seen here
         self.global_leader = self._make_coordinator()
         get_all([self.global_leader.setup.remote()], self.deadlines.nested_start_s, ["new coordinator"])
+        # this run's own newest checkpoint (or the one it resumed from), never one that another
+        # run left in the same output directory
+        own = self.checkpoints[-1] if self.checkpoints else self.resumed_from
+        ray.get(self.global_leader.note_checkpoint.remote(own))  # before it re-forms a lost group
         self._events_seen = 0
         earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
         self._refresh_handles()  # and workers replaced while it was down have new handles
         earlier = self._events_taken_by_the_dead(known + earlier) + earlier
         event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
-        # this run's own newest checkpoint (or the one it resumed from), never one that another
-        # run left in the same output directory
-        own = self.checkpoints[-1] if self.checkpoints else self.resumed_from
         if own:  # workers it lacks or has beyond this run's: see _restore
             state, where = load_latest(own)
             earlier += self._restore(state, where)
