@@ -85,6 +85,7 @@ class Trainer(Loops):
         )
         self._events_seen = 0
         self._events_known: list[dict[str, Any]] = []
+        self._step_known = 0
         self._watch = DivergenceWatch(chance=0.0)  # set from the test set's classes in start()
 
     # ------------------------------------------------------------------ set-up

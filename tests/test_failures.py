@@ -241,6 +241,34 @@ def test_groups_with_no_live_worker_anywhere_restart_from_the_runs_checkpoint(tm
     assert all((w == saved).all() for w in restarted)
 
 
+def test_a_checkpoint_due_while_a_worker_is_dead_replaces_it_and_is_taken(tmp_path):
+    """Synchronous LSGD: the dead worker is replaced at once and the checkpoint written, instead
+    of the checkpoint waiting for the next turn (failures one after another postponed them all)."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 8))
+        dead(trainer.workers[1])
+        path = trainer.checkpoint()
+        events = trainer.status()["events"]
+    assert path is not None and [e["rank"] for e in events if e["event"] == "worker_replaced"] == [1]
+
+
+def test_a_group_lost_while_the_coordinator_was_down_is_re_formed_at_the_runs_step(tmp_path):
+    """No checkpoint yet; the coordinator and a LocalLeader (with its workers) lost together: the
+    new coordinator re-forms the group at the step the run had reached, and the run goes on
+    from there, not from step 0."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 8))
+        assert trainer.status()["step"] == 8
+        for pid, _ in [pids(trainer)[rank] for rank in (2, 3)]:
+            os.kill(pid, signal.SIGKILL)
+        dead(trainer.local_leaders[1])
+        dead(trainer.global_leader, probe="local_leader_handles")
+        trainer._restart_coordinator("killed by the test")
+        status = trainer.status()
+    (formed,) = [e for e in status["events"] if e["event"] == "group_replaced"]
+    assert formed["group"] == 1 and formed["step"] == 8 and status["step"] == 8, status["events"]
+
+
 class LeaderThatHangs(Worker):
     """The first of group 1's workers asked to publish its weights as the leader after step 30
     stops its own process there (as a SIGSTOP would): the group's other workers then wait for

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
-from lsgd_ray._internal.waiting import get_all, replies_or_deaths
+from lsgd_ray._internal.waiting import answers, get_all, replies_or_deaths
 from lsgd_ray.checkpoint import CheckpointError, load_latest
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
@@ -64,9 +64,13 @@ class LeaderRecovery(Coordinator):
         return replies
 
     def _survivor_source(self, exclude: Collection[int]) -> tuple[list[ray.ObjectRef | None], str]:
-        """The current leader's weights if its worker lives (outside ``exclude``), else another
-        live worker's (wrapped; ``[None]`` when there is none), and their name."""
+        """The current leader's weights if its worker answers (outside ``exclude``), else another
+        answering worker's (wrapped), else the checkpoint's (``_checkpoint_source``), and their
+        name. A worker that died but is still listed (its LocalLeader has not replaced it yet)
+        is passed over: every re-forming attempt from it would fail."""
         handles = {r: h for r, h in self._handles().items() if r not in exclude and r not in self._unready}
+        stats = answers([h.stats.remote() for h in handles.values()], self.timeout_s)
+        handles = {r: h for (r, h), answer in zip(handles.items(), stats) if answer is not None}
         rank = self.leader if self.leader in handles else next(iter(handles), -1)
         if rank < 0:
             return self._checkpoint_source()

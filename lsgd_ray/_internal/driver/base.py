@@ -44,6 +44,7 @@ class DriverBase:
     _watch: DivergenceWatch
     _events_seen: int
     _events_known: list[dict[str, Any]]
+    _step_known: int
 
     topology: Topology | None  # the layout the run started with (set by ``start``)
     # the actors, as the coordinator has them now (a failure may replace or drop some)
@@ -88,6 +89,7 @@ class DriverBase:
         new = status["events"][self._events_seen :]
         self._events_seen = len(status["events"])
         self._events_known = status["events"]  # a restarted coordinator takes them over
+        self._step_known = status["step"]  # and starts a group it re-forms at once at this step
         if new:  # a worker or a group was replaced or dropped (noted first: the refresh may fail)
             self._refresh_handles()
         return status

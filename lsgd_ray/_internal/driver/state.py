@@ -42,10 +42,17 @@ class RunState(DriverBase):
         """Commit a checkpoint of the whole run now (between rounds in synchronous mode; in
         asynchronous mode each worker's state is taken between two of its own steps). A worker
         that died or hangs at this moment postpones it to the next turn (``None``): its
-        LocalLeader replaces it at the next round, and a checkpoint needs every worker."""
-        coordinator = ray.get(self.global_leader.get_state.remote())
+        LocalLeader replaces it at the next round, and a checkpoint needs every worker.
+        Synchronous LSGD replaces it now (``GlobalLeader.repair_groups``) and takes the
+        checkpoint, so that failures one after another do not postpone every checkpoint."""
         replies = answers([w.get_state.remote() for w in self.workers], self.config.actor_timeout_s)
         lost = [rank for rank, reply in zip(self._ranks(), replies) if reply is None]
+        if lost and self.config.algorithm == "lsgd" and self.config.mode == "sync":
+            ray.get(self.global_leader.repair_groups.remote())
+            self._refresh_handles()
+            replies = answers([w.get_state.remote() for w in self.workers], self.config.actor_timeout_s)
+            lost = [rank for rank, reply in zip(self._ranks(), replies) if reply is None]
+        coordinator = ray.get(self.global_leader.get_state.remote())
         if lost:
             self._say(f"lsgd-ray: checkpoint postponed: worker(s) {lost} died or hang (replaced at the next round)")
             return None

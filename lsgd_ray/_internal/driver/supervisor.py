@@ -50,7 +50,10 @@ class Supervisor(RunState):
         # this run's own newest checkpoint (or the one it resumed from), never one that another
         # run left in the same output directory
         own = self.checkpoints[-1] if self.checkpoints else self.resumed_from
-        ray.get(self.global_leader.note_checkpoint.remote(own))  # before it re-forms a lost group
+        # before it re-forms a group lost meanwhile: from the checkpoint if no worker is left,
+        # at the run's step as last seen here (not at 0)
+        ray.get(self.global_leader.note_checkpoint.remote(own))
+        ray.get(self.global_leader.set_state.remote({"step": self._step_known}))
         self._events_seen = 0
         earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
         self._refresh_handles()  # and workers replaced while it was down have new handles
