@@ -269,6 +269,28 @@ def test_a_group_lost_while_the_coordinator_was_down_is_re_formed_at_the_runs_st
     assert formed["group"] == 1 and formed["step"] == 8 and status["step"] == 8, status["events"]
 
 
+def test_a_re_formed_group_that_loses_its_worker_before_a_round_restarts_it_as_it_started(tmp_path):
+    """A group re-formed from the leader's weights at step 8 loses its only worker before it
+    ever published a leader: the replacement starts from the weights and the step the group
+    started from, not from the initial weights at step 0."""
+    lsgd = LSGDConfig(tau=4, tau_global=8, lam_global=0.0)
+    with Trainer(MODEL, DATA, config(tmp_path, num_groups=2, workers_per_group=1, lsgd=lsgd)) as trainer:
+        ray.get(trainer.global_leader.run_rounds.remote(1000.0, 8))
+        leader = ray.get(trainer.workers[0].get_weights.remote(count=False))
+        os.kill(pids(trainer)[1][0], signal.SIGKILL)
+        dead(trainer.local_leaders[1])
+        ray.get(trainer.global_leader.repair_groups.remote())  # group 1 re-formed from worker 0's weights
+        trainer.status()
+        dead(trainer.workers[1])
+        ray.get(trainer.global_leader.repair_groups.remote())  # and its new worker replaced
+        events = trainer.status()["events"]
+        restarted = ray.get(trainer.workers[1].get_weights.remote(count=False))
+        steps = ray.get(trainer.workers[1].stats.remote())["steps"]
+    (replaced,) = [e for e in events if e["event"] == "worker_replaced"]
+    assert replaced["rank"] == 1 and replaced["step"] == 8 and steps == 8, events
+    assert (restarted == leader).all()
+
+
 class LeaderThatHangs(Worker):
     """The first of group 1's workers asked to publish its weights as the leader after step 30
     stops its own process there (as a SIGSTOP would): the group's other workers then wait for

@@ -33,7 +33,8 @@ class GroupRepair:
     _pull_lock: threading.Lock
     _in_flight: dict[tuple[int, str], ray.ObjectRef]
     _last_global: list[ray.ObjectRef | None]  # wrapped: the last global leader's weights received
-    _last_published: list[ray.ObjectRef | None]  # wrapped: the group leader's weights last published
+    _last_published: list[ray.ObjectRef | None]  # wrapped: the group leader's last published (or start) weights
+    steps: int | None  # the group's step count after its last round (or its start)
 
     def _names(self) -> list[str]:
         return [f"worker {r} (group {self.plan.group})" for r in self.ranks]
@@ -178,5 +179,10 @@ class GroupRepair:
         self.log.warning(f"worker {rank}: loss NaN or infinite, reset to the leader")
 
     def reset_workers(self, source: list[ray.ObjectRef | None], steps: int | None) -> None:
-        """Start every worker of this (re-formed) group from ``source`` at ``steps``."""
+        """Start every worker of this (re-formed) group from ``source`` at ``steps``; until the
+        group publishes a leader, ``source`` is also where a worker it loses restarts from."""
         get_all([w.reset_to.remote(source[0], steps) for w in self.workers], self.deadlines.first_call_s, self._names())
+        if steps is not None:
+            self.steps = steps
+        if source[0] is not None:
+            self._last_published = [source[0]]

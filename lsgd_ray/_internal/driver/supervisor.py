@@ -10,6 +10,7 @@ waits on, are handled here.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +50,7 @@ class Supervisor(RunState):
         get_all([self.global_leader.setup.remote()], self.deadlines.nested_start_s, ["new coordinator"])
         # this run's own newest checkpoint (or the one it resumed from), never one that another
         # run left in the same output directory
-        own = self.checkpoints[-1] if self.checkpoints else self.resumed_from
+        own = next((c for c in reversed(self.checkpoints) if os.path.isdir(c)), self.resumed_from)
         # before it re-forms a group lost meanwhile: from the checkpoint if no worker is left,
         # at the run's step as last seen here (not at 0)
         ray.get(self.global_leader.note_checkpoint.remote(own))
