@@ -17,7 +17,6 @@ import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.waiting import answers, get_all, replies_or_deaths
-from lsgd_ray.checkpoint import CheckpointError, load_latest
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
 
@@ -82,6 +81,8 @@ class LeaderRecovery(Coordinator):
         here, once per such recovery), else the initial weights."""
         if self.last_checkpoint is None:
             return [None], "the initial weights"
+        from lsgd_ray.checkpoint import CheckpointError, load_latest  # here: it imports torch (rarely needed)
+
         try:
             state, where = load_latest(self.last_checkpoint)
         except CheckpointError as exc:
