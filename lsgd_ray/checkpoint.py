@@ -152,3 +152,11 @@ def load_latest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
             refused.append(str(exc))
             print(f"lsgd-ray: skipping checkpoint {candidate.name}: {exc}", file=sys.stderr, flush=True)
     raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(refused))
+
+
+def leader_worker(state: dict[str, Any]) -> dict[str, Any]:
+    """The saved state of the worker that led when ``state`` was written (the first saved worker
+    if the leader's group was not in it): where a worker with no state of its own starts."""
+    saved = {w["rank"]: w for w in state["workers"]}
+    leader = state["coordinator"].get("leader", -1)
+    return saved[leader] if leader in saved else next(iter(saved.values()))

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
-from lsgd_ray._internal.waiting import answers, get_all, replies_or_deaths
+from lsgd_ray._internal.waiting import get_all, replies_or_deaths
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
 
@@ -43,6 +43,7 @@ class LeaderRecovery(Coordinator):
     _count_group_steps: Callable[[int, int], None]
     _next_rejoin_check: float  # time.monotonic() of the next look for room for a dropped group
     _unready: set[int]  # ranks of a group being re-formed (its new workers not reset yet): no source
+    _answering_workers: Callable[[], list[tuple[int, dict[str, Any]]]]
 
     def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[Any]:
         """The live groups' results (``calls`` went to ``self.local_leaders`` in order)."""
@@ -67,9 +68,8 @@ class LeaderRecovery(Coordinator):
         answering worker's (wrapped), else the checkpoint's (``_checkpoint_source``), and their
         name. A worker that died but is still listed (its LocalLeader has not replaced it yet)
         is passed over: every re-forming attempt from it would fail."""
-        handles = {r: h for r, h in self._handles().items() if r not in exclude and r not in self._unready}
-        stats = answers([h.stats.remote() for h in handles.values()], self.timeout_s)
-        handles = {r: h for (r, h), answer in zip(handles.items(), stats) if answer is not None}
+        answering = {r for r, _ in self._answering_workers()} - set(exclude) - self._unready
+        handles = {r: h for r, h in self._handles().items() if r in answering}
         rank = self.leader if self.leader in handles else next(iter(handles), -1)
         if rank < 0:
             return self._checkpoint_source()
@@ -81,16 +81,14 @@ class LeaderRecovery(Coordinator):
         here, once per such recovery), else the initial weights."""
         if self.last_checkpoint is None:
             return [None], "the initial weights"
-        from lsgd_ray.checkpoint import CheckpointError, load_latest  # here: it imports torch (rarely needed)
+        from lsgd_ray.checkpoint import CheckpointError, leader_worker, load_latest  # imports torch: only here
 
         try:
             state, where = load_latest(self.last_checkpoint)
         except CheckpointError as exc:
             self.log.warning(f"checkpoint {self.last_checkpoint} unusable ({exc}): starting from the initial weights")
             return [None], "the initial weights"
-        saved = {w["rank"]: w for w in state["workers"]}
-        leader = state["coordinator"].get("leader", -1)
-        source = saved[leader] if leader in saved else next(iter(saved.values()))
+        source = leader_worker(state)
         return [ray.put(source["weights"].numpy())], f"worker {source['rank']}'s weights in checkpoint {where.name}"
 
     def _recover_group(self, g: int, reason: str) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from lsgd_ray._internal.driver.base import DriverBase
 from lsgd_ray._internal.waiting import answers
-from lsgd_ray.checkpoint import load_latest, map_leaves, save_checkpoint
+from lsgd_ray.checkpoint import leader_worker, load_latest, map_leaves, save_checkpoint
 from lsgd_ray.config import ConfigError
 from lsgd_ray.results import code_version
 
@@ -116,8 +116,7 @@ class RunState(DriverBase):
         ray.get(self.global_leader.set_state.remote(coordinator))
         events = []
         if missing:
-            leader = coordinator.get("leader", -1)
-            source = saved[leader] if leader in saved else next(iter(saved.values()))
+            source = leader_worker(state)
             steps = min(w["steps"] for w in state["workers"])
             weights = source["weights"].numpy()
             answers([w.reset_to.remote(weights, steps) for w, _ in missing], timeout)
