@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -209,3 +210,38 @@ def test_a_killed_peer_coordinator_continues_from_the_last_checkpoint(tmp_path, 
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy
     if algorithm == "data_parallel":
         np.testing.assert_array_equal(weights[1], weights[0])
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_coordinator_killed_after_it_re_formed_a_group_re_forms_it_again(tmp_path):
+    """A LocalLeader that a coordinator re-formed is owned by that coordinator and dies with it
+    (a chaos run's abort: the new coordinator's set-up asked the dead LocalLeader for its
+    workers). The new coordinator re-forms the group again before its set-up; the run completes."""
+    delays = {0: 0.03, 1: 0.03}
+    cfg = config(
+        tmp_path, "easgd", num_groups=2, workers_per_group=1, straggler_delay_s=delays, checkpoint_every_steps=16
+    )
+    killed_at: list[float] = []
+
+    def kill_the_local_leader_then_its_owner(trainer):
+        first = trainer.local_leaders[1]
+        ray.kill(first)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the coordinator has a new LocalLeader 1
+            handles = ray.get(trainer.global_leader.local_leader_handles.remote(), timeout=30)
+            if handles[1]._actor_id != first._actor_id:
+                killed_at.append(time.time())
+                ray.kill(trainer.global_leader)
+                return
+            time.sleep(0.02)
+
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        once_checkpointed(cfg.output_dir, lambda: kill_the_local_leader_then_its_owner(trainer))
+        result = trainer.fit()
+    assert killed_at, "the coordinator never re-formed group 1"
+    restarts = [e for e in result.events if e["event"] == "coordinator_restarted"]
+    assert len(restarts) == 1, result.events
+    again = [e for e in result.events if e["event"] == "group_replaced" and e["time"] > killed_at[0]]
+    assert [e["group"] for e in again] == [1], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy

@@ -67,6 +67,11 @@ class Coordinator:
     def setup(self) -> None:
         """Anything the algorithm needs before its first step (collectives, a parameter server)."""
 
+    def revive_groups(self) -> None:
+        """Called on a coordinator that replaces a dead one, before ``setup``: re-form the groups
+        whose LocalLeader died meanwhile. LSGD's GlobalLeader does that at its first ``status``
+        (it may drop a group instead); the peers, which need every group, before their setup."""
+
     def get_state(self) -> dict[str, Any]:
         """Counters, histories and events for a checkpoint (taken between rounds)."""
         return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE}

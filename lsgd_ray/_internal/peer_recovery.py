@@ -106,6 +106,29 @@ class PeerRecovery(Coordinator):
             failures += reply.failures
         return answers, failures
 
+    def revive_groups(self) -> None:
+        """A new coordinator's first act, before ``setup``: a LocalLeader that the coordinator
+        before it re-formed was owned by it, and died with it. Each such group is re-formed
+        again, its workers started from a live worker's weights (the driver then puts the
+        checkpoint's state into every worker)."""
+        calls = [ll.worker_handles.remote() for ll in self.local_leaders]
+        lost = [
+            Failure(rank, FailureKind.GROUP_LOST, died)
+            for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names))
+            if died
+            for rank in self.group_ranks[g]
+        ]
+        for f in lost:
+            if f.rank not in self._fresh:  # once per group
+                self._reform_group(self._locate(f.rank)[0], f.reason)
+        if not lost:
+            return
+        live = [r for r in range(self.num_workers) if r not in self._fresh]
+        source, origin = [None], "the initial weights"
+        if live:
+            source, origin = wrapped_weights(self._handles()[live[0]]), f"worker {live[0]}'s weights"
+        self._replace(lost, {f.rank: (source, self.step, origin) for f in lost})
+
     def _reform_group(self, g: int, reason: str) -> None:
         """A new LocalLeader for group ``g``, whose LocalLeader died: it starts new workers on the
         node, which the caller restarts as lost workers (``_fresh``); or the run stops."""

@@ -47,6 +47,11 @@ class Supervisor(RunState):
                 ray.get(ll.settle.remote(), timeout=self.deadlines.start_s)
         known = self._events_known  # the dead coordinator's events, as last seen here
         self.global_leader = self._make_coordinator()
+        # a LocalLeader that the dead coordinator re-formed was owned by it, and died with it:
+        # asked, then re-formed one after another, then their workers reset
+        d = self.deadlines
+        revive_s = d.call_s + len(self.local_leaders) * d.nested_start_s + d.replace_s
+        get_all([self.global_leader.revive_groups.remote()], revive_s, ["new coordinator"])
         get_all([self.global_leader.setup.remote()], self.deadlines.nested_start_s, ["new coordinator"])
         # this run's own newest checkpoint (or the one it resumed from), never one that another
         # run left in the same output directory
