@@ -250,6 +250,8 @@ def recoveries(
                 "time": s.time,
                 "recovered_by": e["event"] if e else None,
                 "recovery_s": e["time"] - s.time if e and e["time"] is not None else None,
+                # worker steps the run did again: a coordinator's restart rolls back to its checkpoint
+                "steps_lost": e.get("steps_lost") if e else None,
                 "open_at_end": e is None and end is not None and s.time > end - settle_s,
             }
         )
@@ -387,12 +389,15 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
     kinds = {}
     for kind, rows in sorted(by_kind.items()):
         times = [r["recovery_s"] for r in rows if r["recovery_s"] is not None]
+        lost = [r["steps_lost"] for r in rows if r.get("steps_lost") is not None]
         kinds[kind] = {
             "injected": len(rows),
             "recovered": sum(r["recovered_by"] is not None for r in rows) if out["status"] != "aborted" else 0,
             "open_at_end": sum(r.get("open_at_end", False) for r in rows) if out["status"] != "aborted" else 0,
             "recovery_s_median": statistics.median(times) if times else None,
             "recovery_s_max": max(times) if times else None,
+            "steps_lost_mean": statistics.mean(lost) if lost else None,
+            "steps_lost_max": max(lost) if lost else None,
         }
     store = [mib for _, mib, _ in out.get("store", [])]
     return {
@@ -410,8 +415,9 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
 
 def table(report: dict) -> str:
     lines = [
-        "| algorithm | status | kind | injected | recovered | open at end | recover median | max | accuracy (undisturbed) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| algorithm | status | kind | injected | recovered | open at end | recover median | max | steps lost (mean) "
+        "| accuracy (undisturbed) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for run in report["runs"]:
         s = run["summary"]
@@ -419,8 +425,9 @@ def table(report: dict) -> str:
         for kind, k in s["kinds"].items() or {"-": {"injected": 0, "recovered": 0}}.items():
             med = "-" if k.get("recovery_s_median") is None else f"{k['recovery_s_median']:.1f} s"
             mx = "-" if k.get("recovery_s_max") is None else f"{k['recovery_s_max']:.1f} s"
+            lost = "-" if k.get("steps_lost_mean") is None else f"{k['steps_lost_mean']:.0f}"
             lines.append(f"| {run['algorithm']} | {s['status']} | {kind} | {k['injected']} | {k['recovered']} | "
-                         f"{k.get('open_at_end', 0)} | {med} | {mx} | {acc} |")  # fmt: skip
+                         f"{k.get('open_at_end', 0)} | {med} | {mx} | {lost} | {acc} |")  # fmt: skip
     total = sum(r["summary"]["injected"] for r in report["runs"])
     survived = sum(r["summary"]["recovered"] for r in report["runs"])
     aborts = sum(r["summary"]["status"] == "aborted" for r in report["runs"])

@@ -27,7 +27,7 @@ def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_none_ser
     events = [
         {"event": "worker_replaced", "rank": 0, "time": 9.0},  # before any strike: not a recovery
         {"event": "worker_replaced", "rank": 1, "time": 12.5},
-        {"event": "coordinator_restarted", "time": 14.0},
+        {"event": "coordinator_restarted", "time": 14.0, "steps_lost": 24},
         {"event": "worker_replaced", "rank": 2, "time": 15.0},
     ]
     rows = chaos.recoveries(strikes, events, evaluation_times=[5.0, 20.0], end=45.0, settle_s=10.0)
@@ -51,7 +51,10 @@ def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_none_ser
         "open_at_end": 1,
         "recovery_s_median": 3.25,
         "recovery_s_max": 4.0,
+        "steps_lost_mean": None,  # a replaced worker's events carry no figure
+        "steps_lost_max": None,
     }
+    assert summary["kinds"]["coordinator"]["steps_lost_mean"] == 24
     assert summary["store_mib_first_last_max"] == [1.0, 3.0, 3.0]
     aborted = chaos.summarize({"status": "aborted", "strikes": rows})
     assert aborted["recovered"] == 0  # an aborted run survived nothing
@@ -79,6 +82,8 @@ def test_a_short_chaos_run_survives_every_strike_and_leaves_nothing_running(tmp_
     # matched to a recovery event: not all (a recovery reported to a coordinator that then died is
     # not in the run's events: docs/fault-tolerance.md, "Chaos runs"), but some
     assert summary["recovered"] > 0, run["strikes"]
+    restarts = [r for r in run["strikes"] if r["recovered_by"] == "coordinator_restarted"]
+    assert all(isinstance(r["steps_lost"], int) and r["steps_lost"] >= 0 for r in restarts), restarts
     assert summary["processes_left"] == 0, run["actor_processes_left"]
     assert summary["accuracy"] > 0.5 and summary["undisturbed_accuracy"] > 0.5, summary  # chance: 0.1
     assert "injected failures recovered" in done.stdout

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import ray
 
 from lsgd_ray._internal.schedule import Schedule
-from lsgd_ray._internal.waiting import Deadlines, answers
+from lsgd_ray._internal.waiting import Deadlines, answers, replies_or_deaths
 from lsgd_ray.config import TrainConfig
 from lsgd_ray.data import DatasetFactory
 from lsgd_ray.divergence import DivergenceWatch
@@ -95,7 +95,18 @@ class DriverBase:
         return status
 
     def _refresh_handles(self) -> None:
-        """The live LocalLeaders and their workers, as the coordinator has them now."""
+        """The live LocalLeaders and their workers, as the coordinator has them now. A
+        LocalLeader that died and is not re-formed yet (the coordinator does it at its next
+        round or loop restart) leaves its workers' old handles here: calls on them fail as on
+        any lost worker's."""
+        old = dict(zip([r for g in self.groups for r in g.ranks], self.workers))
         self.local_leaders = ray.get(self.global_leader.local_leader_handles.remote())
         self.groups = ray.get(self.global_leader.group_plans.remote()) or self.groups
-        self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
+        calls = [ll.worker_handles.remote() for ll in self.local_leaders]
+        replies = replies_or_deaths(calls, self.config.actor_timeout_s, [f"LocalLeader {p.group}" for p in self.groups])
+        workers = []
+        for plan, (handles, died) in zip(self.groups, replies):
+            if died and not all(r in old for r in plan.ranks):
+                raise RuntimeError(f"LocalLeader {plan.group} {died}, and its workers are not known here")
+            workers += [old[r] for r in plan.ranks] if died else handles
+        self.workers = workers

@@ -67,8 +67,14 @@ class Supervisor(RunState):
         event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
         if own:  # workers it lacks or has beyond this run's: see _restore
             state, where = load_latest(own)
+            reached = {s["rank"]: s["steps"] for s in self.worker_stats()}
             earlier += self._restore(state, where)
             event["from_checkpoint"] = str(where)
+            # the training the run does again: each live worker's steps back to the checkpoint's
+            # (a worker the checkpoint lacks restarts at its slowest worker's)
+            saved = {w["rank"]: w["steps"] for w in state["workers"]}
+            back = {r: saved.get(r, min(saved.values())) for r in reached}
+            event["steps_lost"] = sum(max(reached[r] - back[r], 0) for r in reached)
         else:  # no checkpoint yet: go on from the current weights
             stats = self.worker_stats()  # those alive now; the others are replaced at the next round
             if not stats and cfg.algorithm == "lsgd" and cfg.mode == "sync":  # none: repaired first
@@ -78,6 +84,7 @@ class Supervisor(RunState):
             if not stats:
                 raise RuntimeError(f"coordinator {reason}, and no worker answered: nothing to continue from")
             steps = min(s["steps"] for s in stats)
+            event["steps_lost"] = 0  # the workers go on from where they are
             total = steps * len(self.workers) if cfg.mode == "async" else 0  # async counts steps summed
             ray.get(self.global_leader.set_state.remote({"step": steps, "_total_steps": total, "events": []}))
         event["step"] = self.status()["step"]
