@@ -124,7 +124,8 @@ class PeerRecovery(Coordinator):
         if not lost:
             return
         live = [r for r in range(self.num_workers) if r not in self._fresh]
-        source, origin = [None], "the initial weights"
+        source: list[Any] = [None]
+        origin = "the initial weights"
         if live:
             source, origin = wrapped_weights(self._handles()[live[0]]), f"worker {live[0]}'s weights"
         self._replace(lost, {f.rank: (source, self.step, origin) for f in lost})

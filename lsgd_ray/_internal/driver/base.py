@@ -104,7 +104,7 @@ class DriverBase:
         self.groups = ray.get(self.global_leader.group_plans.remote()) or self.groups
         calls = [ll.worker_handles.remote() for ll in self.local_leaders]
         replies = replies_or_deaths(calls, self.config.actor_timeout_s, [f"LocalLeader {p.group}" for p in self.groups])
-        workers = []
+        workers: list[Any] = []
         for plan, (handles, died) in zip(self.groups, replies):
             if died and not all(r in old for r in plan.ranks):
                 raise RuntimeError(f"LocalLeader {plan.group} {died}, and its workers are not known here")
