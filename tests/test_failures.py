@@ -72,6 +72,40 @@ def test_a_killed_worker_is_replaced_and_training_goes_on(tmp_path, mode):
     assert result.final_test_accuracy > 0.6  # chance is 0.25
 
 
+class ReplacementThatDies(Worker):
+    """The first replacement worker dies while it is reset to the weights it starts from (as a
+    chaos run struck it: a second failure amid the recovery from the first)."""
+
+    marker = ""  # a file: the pid of the replacement that died
+
+    def reset_to(self, weights, steps=None):
+        if steps is not None:  # a replacement's reset
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().reset_to(weights, steps)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().reset_to(weights, steps)
+
+
+def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(tmp_path):
+    marker = tmp_path / "died"
+    worker_cls = type("ReplacementThatDiesHere", (ReplacementThatDies,), {"marker": str(marker)})
+    with Trainer(MODEL, DATA, config(tmp_path), worker_cls=worker_cls) as trainer:
+        old_pid, _ = pids(trainer)[1]
+        strike(old_pid, signal.SIGKILL)
+        result = trainer.fit()
+        new = ray.get(trainer.workers[1].ready.remote())
+    assert marker.exists(), "no replacement was reset"
+    died = int(marker.read_text())
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [1], result.events
+    assert new["pid"] == replaced[0]["pid"] and new["pid"] not in (old_pid, died)
+    assert result.status == "completed" and result.steps_per_worker == 120, result.error
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_hung_worker_is_detected_named_and_replaced(tmp_path, mode):
     """Sync: its round gets no answer; async: it stops reporting (its LocalLeader kills it, and

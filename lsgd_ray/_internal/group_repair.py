@@ -18,6 +18,8 @@ from lsgd_ray._internal.protocol import Failure, FailureKind
 from lsgd_ray._internal.waiting import Deadlines, get_all
 from lsgd_ray.topology import GroupPlan
 
+REPLACE_ATTEMPTS = 3  # a replacement that dies before it is ready is replaced in turn, this many times in all
+
 
 class GroupRepair:
     """The failure handling of ``LocalLeader``, which provides the group it works on."""
@@ -130,15 +132,18 @@ class GroupRepair:
                 ray.kill(self.workers[index])
         new = self._spawn(index, self.ranks[index]) if respawn else self.workers[index]
         name = self._names()[index]
-        info = get_all([new.ready.remote()], self.deadlines.start_s, [f"replacement {name}"])[0]
-        try:
-            if source and source[0] is not None:
-                get_all([new.reset_to.remote(source[0], steps)], self.deadlines.first_call_s, [f"replacement {name}"])
-        except RayTaskError:  # the leader's weights were lost too: start from the initial weights
-            source = [None]
-            origin = "the initial weights"
-        if not source or source[0] is None:
-            get_all([new.reset_to.remote(None, steps)], self.deadlines.first_call_s, [f"replacement {name}"])
+        for attempt in range(1, REPLACE_ATTEMPTS + 1):
+            try:
+                info, origin = self._start_replacement(new, name, source, steps, origin)
+                break
+            except RayActorError as exc:
+                if isinstance(exc, RayTaskError) or attempt == REPLACE_ATTEMPTS:
+                    raise
+                # the new process died before it was ready (struck in turn, or its start failed)
+                self.log.warning(f"replacement {name} died before it was ready ({type(exc).__name__}): another")
+                with contextlib.suppress(Exception):
+                    ray.kill(new)
+                new = self._spawn(index, self.ranks[index])
         self.workers[index] = new
         with self._pull_lock:  # the dead worker's pulls never run
             self._in_flight = {key: ref for key, ref in self._in_flight.items() if key[0] != index}
@@ -155,6 +160,21 @@ class GroupRepair:
         self.events.append(event)
         self.log.warning(f"{name} {reason}: replaced (new pid {info['pid']}) from {origin}")
         return event
+
+    def _start_replacement(
+        self, new: Any, name: str, source: list[ray.ObjectRef | None], steps: int | None, origin: str
+    ) -> tuple[dict[str, Any], str]:
+        """Wait for ``new`` to start, then reset it to ``source`` (or, those weights lost, its
+        initial weights) at ``steps``: its ``ready()`` and the name of what it started from."""
+        info = get_all([new.ready.remote()], self.deadlines.start_s, [f"replacement {name}"])[0]
+        try:
+            if source and source[0] is not None:
+                get_all([new.reset_to.remote(source[0], steps)], self.deadlines.first_call_s, [f"replacement {name}"])
+                return info, origin
+        except RayTaskError:  # the leader's weights were lost too: start from the initial weights
+            pass
+        get_all([new.reset_to.remote(None, steps)], self.deadlines.first_call_s, [f"replacement {name}"])
+        return info, "the initial weights"
 
     def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
         """Synchronous mode: workers whose loss went NaN/inf restart from the leader's weights."""
