@@ -269,39 +269,67 @@ class EmulatedCluster:
             if os.path.exists(os.path.join(self.spec.state_dir, "cluster.json")):
                 self._save_state()
 
+    def cut_link(self, node: int, cut: bool = True) -> None:
+        """Take ``node``'s link down (its switch port), as a cable pulled or a switch that
+        fails; ``cut=False`` brings it back. Its Ray processes keep running meanwhile."""
+        self._check_node(node)
+        in_namespace(self.spec.switch, "ip", "link", "set", f"port{node}", "down" if cut else "up")
+
+    def restart_node(self, node: int) -> None:
+        """Stop ``node``'s Ray processes (by pid) and start its Ray node again, joined to the
+        head: a worker node that the head declared dead (its link was down too long) and came
+        back, as a rebooted machine would. Not the head (node 0)."""
+        self._check_node(node)
+        if node == 0:
+            raise ClusterError("the head (node 0) cannot be restarted: take the cluster down and up instead")
+        ns = self.spec.namespace(node)
+        signal_all(set(namespace_pids(ns)), signal.SIGKILL)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while namespace_pids(ns) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._start_node(node)
+        self._wait_for_nodes()
+
+    def _check_node(self, node: int) -> None:
+        if not isinstance(node, int) or not 0 <= node < self.spec.nodes:
+            raise ClusterError(f"node must be from 0 to {self.spec.nodes - 1}, got {node!r}")
+
     def _start_ray(self) -> None:
+        for node in range(self.spec.nodes):
+            self._start_node(node)
+        self._wait_for_nodes()
+
+    def _start_node(self, node: int) -> None:
         spec, ray, env = self.spec, ray_cli(), node_env(self.spec)
         assert ray is not None
-        for node in range(spec.nodes):
-            temp_dir = spec.temp_dir(node)
-            os.makedirs(temp_dir, exist_ok=True)
-            args = [
-                ray, "start",
-                f"--node-ip-address={spec.address(node)}",
-                f"--num-cpus={spec.cpus_per_node}",
-                f"--object-store-memory={spec.object_store_mb * 2**20}",
-                f"--temp-dir={temp_dir}",
-                "--disable-usage-stats",
-            ]  # fmt: skip
-            if node == 0:
-                args += ["--head", f"--port={HEAD_PORT}", "--include-dashboard=false"]
-            else:
-                args += [f"--address={spec.head_address}"]
-            log = os.path.join(spec.state_dir, f"ray-start-n{node}.log")
-            with open(log, "w") as out:
-                done = subprocess.run(
-                    ["ip", "netns", "exec", spec.namespace(node), *args],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=RAY_START_TIMEOUT_S,
-                )
-            if done.returncode != 0:
-                with open(log) as f:
-                    tail = re.sub(r"\x1b\[[0-9;]*m", "", f.read()).strip().splitlines()[-2:]
-                raise ClusterError(f"ray start failed on node {node}: {' / '.join(tail)}")
-            self._say(f"node {node} up at {spec.address(node)} ({spec.cpus_per_node} CPUs)")
-        self._wait_for_nodes()
+        temp_dir = spec.temp_dir(node)
+        os.makedirs(temp_dir, exist_ok=True)
+        args = [
+            ray, "start",
+            f"--node-ip-address={spec.address(node)}",
+            f"--num-cpus={spec.cpus_per_node}",
+            f"--object-store-memory={spec.object_store_mb * 2**20}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        if node == 0:
+            args += ["--head", f"--port={HEAD_PORT}", "--include-dashboard=false"]
+        else:
+            args += [f"--address={spec.head_address}"]
+        log = os.path.join(spec.state_dir, f"ray-start-n{node}.log")
+        with open(log, "w") as out:
+            done = subprocess.run(
+                ["ip", "netns", "exec", spec.namespace(node), *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=RAY_START_TIMEOUT_S,
+            )
+        if done.returncode != 0:
+            with open(log) as f:
+                tail = re.sub(r"\x1b\[[0-9;]*m", "", f.read()).strip().splitlines()[-2:]
+            raise ClusterError(f"ray start failed on node {node}: {' / '.join(tail)}")
+        self._say(f"node {node} up at {spec.address(node)} ({spec.cpus_per_node} CPUs)")
 
     def _wait_for_nodes(self) -> None:
         """Until the head sees every node alive (a worker node registers shortly after its start)."""

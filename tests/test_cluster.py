@@ -264,3 +264,31 @@ def test_bench_bandwidth_measures_contenders_across_a_shaped_link_and_goes_on_in
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "0 run(s) to do" in again.stdout, again.stderr[-2000:]
     assert len(json.loads(out.read_text())["runs"]) == 2
+
+
+@pytest.mark.timeout(600)
+def test_async_lsgd_goes_on_while_a_nodes_link_crawls_then_is_cut_and_comes_back(tmp_path):
+    """scripts/chaos_network.py, short: the other group keeps training through both faults, the
+    cut node's group trains again after its link is back (re-joined on its restarted Ray node
+    if the head declared it dead), and the run completes; nothing of the cluster is left."""
+    _namespaces_or_skip()
+    out = tmp_path / "net.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "chaos_network.py"
+    command = [
+        sys.executable, str(script), "--modes", "async", "--nodes", "2", "--calm", "6", "--slow", "10",
+        "--cut", "12", "--after", "40", "--actor-timeout", "5", "--out", str(out), "--tmp", str(tmp_path / "tmp"),
+        "--name", f"{NAME}c",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=560)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["status"] == "completed", run.get("traceback") or run.get("error")
+    (victim,) = map(str, run["victim_groups"])
+    healthy = "1" if victim == "0" else "0"
+    rates = run["rates"]
+    assert [f["phase"] for f in run["faults"]][:4] == ["slow", "calm again", "cut", "after"], run["faults"]
+    for phase in ("calm", "slow", "cut"):  # the group on the healthy node never stalls
+        assert rates[phase][healthy] and rates[phase][healthy] > 0, rates
+    assert rates["after"][victim] and rates["after"][victim] > 0, rates  # the cut node's group trains again
+    assert run["final_test_accuracy"] > 0.5, run
+    assert emu.namespaces_of(f"{NAME}c") == []

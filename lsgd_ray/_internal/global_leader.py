@@ -54,6 +54,7 @@ class GlobalLeader(LeaderRecovery):
         self._recovering = threading.RLock()  # one recovery at a time (reports and the driver may both notice)
         self._next_rejoin_check = 0.0
         self._unready: set[int] = set()  # ranks of a group being re-formed: new workers, not yet reset
+        self._late_groups: set[int] = set()  # groups whose LocalLeader did not answer in time (logged)
 
     STATE = (
         *LeaderRecovery.STATE,
@@ -199,7 +200,8 @@ class GlobalLeader(LeaderRecovery):
         everywhere (``_gather_groups``: its group is re-formed or dropped) and its group is
         left out of this center."""
         calls = [ll.group_mean.remote() for ll in self.local_leaders]
-        replies = self._gather_groups(calls, self.deadlines.group_call_s)  # each waits call_s on its workers
+        # each waits call_s on its workers; a group that does not answer (its node unreachable) is left out
+        replies = self._gather_groups(calls, self.deadlines.group_call_s, late_ok=True)
         replies = [reply for reply in replies if reply["count"]]  # a group with no worker answering: left out
         if not replies:
             raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no center to evaluate")
@@ -207,7 +209,8 @@ class GlobalLeader(LeaderRecovery):
         return [ray.put(weighted_mean(means, [reply["count"] for reply in replies]))]
 
     def status(self) -> dict[str, Any]:
-        replies = self._gather_groups([ll.status.remote() for ll in self.local_leaders], self.timeout_s)
+        # a LocalLeader that does not answer in time (its node unreachable) is asked again next time
+        replies = self._gather_groups([ll.status.remote() for ll in self.local_leaders], self.timeout_s, late_ok=True)
         self._record_events([e for reply in replies for e in reply["events"]])
         skipped = {kind: sum(reply["pulls_skipped"][kind] for reply in replies) for kind in ("local", "global")}
         return {

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
-from lsgd_ray._internal.waiting import get_all, replies_or_deaths
+from lsgd_ray._internal.waiting import LATE, get_all, replies_or_deaths
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
 
@@ -44,20 +44,39 @@ class LeaderRecovery(Coordinator):
     _next_rejoin_check: float  # time.monotonic() of the next look for room for a dropped group
     _unready: set[int]  # ranks of a group being re-formed (its new workers not reset yet): no source
     _answering_workers: Callable[[], list[tuple[int, dict[str, Any]]]]
+    _late_groups: set[int]  # groups whose LocalLeader did not answer the last call that allowed it
 
-    def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[Any]:
-        """The live groups' results (``calls`` went to ``self.local_leaders`` in order)."""
-        return [reply for reply, died in self._replies(calls, timeout_s) if not died]
+    def _gather_groups(self, calls: list[ray.ObjectRef], timeout_s: float, late_ok: bool = False) -> list[Any]:
+        """The live groups' results (``calls`` went to ``self.local_leaders`` in order);
+        ``late_ok``: a group that did not answer in time is left out too."""
+        return [reply for reply, died in self._replies(calls, timeout_s, late_ok) if not died]
 
-    def _replies(self, calls: list[ray.ObjectRef], timeout_s: float) -> list[tuple[Any, str]]:
+    def _replies(self, calls: list[ray.ObjectRef], timeout_s: float, late_ok: bool = False) -> list[tuple[Any, str]]:
         """Each group's ``(reply, "")``, or ``(None, reason)`` for one whose LocalLeader died
         (``calls`` went to ``self.local_leaders`` in order). A LocalLeader that died (with its
         workers: they share its fate) is re-formed from the leader's weights on its node, or,
         the node gone, on another with room for its workers; its group is dropped when no node
-        can take it."""
-        leaders = list(self.local_leaders)
-        replies = replies_or_deaths(calls, timeout_s, self._names)
-        for handle, reason in [(leaders[g], died) for g, (_, died) in enumerate(replies) if died]:
+        can take it. One that has not answered within ``actor_timeout_s`` is named in the log
+        (a slow or cut link, a busy node) while the wait goes on, up to ``timeout_s``; then the
+        wait raises, or, with ``late_ok``, gives ``(None, LATE)`` for it."""
+        leaders, names, plans = list(self.local_leaders), list(self._names), list(self.plans)
+        if timeout_s > self.timeout_s:
+            ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
+            late = [g for g, call in enumerate(calls) if call not in ready]
+            if late:
+                where = ", ".join(f"{names[g]} (node {plans[g].node_id[:8]})" for g in late)
+                self.log.warning(f"{where}: no answer within {self.timeout_s:g}s; waiting up to {timeout_s:g}s")
+        replies = replies_or_deaths(calls, timeout_s, names, late_ok)
+        if late_ok:  # named once when it stops answering, and once when it answers again
+            late_now = {plans[g].group for g, (_, died) in enumerate(replies) if died == LATE}
+            for plan in plans:
+                if (plan.group in late_now) != (plan.group in self._late_groups):
+                    name = f"{names[plans.index(plan)]} (node {plan.node_id[:8]})"
+                    words = f"no answer within {timeout_s:g}s: left out" if plan.group in late_now else "answers again"
+                    self.log.warning(f"{name}: {words}")
+            self._late_groups = late_now
+        lost = [(leaders[g], died) for g, (_, died) in enumerate(replies) if died and died != LATE]
+        for handle, reason in lost:
             with self._recovering:
                 if handle in self.local_leaders:  # not recovered meanwhile by another call
                     self._recover_group(self.local_leaders.index(handle), reason)

@@ -90,10 +90,15 @@ def get_all(refs: Sequence[ray.ObjectRef], timeout_s: float, names: Sequence[str
     return ray.get(list(refs))
 
 
-def replies_or_deaths(refs: Sequence[ray.ObjectRef], timeout_s: float, names: Sequence[str]) -> list[tuple[Any, str]]:
+LATE = "late"  # replies_or_deaths(late_ok=True): no answer in time (its node unreachable, or busy)
+
+
+def replies_or_deaths(
+    refs: Sequence[ray.ObjectRef], timeout_s: float, names: Sequence[str], late_ok: bool = False
+) -> list[tuple[Any, str]]:
     """Each actor's reply as ``(reply, "")``, or ``(None, reason)`` for one that died, waiting
-    at most ``timeout_s`` in all. One that did not answer in time raises an error naming it; an
-    error raised by an actor's own code propagates."""
+    at most ``timeout_s`` in all. One that did not answer in time raises an error naming it
+    (``late_ok``: gives ``(None, LATE)``); an error raised by an actor's own code propagates."""
     if not refs:
         return []
     ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
@@ -102,7 +107,9 @@ def replies_or_deaths(refs: Sequence[ray.ObjectRef], timeout_s: float, names: Se
         try:
             out.append((ray.get(ref, timeout=0), ""))
         except GetTimeoutError:
-            raise ActorTimeoutError(f"no answer within {timeout_s:g}s from {name}") from None
+            if not late_ok:
+                raise ActorTimeoutError(f"no answer within {timeout_s:g}s from {name}") from None
+            out.append((None, LATE))
         except RayActorError as exc:
             if isinstance(exc, RayTaskError):
                 raise
