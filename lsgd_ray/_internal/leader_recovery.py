@@ -60,13 +60,15 @@ class LeaderRecovery(Coordinator):
         (a slow or cut link, a busy node) while the wait goes on, up to ``timeout_s``; then the
         wait raises, or, with ``late_ok``, gives ``(None, LATE)`` for it."""
         leaders, names, plans = list(self.local_leaders), list(self._names), list(self.plans)
+        waited = time.monotonic()
         if timeout_s > self.timeout_s:
             ready, _ = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
             late = [g for g, call in enumerate(calls) if call not in ready]
             if late:
                 where = ", ".join(f"{names[g]} (node {plans[g].node_id[:8]})" for g in late)
                 self.log.warning(f"{where}: no answer within {self.timeout_s:g}s; waiting up to {timeout_s:g}s")
-        replies = replies_or_deaths(calls, timeout_s, names, late_ok)
+        left = max(timeout_s - (time.monotonic() - waited), 0.0)
+        replies = replies_or_deaths(calls, left, names, late_ok)
         if late_ok:  # named once when it stops answering, and once when it answers again
             late_now = {plans[g].group for g, (_, died) in enumerate(replies) if died == LATE}
             for plan in plans:
