@@ -266,3 +266,49 @@ def test_the_driver_keeps_a_dead_local_leaders_workers_until_the_coordinator_re_
     assert [e["group"] for e in result.events if e["event"] == "group_replaced"] == [1], result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     assert trainer.workers[1] != before[1]
+
+
+def dies_at_second_close(flag):
+    """A Worker class whose process rank 1 SIGKILLs itself when it leaves its collective group
+    the second time (the first is the run's set-up; the second, a new coordinator's), once per
+    run (``flag``, a file)."""
+
+    class DiesAtSecondClose(Worker):
+        closes = 0
+
+        def close_collective(self):
+            self.closes += 1
+            if self.rank == 1 and self.closes == 2 and not os.path.exists(flag):
+                open(flag, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().close_collective()
+
+    return DiesAtSecondClose
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_lost_while_a_new_peer_coordinator_sets_up_is_replaced_and_set_up_again(tmp_path):
+    """A chaos run's abort: data-parallel's new coordinator forms the collective group at its
+    set-up, and a worker died meanwhile. The set-up is made again after the lost worker is
+    replaced; the run completes with every replica equal."""
+    cfg = config(
+        tmp_path,
+        "data_parallel",
+        num_groups=2,
+        workers_per_group=1,
+        straggler_delay_s={0: 0.03, 1: 0.03},
+        checkpoint_every_steps=16,
+    )
+    flag = tmp_path / "died"
+    with Trainer(MODEL, DATA, cfg, worker_cls=dies_at_second_close(str(flag))) as trainer:
+        old_pid, _ = pids(trainer)[1]
+        once_checkpointed(cfg.output_dir, lambda: ray.kill(trainer.global_leader))
+        result = trainer.fit()
+        new = ray.get(trainer.workers[1].ready.remote())
+        weights = trainer.worker_weights()
+    assert flag.exists(), "worker 1 never left its group a second time"
+    assert [e["event"] for e in result.events if e["event"] == "coordinator_restarted"] == ["coordinator_restarted"]
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [1] and new["pid"] not in (old_pid,), result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    np.testing.assert_array_equal(weights[1], weights[0])

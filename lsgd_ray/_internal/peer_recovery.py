@@ -18,7 +18,7 @@ import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.protocol import Failure, FailureKind
-from lsgd_ray._internal.waiting import get_all, replies_or_deaths
+from lsgd_ray._internal.waiting import LATE, get_all, replies_or_deaths
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -107,10 +107,11 @@ class PeerRecovery(Coordinator):
         return answers, failures
 
     def revive_groups(self) -> None:
-        """A new coordinator's first act, before ``setup``: a LocalLeader that the coordinator
-        before it re-formed was owned by it, and died with it. Each such group is re-formed
-        again, its workers started from a live worker's weights (the driver then puts the
-        checkpoint's state into every worker)."""
+        """A new coordinator's first act, before ``setup`` (and again if an actor dies during
+        its set-up): a LocalLeader that the coordinator before it re-formed was owned by it, and
+        died with it; such a group is re-formed. Every worker lost meanwhile (theirs, or one
+        struck on its own) is then restarted from a live worker's weights (the driver then puts
+        the checkpoint's state into every worker)."""
         calls = [ll.worker_handles.remote() for ll in self.local_leaders]
         lost = [
             Failure(rank, FailureKind.GROUP_LOST, died)
@@ -121,13 +122,22 @@ class PeerRecovery(Coordinator):
         for f in lost:
             if f.rank not in self._fresh:  # once per group
                 self._reform_group(self._locate(f.rank)[0], f.reason)
+        handles = self._handles()
+        others = [r for r in range(self.num_workers) if r not in self._fresh]
+        names = [f"worker {r}" for r in others]
+        probes = replies_or_deaths([handles[r].ready.remote() for r in others], self.timeout_s, names, late_ok=True)
+        lost += [
+            Failure(r, FailureKind.DIED, died.removeprefix("died (").removesuffix(")"))  # the error's name
+            for r, (_, died) in zip(others, probes)
+            if died and died != LATE
+        ]
         if not lost:
             return
-        live = [r for r in range(self.num_workers) if r not in self._fresh]
+        live = [r for r, (_, died) in zip(others, probes) if not died]
         source: list[Any] = [None]
         origin = "the initial weights"
         if live:
-            source, origin = wrapped_weights(self._handles()[live[0]]), f"worker {live[0]}'s weights"
+            source, origin = wrapped_weights(handles[live[0]]), f"worker {live[0]}'s weights"
         self._replace(lost, {f.rank: (source, self.step, origin) for f in lost})
 
     def _reform_group(self, g: int, reason: str) -> None:

@@ -24,6 +24,7 @@ from lsgd_ray._internal.waiting import answers, get_all
 from lsgd_ray.checkpoint import load_latest
 
 RESTART_ATTEMPTS = 5  # a coordinator that dies while it is being restarted is restarted again
+SETUP_ATTEMPTS = 3  # a new coordinator whose set-up met an actor dying meanwhile (a LocalLeader) sets up again
 
 
 class Supervisor(RunState):
@@ -51,8 +52,17 @@ class Supervisor(RunState):
         # asked, then re-formed one after another, then their workers reset
         d = self.deadlines
         revive_s = d.call_s + len(self.local_leaders) * d.nested_start_s + d.replace_s
-        get_all([self.global_leader.revive_groups.remote()], revive_s, ["new coordinator"])
-        get_all([self.global_leader.setup.remote()], self.deadlines.nested_start_s, ["new coordinator"])
+        for attempt in range(1, SETUP_ATTEMPTS + 1):
+            try:
+                get_all([self.global_leader.revive_groups.remote()], revive_s, ["new coordinator"])
+                get_all([self.global_leader.setup.remote()], d.nested_start_s, ["new coordinator"])
+                break
+            except ray.exceptions.RayTaskError as exc:  # an actor it called died meanwhile: revived again
+                if attempt == SETUP_ATTEMPTS or not isinstance(exc.cause, ray.exceptions.RayActorError):
+                    raise
+                self._say(
+                    f"lsgd-ray: an actor died while the new coordinator set up ({type(exc.cause).__name__}): again"
+                )
         # this run's own newest checkpoint (or the one it resumed from), never one that another
         # run left in the same output directory
         own = next((c for c in reversed(self.checkpoints) if os.path.isdir(c)), self.resumed_from)
