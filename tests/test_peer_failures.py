@@ -191,10 +191,11 @@ def test_a_killed_local_leader_of_a_gossip_peer_is_re_formed(tmp_path, algorithm
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("algorithm", ["easgd", "data_parallel", "local_sgd"])
+@pytest.mark.parametrize("algorithm", ["easgd", "data_parallel", "local_sgd", "downpour"])
 def test_a_killed_peer_coordinator_continues_from_the_last_checkpoint(tmp_path, algorithm):
     """The workers live on; a new coordinator rolls them back to the last checkpoint (the
-    collective peers: after every worker left the old torch.distributed group for a new one)."""
+    collective peers: after every worker left the old torch.distributed group for a new one;
+    DOWNPOUR: its workers' loops ended when the ParameterServer died with the coordinator)."""
     delays = {0: 0.03, 1: 0.03}
     cfg = config(
         tmp_path, algorithm, num_groups=2, workers_per_group=1, straggler_delay_s=delays, checkpoint_every_steps=16

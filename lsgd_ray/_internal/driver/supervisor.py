@@ -122,8 +122,10 @@ class Supervisor(RunState):
 
     def _coordinator_died(self, exc: ray.exceptions.RayActorError) -> bool:
         """Whether ``exc``, raised by a call between rounds, means the coordinator itself died
-        (not an error of its own code or of an actor it waited on)."""
-        if isinstance(exc, ray.exceptions.RayTaskError):
+        (not an error of its own code or of an actor it waited on). A task that failed because
+        an actor it called died may have met one that died with the coordinator (EASGD's and
+        DOWNPOUR's ParameterServer, which a worker's loop calls): the coordinator is asked."""
+        if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc.cause, ray.exceptions.RayActorError):
             return False
         try:
             ray.get(self.global_leader.local_leader_handles.remote(), timeout=self.config.actor_timeout_s)
