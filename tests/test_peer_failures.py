@@ -313,3 +313,38 @@ def test_a_worker_lost_while_a_new_peer_coordinator_sets_up_is_replaced_and_set_
     assert [e["rank"] for e in replaced] == [1] and new["pid"] not in (old_pid,), result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     np.testing.assert_array_equal(weights[1], weights[0])
+
+
+def kills_its_local_leader_when_reset(rank, step, flag):
+    """``killed_at(rank, step)``, whose first replacement, while being reset, SIGKILLs its own
+    group's LocalLeader, whose pid is in the file ``flag + ".pid"`` (a second failure amid the
+    recovery from the first)."""
+
+    class KillsItsLocalLeader(killed_at(rank, step, flag)):
+        def reset_to(self, weights, steps=None):
+            done = flag + ".leader"
+            if steps is not None and not os.path.exists(done):
+                open(done, "w").close()
+                with open(flag + ".pid") as f:
+                    os.kill(int(f.read()), signal.SIGKILL)
+            return super().reset_to(weights, steps)
+
+    return KillsItsLocalLeader
+
+
+@pytest.mark.timeout(300)
+def test_a_local_leader_lost_while_it_replaces_a_worker_is_re_formed_and_the_round_finished(tmp_path):
+    """A chaos run's abort (D-PSGD): the coordinator asked a LocalLeader to replace a lost
+    worker and the LocalLeader died meanwhile. Its group is re-formed and its new worker
+    restarted in turn; the run completes."""
+    cfg = config(tmp_path, "easgd", num_groups=2, workers_per_group=1, straggler_delay_s={0: 0.03, 1: 0.03})
+    flag = str(tmp_path / "killed")
+    with Trainer(MODEL, DATA, cfg, worker_cls=kills_its_local_leader_when_reset(1, 37, flag)) as trainer:
+        pid = ray.get(trainer.local_leaders[1].__ray_call__.remote(lambda _: os.getpid()))
+        with open(flag + ".pid", "w") as f:
+            f.write(str(pid))
+        result = trainer.fit()
+    assert os.path.exists(flag + ".leader"), "no replacement was reset"
+    assert [e["group"] for e in result.events if e["event"] == "group_replaced"] == [1], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy

@@ -20,6 +20,8 @@ from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.protocol import Failure, FailureKind
 from lsgd_ray._internal.waiting import LATE, get_all, replies_or_deaths
 
+REPLACE_PASSES = 3  # replacements made again when a LocalLeader died meanwhile (its group re-formed)
+
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
 
@@ -138,7 +140,7 @@ class PeerRecovery(Coordinator):
         origin = "the initial weights"
         if live:
             source, origin = wrapped_weights(handles[live[0]]), f"worker {live[0]}'s weights"
-        self._replace(lost, {f.rank: (source, self.step, origin) for f in lost})
+        self._replace_all(lost, lambda rank: (source, self.step, origin))
 
     def _reform_group(self, g: int, reason: str) -> None:
         """A new LocalLeader for group ``g``, whose LocalLeader died: it starts new workers on the
@@ -179,10 +181,12 @@ class PeerRecovery(Coordinator):
         g = next(g for g, ranks in enumerate(self.group_ranks) if rank in ranks)
         return g, rank - self.group_ranks[g][0]
 
-    def _replace(self, failed: list[Failure], sources: dict[int, tuple[list[Any], int, str]]) -> None:
+    def _replace(self, failed: list[Failure], sources: dict[int, tuple[list[Any], int, str]]) -> list[Failure]:
         """Replace the worker of each of ``failed`` on its node, from ``sources[rank]``:
-        (wrapped weights, step count, their name); the events go into this run's."""
-        calls, groups = [], set()
+        (wrapped weights, step count, their name); the events go into this run's. Returns
+        the workers of the groups whose LocalLeader died meanwhile (each re-formed: its new
+        workers are to be restarted in turn)."""
+        calls, owners = [], []
         for f in failed:
             g, index = self._locate(f.rank)
             source, steps, origin = sources[f.rank]
@@ -190,10 +194,12 @@ class PeerRecovery(Coordinator):
             calls.append(
                 self.local_leaders[g].replace_worker.remote(index, f.reason, source, steps, origin, respawn=respawn)
             )
-            groups.add(g)
+            owners.append(g)
         names = [f"replacement of worker {f.rank}" for f in failed]
-        get_all(calls, self.deadlines.replace_s, names)
-        self._fresh.difference_update(f.rank for f in failed)
+        replies = replies_or_deaths(calls, self.deadlines.replace_s, names)
+        dead = {g: died for g, (_, died) in zip(owners, replies) if died}
+        self._fresh.difference_update(f.rank for f, g in zip(failed, owners) if g not in dead)
+        groups = sorted(set(owners) - set(dead))
         for events in get_all(
             [self.local_leaders[g].take_events.remote() for g in groups],
             self.timeout_s,
@@ -201,13 +207,33 @@ class PeerRecovery(Coordinator):
         ):
             self.events.extend(events)
         self._worker_handles = None  # the new workers have new handles
+        lost = []
+        for g, died in dead.items():
+            self._reform_group(g, f"its LocalLeader {died} while its workers were replaced")
+            lost += [Failure(rank, FailureKind.GROUP_LOST, died) for rank in self.group_ranks[g]]
+        return lost
+
+    def _replace_all(self, failed: list[Failure], source_of: Callable[[int], tuple[list[Any], int, str]]) -> None:
+        """``_replace`` until every lost worker is replaced: a group whose LocalLeader died
+        meanwhile is re-formed and its workers restarted in turn (each from ``source_of(rank)``)."""
+        for _ in range(REPLACE_PASSES):
+            failed = self._replace(failed, {f.rank: source_of(f.rank) for f in failed})
+            if not failed:
+                return
+        raise RuntimeError("LocalLeaders keep dying while their workers are replaced; continue the run with --resume")
 
     # ------------------------------------------------------------------ object-store peers
 
     def _replace_lost(self, failed: list[Failure], args: list[tuple]) -> dict[int, tuple]:
-        """Replace the lost workers; returns the round's arguments for each new one."""
-        plans = {f.rank: self._replacement(f.rank, args[f.rank]) for f in failed}
-        self._replace(failed, {rank: (source, self.step, origin) for rank, (source, _, origin) in plans.items()})
+        """Replace the lost workers (and those of a LocalLeader that died meanwhile); returns
+        the round's arguments for each new one."""
+        plans: dict[int, tuple[list[Any], tuple, str]] = {}
+
+        def source_of(rank: int) -> tuple[list[Any], int, str]:
+            plans[rank] = self._replacement(rank, args[rank])
+            return plans[rank][0], self.step, plans[rank][2]
+
+        self._replace_all(failed, source_of)
         return {rank: retry for rank, (_, retry, _) in plans.items()}
 
     # ------------------------------------------------------------------ collectives
@@ -234,7 +260,7 @@ class PeerRecovery(Coordinator):
             r: s["steps"]
             for r, s in zip(live, get_all([handles[r].stats.remote() for r in live], self.timeout_s, names))
         }
-        self._replace(failed, {rank: self._collective_source(rank, live, steps) for rank in lost})
+        self._replace_all(failed, lambda rank: self._collective_source(rank, live, steps))
         self.setup()  # everyone leaves the broken group and joins one at a fresh address
         handles = self._handles()
         everyone = [f"worker {r}" for r in range(len(handles))]
