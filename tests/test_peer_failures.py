@@ -216,13 +216,15 @@ def test_a_killed_peer_coordinator_continues_from_the_last_checkpoint(tmp_path, 
 
 
 @pytest.mark.timeout(300)
-def test_a_peer_coordinator_killed_after_it_re_formed_a_group_re_forms_it_again(tmp_path):
+@pytest.mark.parametrize("algorithm", ["easgd", "aldsgd"])
+def test_a_peer_coordinator_killed_after_it_re_formed_a_group_re_forms_it_again(tmp_path, algorithm):
     """A LocalLeader that a coordinator re-formed is owned by that coordinator and dies with it
     (a chaos run's abort: the new coordinator's set-up asked the dead LocalLeader for its
-    workers). The new coordinator re-forms the group again before its set-up; the run completes."""
+    workers). The new coordinator re-forms the group again before its set-up (AL-DSGD's
+    coordinator then notes the weights lost with it); the run completes."""
     delays = {0: 0.03, 1: 0.03}
     cfg = config(
-        tmp_path, "easgd", num_groups=2, workers_per_group=1, straggler_delay_s=delays, checkpoint_every_steps=16
+        tmp_path, algorithm, num_groups=2, workers_per_group=1, straggler_delay_s=delays, checkpoint_every_steps=16
     )
     killed_at: list[float] = []
 

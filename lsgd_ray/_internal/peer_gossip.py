@@ -19,15 +19,19 @@ class Gossip(PeerCoordinator):
     # it. A re-formed group's new workers start from the mean of the weights that survive; a
     # neighbour whose round read the lost ones mixes without them (their share stays its own).
 
+    def _init_state(self) -> None:
+        super()._init_state()
+        # set here, not in setup: a new coordinator may re-form a group before it (revive_groups)
+        self.pending: list[tuple] | None = None
+        self.pending_from: list[list[int]] = []  # the neighbours each rank's pending mix reads
+        self.published: list[Any] | None = None  # last round's published weights, by rank
+        self.lost: set[int] = set()  # ranks whose published weights died with their LocalLeader
+
     def setup(self) -> None:
         c = self.cfg.gossip
         self.edges = gossip.base_graph(c.graph, self.num_workers, c.degree, c.graph_seed)
         corrective = self.cfg.algorithm == "aldsgd"
         self.coefs = {k: getattr(c, k) if corrective else 0.0 for k in ("c1", "c2", "p1", "p2")}
-        self.pending: list[tuple] | None = None
-        self.pending_from: list[list[int]] = []  # the neighbours each rank's pending mix reads
-        self.published: list[Any] | None = None  # last round's published weights, by rank
-        self.lost: set[int] = set()  # ranks whose published weights died with their LocalLeader
 
     def _next_step(self, step: int) -> int:
         return (step // self.cfg.gossip.tau + 1) * self.cfg.gossip.tau
