@@ -350,3 +350,79 @@ def test_a_local_leader_lost_while_it_replaces_a_worker_is_re_formed_and_the_rou
     assert [e["group"] for e in result.events if e["event"] == "group_replaced"] == [1], result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
+def dies_giving_weights_after(flag):
+    """A Worker class whose rank 0 SIGKILLs itself the first time it is asked for its weights
+    (``get_weights(count=False)``) once the file ``flag`` exists."""
+
+    class DiesGivingWeights(Worker):
+        def get_weights(self, count=True):
+            if self.rank == 0 and not count and os.path.exists(flag) and not os.path.exists(flag + ".done"):
+                open(flag + ".done", "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().get_weights(count)
+
+    return DiesGivingWeights
+
+
+@pytest.mark.timeout(300)
+def test_easgds_server_whose_first_weights_died_is_started_again_with_the_set_up(tmp_path):
+    """A chaos run's abort (async EASGD): a new coordinator started its ParameterServer from
+    worker 0's weights, and worker 0 died before the server read them; the server never
+    started and the restart failed later, on it. The set-up now waits for the server, so the
+    driver replaces the worker and sets up again."""
+    cfg = config(
+        tmp_path, "easgd", num_groups=2, workers_per_group=1, straggler_delay_s={0: 0.03, 1: 0.03},
+        checkpoint_every_steps=16,
+    )  # fmt: skip
+    flag = str(tmp_path / "coordinator-killed")
+
+    def kill_the_coordinator(trainer):
+        open(flag, "w").close()
+        ray.kill(trainer.global_leader)
+
+    with Trainer(MODEL, DATA, cfg, worker_cls=dies_giving_weights_after(flag)) as trainer:
+        once_checkpointed(cfg.output_dir, lambda: kill_the_coordinator(trainer))
+        result = trainer.fit()
+    assert os.path.exists(flag + ".done"), "worker 0 was never asked for its weights after the kill"
+    assert [e["rank"] for e in result.events if e["event"] == "worker_replaced"] == [0], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_hung_when_a_new_peer_coordinator_starts_is_replaced_first(tmp_path):
+    """A chaos run's abort (DiLoCo): a worker SIGSTOPped as the coordinator died made the new
+    coordinator's set-up time out on it. The new coordinator finds it hung and replaces it
+    before its set-up."""
+    cfg = config(
+        tmp_path, "data_parallel", num_groups=2, workers_per_group=1, straggler_delay_s={0: 0.03, 1: 0.03},
+        checkpoint_every_steps=16, actor_timeout_s=5.0,
+    )  # fmt: skip
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        hung, _ = pids(trainer)[1]
+
+        def stop_a_worker_and_kill_the_coordinator():
+            os.kill(hung, signal.SIGSTOP)
+            ray.kill(trainer.global_leader)
+
+        once_checkpointed(cfg.output_dir, stop_a_worker_and_kill_the_coordinator)
+        try:
+            result = trainer.fit()
+            weights = trainer.worker_weights()
+        finally:
+            if _running(hung):
+                os.kill(hung, signal.SIGKILL)
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [1] and "hung" in replaced[0]["reason"], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    np.testing.assert_array_equal(weights[1], weights[0])
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

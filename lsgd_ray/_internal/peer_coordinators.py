@@ -296,6 +296,9 @@ class EASGD(PeerCoordinator):
         self.server = actor_class(ParameterServer, num_cpus=0, max_concurrency=1, scheduling_strategy=here).remote(
             first, self.cfg.comm_dtype
         )
+        # started before set-up ends: a worker lost meanwhile fails the set-up, which the driver
+        # then makes again once the worker is replaced (a server that never started, later)
+        get_all([self.server.__ray_ready__.remote()], self.deadlines.start_s, ["ParameterServer"])
         self.center_ref = self.server.get.remote()
         self.alpha = self.cfg.easgd.moving_rate(self.num_workers)
 

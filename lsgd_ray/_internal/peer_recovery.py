@@ -112,8 +112,8 @@ class PeerRecovery(Coordinator):
         """A new coordinator's first act, before ``setup`` (and again if an actor dies during
         its set-up): a LocalLeader that the coordinator before it re-formed was owned by it, and
         died with it; such a group is re-formed. Every worker lost meanwhile (theirs, or one
-        struck on its own) is then restarted from a live worker's weights (the driver then puts
-        the checkpoint's state into every worker)."""
+        struck on its own, or hung) is then restarted from a live worker's weights (the driver
+        then puts the checkpoint's state into every worker)."""
         calls = [ll.worker_handles.remote() for ll in self.local_leaders]
         lost = [
             Failure(rank, FailureKind.GROUP_LOST, died)
@@ -129,9 +129,11 @@ class PeerRecovery(Coordinator):
         names = [f"worker {r}" for r in others]
         probes = replies_or_deaths([handles[r].ready.remote() for r in others], self.timeout_s, names, late_ok=True)
         lost += [
-            Failure(r, FailureKind.DIED, died.removeprefix("died (").removesuffix(")"))  # the error's name
+            Failure(r, FailureKind.HUNG, f"{self.timeout_s:g}s")
+            if died == LATE
+            else Failure(r, FailureKind.DIED, died.removeprefix("died (").removesuffix(")"))  # the error's name
             for r, (_, died) in zip(others, probes)
-            if died and died != LATE
+            if died
         ]
         if not lost:
             return

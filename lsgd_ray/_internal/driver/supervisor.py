@@ -57,8 +57,8 @@ class Supervisor(RunState):
                 get_all([self.global_leader.revive_groups.remote()], revive_s, ["new coordinator"])
                 get_all([self.global_leader.setup.remote()], d.nested_start_s, ["new coordinator"])
                 break
-            except ray.exceptions.RayTaskError as exc:  # an actor it called died meanwhile: revived again
-                if attempt == SETUP_ATTEMPTS or not isinstance(exc.cause, ray.exceptions.RayActorError):
+            except ray.exceptions.RayTaskError as exc:  # an actor it called died or hung meanwhile: revived again
+                if attempt == SETUP_ATTEMPTS or not isinstance(exc.cause, ray.exceptions.RayActorError | TimeoutError):
                     raise
                 self._say(
                     f"lsgd-ray: an actor died while the new coordinator set up ({type(exc.cause).__name__}): again"
