@@ -72,6 +72,28 @@ def test_a_killed_worker_is_replaced_and_training_goes_on(tmp_path, mode):
     assert result.final_test_accuracy > 0.6  # chance is 0.25
 
 
+def test_an_async_evaluation_with_no_worker_answering_is_postponed_not_the_end(tmp_path):
+    """A chaos run's abort (async LSGD): every worker was lost or hung when an evaluation was
+    due, and the GlobalLeader had no weights to give. The evaluation waits for the next turn,
+    when the hung worker has been replaced."""
+    cfg = config(
+        tmp_path, "async", num_groups=1, workers_per_group=1, straggler_delay_s={0: 0.02}, max_steps=300,
+        eval_every_s=0.5, actor_timeout_s=4.0,
+    )  # fmt: skip
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        pid, _ = pids(trainer)[0]
+        strike(pid, signal.SIGSTOP)
+        try:
+            result = trainer.fit()
+        finally:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [0] and "hung" in replaced[0]["reason"], result.events
+    assert result.status == "completed" and result.steps_per_worker == 300, result.error
+    assert len(result.history) >= 2
+
+
 class ReplacementThatDies(Worker):
     """The first replacement worker dies while it is reset to the weights it starts from (as a
     chaos run struck it: a second failure amid the recovery from the first)."""

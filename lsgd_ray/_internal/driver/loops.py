@@ -113,7 +113,15 @@ class Loops(Supervisor, Records):
                 if schedule.checkpointing and schedule.checkpoint_due(self.status()["step"], self.train_s):
                     self.checkpoint()  # each worker's state between two of its steps
                 if schedule.evaluation_due(self.train_s):
-                    self.evaluate_leader()  # the workers keep training meanwhile
+                    try:
+                        self.evaluate_leader()  # the workers keep training meanwhile
+                    except ray.exceptions.RayTaskError as exc:
+                        if not isinstance(exc.cause, TimeoutError):
+                            raise
+                        # no worker answered (every one lost or hung at this moment): their
+                        # loops are restarted at the next turns, and the evaluation made then
+                        self._say(f"lsgd-ray: evaluation postponed: {exc.cause}")
+                        continue
                     # reached the target: stop at the next turn, without waiting
                     schedule.evaluated(self.train_s, now_again=self._evaluation_ends_run())
             except ray.exceptions.RayActorError as exc:
