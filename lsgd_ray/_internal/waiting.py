@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 STARTUP_TIMEOUT_S = 300.0  # an actor's start-up (imports, data loading) may take longer than a round
 
@@ -98,7 +98,9 @@ def replies_or_deaths(
 ) -> list[tuple[Any, str]]:
     """Each actor's reply as ``(reply, "")``, or ``(None, reason)`` for one that died, waiting
     at most ``timeout_s`` in all. One that did not answer in time raises an error naming it
-    (``late_ok``: gives ``(None, LATE)``); an error raised by an actor's own code propagates."""
+    (``late_ok``: gives ``(None, LATE)``, as for one that Ray finds unreachable for now,
+    ``ActorUnavailableError``: its node's link down, say); an error raised by an actor's own
+    code propagates."""
     if not refs:
         return []
     ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
@@ -113,6 +115,9 @@ def replies_or_deaths(
         except RayActorError as exc:
             if isinstance(exc, RayTaskError):
                 raise
+            if late_ok and isinstance(exc, ActorUnavailableError):  # unreachable for now, not dead
+                out.append((None, LATE))
+                continue
             out.append((None, f"died ({type(exc).__name__})"))
     return out
 
