@@ -17,7 +17,7 @@ from ray import cloudpickle
 from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.worker import Worker
 from tests.helpers import once_checkpointed
-from tests.test_failures import DATA, MODEL, pids, strike
+from tests.test_failures import DATA, MODEL, _alive, pids, strike
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's classes
 
@@ -412,17 +412,9 @@ def test_a_worker_hung_when_a_new_peer_coordinator_starts_is_replaced_first(tmp_
             result = trainer.fit()
             weights = trainer.worker_weights()
         finally:
-            if _running(hung):
+            if _alive(hung):
                 os.kill(hung, signal.SIGKILL)
     replaced = [e for e in result.events if e["event"] == "worker_replaced"]
     assert [e["rank"] for e in replaced] == [1] and "hung" in replaced[0]["reason"], result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     np.testing.assert_array_equal(weights[1], weights[0])
-
-
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
