@@ -23,7 +23,10 @@ from lsgd_ray._internal.protocol import event_key
 from lsgd_ray._internal.waiting import answers, get_all
 from lsgd_ray.checkpoint import load_latest
 
-RESTART_ATTEMPTS = 5  # a coordinator that dies while it is being restarted is restarted again
+# a coordinator that dies while it is being restarted is restarted again, this many times in a
+# row: a restart can take tens of seconds on a busy machine, and a chaos run (a strike every 5 s,
+# one in six of them the coordinator) killed ten new coordinators in a row before one was up
+RESTART_ATTEMPTS = 25
 SETUP_ATTEMPTS = 3  # a new coordinator whose set-up met an actor dying meanwhile (a LocalLeader) sets up again
 
 
