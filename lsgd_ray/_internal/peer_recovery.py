@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -20,6 +20,11 @@ from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.protocol import Failure, FailureKind
 from lsgd_ray._internal.waiting import LATE, get_all, replies_or_deaths
 
+if TYPE_CHECKING:
+    from lsgd_ray.topology import GroupPlan
+
+REFORM_ATTEMPTS = 3  # a new LocalLeader that dies before it is ready (its node lost too) is made again
+REFORM_PAUSE_S = 2.0  # before the next attempt: time for the cluster to mark a removed node dead
 REPLACE_PASSES = 3  # replacements made again when a LocalLeader died meanwhile (its group re-formed)
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
@@ -147,20 +152,12 @@ class PeerRecovery(Coordinator):
     def _reform_group(self, g: int, reason: str) -> None:
         """A new LocalLeader for group ``g``, whose LocalLeader died: it starts new workers on the
         node, which the caller restarts as lost workers (``_fresh``); or the run stops."""
-        plans, factory = self.plans, self.make_local_leader
-        if not plans or factory is None:
+        plans = self.plans
+        if not plans or self.make_local_leader is None:
             raise RuntimeError(f"LocalLeader {g}: {reason}; continue the run with --resume")
-        plan = plans[g]
-        target = factory.placed(plan)  # its node, or another with room if it was lost
-        if target is None:
-            raise RuntimeError(
-                f"LocalLeader {g}: {reason} with its node, and no live node has the free resources for its "
-                f"{plan.num_workers} worker(s); {type(self).__name__} cannot go on with fewer workers: "
-                "continue the run with --resume on a cluster that has them"
-            )
         self._group_lost(g)
-        replacement = factory(target)
-        get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new LocalLeader {g}"])
+        plan = plans[g]
+        replacement, target = self._new_local_leader(g, plan, reason)
         self.local_leaders[g], plans[g] = replacement, target
         self._worker_handles = None
         self._fresh.update(self.group_ranks[g])
@@ -177,6 +174,31 @@ class PeerRecovery(Coordinator):
         )
         where = "its node" if target == plan else f"node {target.node_id[:8]} (its own was lost)"
         self.log.warning(f"LocalLeader {g}: {reason}: a new one and new workers on {where}")
+
+    def _new_local_leader(self, g: int, plan: GroupPlan, reason: str) -> tuple[Any, GroupPlan]:
+        """A new LocalLeader for group ``g``, ready, and where it runs: ``plan``'s node, or
+        another with room if that node was lost."""
+        assert self.make_local_leader is not None
+        for attempt in range(1, REFORM_ATTEMPTS + 1):
+            target = self.make_local_leader.placed(plan)
+            if target is None:
+                raise RuntimeError(
+                    f"LocalLeader {g}: {reason} with its node, and no live node has the free resources for its "
+                    f"{plan.num_workers} worker(s); {type(self).__name__} cannot go on with fewer workers: "
+                    "continue the run with --resume on a cluster that has them"
+                )
+            replacement = self.make_local_leader(target)
+            try:
+                get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new LocalLeader {g}"])
+                return replacement, target
+            except ray.exceptions.RayActorError as exc:
+                # its node was lost too (one removed is still listed alive for a moment): again,
+                # placed anew once the cluster knows
+                if isinstance(exc, ray.exceptions.RayTaskError) or attempt == REFORM_ATTEMPTS:
+                    raise
+                self.log.warning(f"new LocalLeader {g} died before it was ready ({type(exc).__name__}): again")
+                time.sleep(REFORM_PAUSE_S)
+        raise AssertionError("unreachable")
 
     def _locate(self, rank: int) -> tuple[int, int]:
         """(group, index in the group) of global ``rank``."""
