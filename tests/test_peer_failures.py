@@ -418,3 +418,20 @@ def test_a_worker_hung_when_a_new_peer_coordinator_starts_is_replaced_first(tmp_
     assert [e["rank"] for e in replaced] == [1] and "hung" in replaced[0]["reason"], result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     np.testing.assert_array_equal(weights[1], weights[0])
+
+
+@pytest.mark.timeout(300)
+def test_a_gossip_peers_evaluation_averages_the_workers_that_answer(tmp_path):
+    """A chaos run's abort (AL-DSGD): a worker lost between rounds made the evaluation of the
+    workers' mean fail three times, and the run end. The mean is of the workers that answer;
+    the lost one is replaced at the next round."""
+    cfg = config(tmp_path, "aldsgd", num_groups=2, workers_per_group=2)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        ray.kill(trainer.workers[3])
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(trainer.workers[3].ready.remote())
+        record = trainer.evaluate_leader()
+        result = trainer.fit()
+    assert 0.0 <= record["test_accuracy"] <= 1.0
+    assert [e["rank"] for e in result.events if e["event"] == "worker_replaced"] == [3], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error

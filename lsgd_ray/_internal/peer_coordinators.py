@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
 from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class, node_id
-from lsgd_ray._internal.waiting import get_all, replies_or_deaths, worker_handles
+from lsgd_ray._internal.waiting import ActorTimeoutError, answers, get_all, replies_or_deaths, worker_handles
 from lsgd_ray.algorithms import diloco, downpour, local_sgd
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
@@ -95,8 +95,12 @@ class PeerCoordinator(PeerRecovery):
     # ------------------------------------------------------------------ what gets evaluated
 
     def leader_weights(self) -> list[ray.ObjectRef]:
-        """The model this algorithm evaluates, by reference (wrapped): here the workers' mean."""
-        arrays = ray.get([h.get_weights.remote(count=False) for h in self._handles()])
+        """The model this algorithm evaluates, by reference (wrapped): here the workers' mean,
+        of those that answer (one lost between rounds is replaced at the next round)."""
+        replies = answers([h.get_weights.remote(count=False) for h in self._handles()], self.timeout_s)
+        arrays = [a for a in replies if a is not None]
+        if not arrays:
+            raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no weights to evaluate")
         mean = np.zeros_like(arrays[0])
         for array in arrays:
             mean += array

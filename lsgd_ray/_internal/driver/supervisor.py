@@ -27,7 +27,7 @@ from lsgd_ray.checkpoint import load_latest
 # row: a restart can take tens of seconds on a busy machine, and a chaos run (a strike every 5 s,
 # one in six of them the coordinator) killed ten new coordinators in a row before one was up
 RESTART_ATTEMPTS = 25
-SETUP_ATTEMPTS = 3  # a new coordinator whose set-up met an actor dying meanwhile (a LocalLeader) sets up again
+SETUP_ATTEMPTS = 10  # a new coordinator whose set-up met an actor dying meanwhile (a LocalLeader) sets up again
 
 
 class Supervisor(RunState):
