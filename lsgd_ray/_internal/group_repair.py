@@ -172,9 +172,10 @@ class GroupRepair:
                 get_all([new.reset_to.remote(source[0], steps)], self.deadlines.first_call_s, [f"replacement {name}"])
                 return info, origin
         except RayTaskError:  # the leader's weights were lost too: start from the initial weights
-            pass
+            origin = "the initial weights"
+        # no weights given: the initial ones (the caller may load others after, as data-parallel does)
         get_all([new.reset_to.remote(None, steps)], self.deadlines.first_call_s, [f"replacement {name}"])
-        return info, "the initial weights"
+        return info, origin
 
     def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
         """Synchronous mode: workers whose loss went NaN/inf restart from the leader's weights."""
