@@ -206,7 +206,9 @@ def test_a_killed_peer_coordinator_continues_from_the_last_checkpoint(tmp_path, 
         weights = trainer.worker_weights()
     restarts = [e for e in result.events if e["event"] == "coordinator_restarted"]
     assert len(restarts) == 1, result.events
-    assert restarts[0]["from_checkpoint"] and restarts[0]["step"] % 16 == 0, restarts
+    assert restarts[0]["from_checkpoint"], restarts
+    if algorithm != "downpour":  # synchronous: checkpoints every 16 steps, between rounds
+        assert restarts[0]["step"] % 16 == 0, restarts
     # the workers' steps past the checkpoint, done again: at most what was left of the run
     assert 0 <= restarts[0]["steps_lost"] <= 2 * (96 - restarts[0]["step"]), restarts
     assert result.status == "completed" and result.steps_per_worker == 96
