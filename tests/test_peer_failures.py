@@ -437,3 +437,39 @@ def test_a_gossip_peers_evaluation_averages_the_workers_that_answer(tmp_path):
     assert 0.0 <= record["test_accuracy"] <= 1.0
     assert [e["rank"] for e in result.events if e["event"] == "worker_replaced"] == [3], result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("algorithm", ["local_sgd", "diloco"])
+def test_an_actor_lost_while_the_collective_re_forms_is_replaced_in_turn(tmp_path, algorithm):
+    """Chaos runs' aborts (local SGD, DiLoCo): worker 2 is lost in a round, and while the group
+    re-forms a second actor goes: local SGD's LocalLeader 1 (killed by worker 2's replacement
+    as it is reset, as when a node goes), DiLoCo's worker 1 (as it leaves the broken group).
+    The second loss is found and replaced in turn, the group formed again, and the round and
+    the run finished."""
+    cfg = config(
+        tmp_path, algorithm, num_groups=3, workers_per_group=1, actor_timeout_s=10.0,
+        local_sgd=LocalSGDConfig(tau=4, tau_global=16), diloco=DiLoCoConfig(tau_global=16),
+    )  # fmt: skip
+    flag = str(tmp_path / "killed")
+    if algorithm == "local_sgd":
+        cls = kills_its_local_leader_when_reset(2, 30, flag)  # the LocalLeader whose pid is in flag.pid
+        second = flag + ".leader"
+    else:
+        second = flag + ".closed"
+        cls = type("KilledThenDiesAtClose", (killed_at(2, 30, flag), dies_at_second_close(second)), {})
+    with Trainer(MODEL, DATA, cfg, worker_cls=cls) as trainer:
+        pid = ray.get(trainer.local_leaders[1].__ray_call__.remote(lambda _: os.getpid()))
+        with open(flag + ".pid", "w") as f:
+            f.write(str(pid))
+        result = trainer.fit()
+        weights = trainer.worker_weights()
+    assert os.path.exists(second), "no second actor was lost during the recovery"
+    replaced = [e["rank"] for e in result.events if e["event"] == "worker_replaced"]
+    assert replaced == [2, 1], result.events
+    groups = [e["group"] for e in result.events if e["event"] == "group_replaced"]
+    assert groups == ([1] if algorithm == "local_sgd" else []), result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+    for w in weights[1:]:  # 96 is a global averaging (outer) step: every worker ends on the same weights
+        np.testing.assert_allclose(w, weights[0], rtol=0, atol=1e-6)

@@ -11,14 +11,14 @@ rendezvous address; then the round goes on from where each worker stopped.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray._internal.protocol import Failure, FailureKind
-from lsgd_ray._internal.waiting import LATE, get_all, replies_or_deaths
+from lsgd_ray._internal.waiting import LATE, ActorTimeoutError, get_all, replies_or_deaths
 
 if TYPE_CHECKING:
     from lsgd_ray.topology import GroupPlan
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 REFORM_ATTEMPTS = 3  # a new LocalLeader that dies before it is ready (its node lost too) is made again
 REFORM_PAUSE_S = 2.0  # before the next attempt: time for the cluster to mark a removed node dead
 REPLACE_PASSES = 3  # replacements made again when a LocalLeader died meanwhile (its group re-formed)
+RECOVER_ATTEMPTS = 3  # a collective group re-formed again when an actor is lost while it re-forms
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -119,35 +120,39 @@ class PeerRecovery(Coordinator):
         died with it; such a group is re-formed. Every worker lost meanwhile (theirs, or one
         struck on its own, or hung) is then restarted from a live worker's weights (the driver
         then puts the checkpoint's state into every worker)."""
+        lost = self._find_lost()
+        if not lost:
+            return
+        live = _live(range(self.num_workers), lost)
+        source: list[Any] = [None]
+        origin = "the initial weights"
+        if live:
+            source, origin = wrapped_weights(self._handles()[live[0]]), f"worker {live[0]}'s weights"
+        self._replace_all(lost, lambda rank: (source, self.step, origin))
+
+    def _find_lost(self) -> list[Failure]:
+        """Every worker to restart, found by asking: each group whose LocalLeader died is
+        re-formed (its new workers are to be restarted), and every other worker is probed
+        (dead, or hung past the timeout)."""
         calls = [ll.worker_handles.remote() for ll in self.local_leaders]
-        lost = [
-            Failure(rank, FailureKind.GROUP_LOST, died)
-            for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names))
-            if died
-            for rank in self.group_ranks[g]
-        ]
-        for f in lost:
-            if f.rank not in self._fresh:  # once per group
-                self._reform_group(self._locate(f.rank)[0], f.reason)
+        why: dict[int, str] = {}
+        for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names)):
+            if died:
+                self._reform_group(g, f"its LocalLeader {died}")
+                why.update((r, died) for r in self.group_ranks[g])
+        # the new workers of the groups re-formed now, or in a recovery that was cut short
+        lost = [Failure(r, FailureKind.GROUP_LOST, why.get(r, "was replaced")) for r in sorted(self._fresh)]
         handles = self._handles()
         others = [r for r in range(self.num_workers) if r not in self._fresh]
         names = [f"worker {r}" for r in others]
         probes = replies_or_deaths([handles[r].ready.remote() for r in others], self.timeout_s, names, late_ok=True)
-        lost += [
+        return lost + [
             Failure(r, FailureKind.HUNG, f"{self.timeout_s:g}s")
             if died == LATE
             else Failure(r, FailureKind.DIED, died.removeprefix("died (").removesuffix(")"))  # the error's name
             for r, (_, died) in zip(others, probes)
             if died
         ]
-        if not lost:
-            return
-        live = [r for r, (_, died) in zip(others, probes) if not died]
-        source: list[Any] = [None]
-        origin = "the initial weights"
-        if live:
-            source, origin = wrapped_weights(handles[live[0]]), f"worker {live[0]}'s weights"
-        self._replace_all(lost, lambda rank: (source, self.step, origin))
 
     def _reform_group(self, g: int, reason: str) -> None:
         """A new LocalLeader for group ``g``, whose LocalLeader died: it starts new workers on the
@@ -273,11 +278,31 @@ class PeerRecovery(Coordinator):
         self, method: str, args: list[tuple], failed: list[Failure]
     ) -> tuple[Answers, list[Failure]]:
         """Replace the lost workers, re-form the group with everyone, and finish the round:
-        each worker takes the steps it has left (its first argument is the round's step count)."""
-        lost = {f.rank for f in failed}
-        live = [r for r in range(len(args)) if r not in lost]
-        if not live:
-            raise RuntimeError("every worker of the collective group was lost: continue the run with --resume")
+        each worker takes the steps it has left (its first argument is the round's step count).
+        An actor lost meanwhile (a survivor, a replacement, a LocalLeader whose node went) is
+        found and replaced in turn, and the group formed again."""
+        live = _live(range(len(args)), failed)
+        for attempt in range(1, RECOVER_ATTEMPTS + 1):
+            live = _live(live, failed)
+            if not live:
+                raise RuntimeError("every worker of the collective group was lost: continue the run with --resume")
+            try:
+                now = self._reform_collective(live, failed)
+                break
+            except (ray.exceptions.RayError, ActorTimeoutError) as exc:
+                failed = self._find_lost()  # none: not a loss but an error of a worker's own code
+                if not failed or attempt == RECOVER_ATTEMPTS:
+                    raise
+                ranks = ", ".join(str(f.rank) for f in failed)
+                self.log.warning(f"{_what(exc)} while the collective group re-formed; worker(s) {ranks} lost: again")
+        target = self.step + args[0][0]
+        retry = {r: (max(target - s["steps"], 0), *args[r][1:]) for r, s in enumerate(now)}
+        self.log.warning(f"collective group re-formed with {len(now)} workers; the round goes on")
+        return self._call_ranks(method, retry, 1)
+
+    def _reform_collective(self, live: list[int], failed: list[Failure]) -> list[dict[str, Any]]:
+        """One try of ``_recover_collective``: the lost workers replaced, every worker in a new
+        group, made consistent with the ``live`` ones; every worker's stats then."""
         handles = self._handles()
         names = [f"worker {r}" for r in live]
         steps = {
@@ -286,14 +311,22 @@ class PeerRecovery(Coordinator):
         }
         self._replace_all(failed, lambda rank: self._collective_source(rank, live, steps))
         self.setup()  # everyone leaves the broken group and joins one at a fresh address
+        self._after_reform(live)
         handles = self._handles()
         everyone = [f"worker {r}" for r in range(len(handles))]
-        self._after_reform(live)
-        now = get_all([h.stats.remote() for h in handles], self.timeout_s, everyone)
-        target = self.step + args[0][0]
-        retry = {r: (max(target - s["steps"], 0), *args[r][1:]) for r, s in enumerate(now)}
-        self.log.warning(f"collective group re-formed with {len(handles)} workers; the round goes on")
-        return self._call_ranks(method, retry, 1)
+        return get_all([h.stats.remote() for h in handles], self.timeout_s, everyone)
+
+
+def _live(ranks: Iterable[int], failed: list[Failure]) -> list[int]:
+    """``ranks`` without those of ``failed``."""
+    lost = {f.rank for f in failed}
+    return [r for r in ranks if r not in lost]
+
+
+def _what(exc: Exception) -> str:
+    """An error met during a recovery, in a few words: the actor error it stands for."""
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+    return type(cause).__name__
 
 
 def _lost(failures: list[Failure]) -> list[Failure]:
