@@ -86,6 +86,25 @@ class Coordinator:
         left with no live worker anywhere restarts from."""
         self.last_checkpoint = path
 
+    def _checkpoint_source(self, rank: int | None = None) -> tuple[list[Any], str]:
+        """No live worker to restart from: worker ``rank``'s weights in the run's newest
+        checkpoint (read here, once per such recovery), or, ``rank`` not saved or None, its
+        leader's; without a usable checkpoint, the initial weights (wrapped, and their name)."""
+        if self.last_checkpoint is None:
+            return [None], "the initial weights"
+        import ray
+
+        from lsgd_ray.checkpoint import CheckpointError, leader_worker, load_latest  # imports torch: only here
+
+        try:
+            state, where = load_latest(self.last_checkpoint)
+        except CheckpointError as exc:
+            self.log.warning(f"checkpoint {self.last_checkpoint} unusable ({exc}): starting from the initial weights")
+            return [None], "the initial weights"
+        saved = {w["rank"]: w for w in state["workers"]}
+        source = saved[rank] if rank in saved else leader_worker(state)
+        return [ray.put(source["weights"].numpy())], f"worker {source['rank']}'s weights in checkpoint {where.name}"
+
     def add_events(self, events: list[dict[str, Any]]) -> None:
         self.events.extend(events)
 

@@ -72,10 +72,13 @@ class Gossip(PeerCoordinator):
         # (its own are gone): gossip drives every worker toward that consensus, and it is the
         # model this algorithm evaluates. One neighbour's would tie it to that neighbour's
         # drift, and under a rotation it may have no active neighbour this round. Before any
-        # publication every worker still holds the shared initial weights.
+        # publication every worker still holds the shared initial weights; once every other
+        # worker's published weights are lost too (two workers, both struck), its own weights
+        # in the last checkpoint are the nearest left.
         others = [ref for r, ref in enumerate(self.published or []) if r != rank and r not in self.lost]
         if not others:
-            return [None], (args[0], 1.0, []), "the initial weights"
+            source, origin = self._checkpoint_source(rank) if self.published else ([None], "the initial weights")
+            return source, (args[0], 1.0, []), origin
         share = 1.0 / len(others)
         return [None], (args[0], 0.0, [share] * len(others), *others), "the mean of the other workers' weights"
 

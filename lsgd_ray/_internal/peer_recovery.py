@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
-from lsgd_ray._internal.protocol import Failure, FailureKind
+from lsgd_ray._internal.protocol import EveryWorkerLost, Failure, FailureKind
 from lsgd_ray._internal.waiting import LATE, ActorTimeoutError, get_all, replies_or_deaths
 
 if TYPE_CHECKING:
@@ -285,7 +285,7 @@ class PeerRecovery(Coordinator):
         for attempt in range(1, RECOVER_ATTEMPTS + 1):
             live = _live(live, failed)
             if not live:
-                raise RuntimeError("every worker of the collective group was lost: continue the run with --resume")
+                raise EveryWorkerLost("every worker of the collective group was lost")
             try:
                 now = self._reform_collective(live, failed)
                 break

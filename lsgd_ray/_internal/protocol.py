@@ -126,6 +126,11 @@ class Failure:
         }[self.kind]
 
 
+class EveryWorkerLost(RuntimeError):
+    """A synchronous peer's round lost every worker at once (its collective has no survivor to
+    restart the others from): the driver puts the run's last checkpoint into new workers."""
+
+
 def event_key(event: dict[str, Any]) -> tuple[Any, ...]:
     """What tells one event from another (an event's time is taken once, where it happens)."""
     return (event["event"], event.get("rank"), event.get("group"), event.get("time"))

@@ -19,7 +19,7 @@ import ray
 
 from lsgd_ray._internal.driver.base import T
 from lsgd_ray._internal.driver.state import RunState
-from lsgd_ray._internal.protocol import event_key
+from lsgd_ray._internal.protocol import EveryWorkerLost, event_key
 from lsgd_ray._internal.waiting import answers, get_all
 from lsgd_ray.checkpoint import load_latest
 
@@ -45,30 +45,40 @@ class Supervisor(RunState):
         """A new coordinator, continuing from this run's last checkpoint (the LocalLeaders and
         workers live on, but their state is rolled back to it so every part of the run
         agrees), or, without a checkpoint, from the workers' current weights."""
-        cfg = self.config
         for ll in self.local_leaders:  # let a round still running finish; a lost group is handled below
             with contextlib.suppress(ray.exceptions.RayActorError):
                 ray.get(ll.settle.remote(), timeout=self.deadlines.start_s)
         known = self._events_known  # the dead coordinator's events, as last seen here
         self.global_leader = self._make_coordinator()
+        self._continue(reason, known, "coordinator_restarted", f"coordinator {reason}: restarted")
+
+    def _restore_in_place(self, reason: str) -> None:
+        """A peer's round lost every worker at once (``EveryWorkerLost``): the same coordinator
+        re-forms the lost groups and replaces the workers, and the run's last checkpoint is put
+        into every worker; the run goes on from it."""
+        self.status()  # the coordinator's events so far (its recovery's among them)
+        self._continue(reason, [], "checkpoint_restored", f"{reason}: every worker restarted from the checkpoint")
+
+    def _continue(self, reason: str, known: list[dict[str, Any]], kind: str, done: str) -> None:
+        """The coordinator (new, or one whose workers were all lost) revives its groups and
+        sets up; then the run goes on from its last checkpoint (or, without one, from the
+        workers' current weights). ``known``: a dead coordinator's events, as last seen here;
+        ``kind``: the event's; ``done``: what is said of it."""
+        cfg = self.config
         # a LocalLeader that the dead coordinator re-formed was owned by it, and died with it:
         # asked, then re-formed one after another, then their workers reset
         d = self.deadlines
         revive_s = d.call_s + len(self.local_leaders) * d.nested_start_s + d.replace_s
         for attempt in range(1, SETUP_ATTEMPTS + 1):
             try:
-                get_all([self.global_leader.revive_groups.remote()], revive_s, ["new coordinator"])
-                get_all([self.global_leader.setup.remote()], d.nested_start_s, ["new coordinator"])
+                get_all([self.global_leader.revive_groups.remote()], revive_s, ["coordinator"])
+                get_all([self.global_leader.setup.remote()], d.nested_start_s, ["coordinator"])
                 break
             except ray.exceptions.RayTaskError as exc:  # an actor it called died or hung meanwhile: revived again
                 if attempt == SETUP_ATTEMPTS or not isinstance(exc.cause, ray.exceptions.RayActorError | TimeoutError):
                     raise
-                self._say(
-                    f"lsgd-ray: an actor died while the new coordinator set up ({type(exc.cause).__name__}): again"
-                )
-        # this run's own newest checkpoint (or the one it resumed from), never one that another
-        # run left in the same output directory
-        own = next((c for c in reversed(self.checkpoints) if os.path.isdir(c)), self.resumed_from)
+                self._say(f"lsgd-ray: an actor died while the coordinator set up ({type(exc.cause).__name__}): again")
+        own = self._own_checkpoint()
         # before it re-forms a group lost meanwhile: from the checkpoint if no worker is left,
         # at the run's step as last seen here (not at 0)
         ray.get(self.global_leader.note_checkpoint.remote(own))
@@ -77,7 +87,7 @@ class Supervisor(RunState):
         earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
         self._refresh_handles()  # and workers replaced while it was down have new handles
         earlier = self._events_taken_by_the_dead(known + earlier) + earlier
-        event = {"event": "coordinator_restarted", "reason": reason, "time": time.time(), "from_checkpoint": None}
+        event = {"event": kind, "reason": reason, "time": time.time(), "from_checkpoint": None}
         if own:  # workers it lacks or has beyond this run's: see _restore
             state, where = load_latest(own)
             reached = {s["rank"]: s["steps"] for s in self.worker_stats()}
@@ -95,7 +105,7 @@ class Supervisor(RunState):
                 self._refresh_handles()
                 stats = self.worker_stats()
             if not stats:
-                raise RuntimeError(f"coordinator {reason}, and no worker answered: nothing to continue from")
+                raise RuntimeError(f"{done}, and no worker answered: nothing to continue from")
             steps = min(s["steps"] for s in stats)
             event["steps_lost"] = 0  # the workers go on from where they are
             total = steps * len(self.workers) if cfg.mode == "async" else 0  # async counts steps summed
@@ -104,7 +114,12 @@ class Supervisor(RunState):
         events = [*known, *earlier, event]  # a checkpoint's events are a part of those already seen
         ray.get(self.global_leader.set_state.remote({"events": events}))
         self._events_seen, self._events_known = len(events), events
-        self._say(f"lsgd-ray: coordinator {reason}: restarted, continuing from step {event['step']}")
+        self._say(f"lsgd-ray: {done}, continuing from step {event['step']}")
+
+    def _own_checkpoint(self) -> str | None:
+        """This run's own newest checkpoint (or the one it resumed from), never one that
+        another run left in the same output directory."""
+        return next((c for c in reversed(self.checkpoints) if os.path.isdir(c)), self.resumed_from)
 
     def _events_taken_by_the_dead(self, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The LocalLeaders' events that a coordinator took and died with before this driver
@@ -114,7 +129,9 @@ class Supervisor(RunState):
         return sorted((e for reply in replies if reply for e in reply), key=lambda e: e["time"])
 
     def _supervised(self, call: Callable[[], T]) -> T:
-        """``call()``; if the coordinator dies meanwhile, it is restarted and ``call`` made again."""
+        """``call()``; if the coordinator dies meanwhile, it is restarted and ``call`` made again;
+        if a round lost every worker, the run goes on from its last checkpoint."""
+        restores = 0
         while True:
             try:
                 return call()
@@ -122,6 +139,15 @@ class Supervisor(RunState):
                 if not self._coordinator_died(exc):
                     raise
                 self._restart_coordinator(f"died ({type(exc).__name__})")
+            except ray.exceptions.RayTaskError as exc:
+                if not isinstance(exc.cause, EveryWorkerLost):
+                    raise
+                if self._own_checkpoint() is None:
+                    raise RuntimeError(f"{exc.cause}, and this run has no checkpoint yet to continue from") from exc
+                restores += 1
+                if restores > RESTART_ATTEMPTS:
+                    raise
+                self._restore_in_place(str(exc.cause))
 
     def _coordinator_died(self, exc: ray.exceptions.RayActorError) -> bool:
         """Whether ``exc``, raised by a call between rounds, means the coordinator itself died
