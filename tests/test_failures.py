@@ -435,3 +435,35 @@ def test_an_async_worker_that_diverged_and_finished_before_its_peers_reported_is
     assert {e["rank"] for e in result.events if e["event"] == "worker_reset"} == {3}, result.events
     assert stats[3]["resets"] == 1
     assert math.isfinite(float(weights[3].sum()))
+
+
+def dies_when_reset(times, counter):
+    """A Worker class whose new rank-0 process SIGKILLs itself as its group re-forms (reset at a
+    step count), the first ``times`` times in a run (``counter``: a file, one byte a death)."""
+
+    class DiesWhenReset(Worker):
+        def reset_to(self, weights, steps=None):
+            deaths = os.path.getsize(counter) if os.path.exists(counter) else 0
+            if self.rank == 0 and steps is not None and deaths < times:
+                with open(counter, "a") as f:
+                    f.write("x")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().reset_to(weights, steps)
+
+    return DiesWhenReset
+
+
+@pytest.mark.timeout(300)
+def test_the_last_group_is_re_formed_past_three_failed_attempts(tmp_path):
+    """A chaos run's abort (LSGD, one group left): three new LocalLeaders of the last group died
+    in a row while it re-formed, and after three attempts the run stopped. The last group, which
+    cannot be dropped, is tried longer (attempts 2 s apart); the run completes."""
+    counter = str(tmp_path / "deaths")
+    cfg = config(tmp_path, num_groups=1, straggler_delay_s={0: 0.02, 1: 0.02})
+    with Trainer(MODEL, DATA, cfg, worker_cls=dies_when_reset(3, counter)) as trainer:
+        strike_leader = threading.Timer(1.0, ray.kill, (trainer.local_leaders[0],))
+        strike_leader.start()
+        result = trainer.fit()
+    assert os.path.getsize(counter) == 3, "the re-formed group's workers did not die three times"
+    assert [e["group"] for e in result.events if e["event"] == "group_replaced"] == [0], result.events
+    assert result.status == "completed" and result.steps_per_worker == 120, result.error

@@ -22,6 +22,10 @@ from lsgd_ray.topology import GroupPlan
 
 NO_ROOM = "no live node has the free resources for its workers"
 REFORM_ATTEMPTS = 3  # re-forming a lost group, before it is dropped
+# the last group cannot be dropped: it is tried longer before the run stops (a chaos run's
+# killer struck three of its new LocalLeaders in a row)
+LAST_GROUP_ATTEMPTS = 10
+REFORM_PAUSE_S = 2.0  # between attempts: time for the cluster to mark a removed node dead
 REJOIN_CHECK_S = 2.0  # synchronous mode: how often the rounds look for room for a dropped group
 
 
@@ -97,21 +101,6 @@ class LeaderRecovery(Coordinator):
         origin = "the leader's weights" if rank == self.leader else f"worker {rank}'s weights"
         return [handles[rank].get_weights.remote(count=False)], origin
 
-    def _checkpoint_source(self) -> tuple[list[ray.ObjectRef | None], str]:
-        """No live worker anywhere: the leader's weights in the run's newest checkpoint (read
-        here, once per such recovery), else the initial weights."""
-        if self.last_checkpoint is None:
-            return [None], "the initial weights"
-        from lsgd_ray.checkpoint import CheckpointError, leader_worker, load_latest  # imports torch: only here
-
-        try:
-            state, where = load_latest(self.last_checkpoint)
-        except CheckpointError as exc:
-            self.log.warning(f"checkpoint {self.last_checkpoint} unusable ({exc}): starting from the initial weights")
-            return [None], "the initial weights"
-        source = leader_worker(state)
-        return [ray.put(source["weights"].numpy())], f"worker {source['rank']}'s weights in checkpoint {where.name}"
-
     def _recover_group(self, g: int, reason: str) -> None:
         plan, name = self.plans[g], self._names[g]
         self._worker_handles = None
@@ -122,8 +111,11 @@ class LeaderRecovery(Coordinator):
             "step": self.step,
             "time": time.time(),
         }
-        failures = []
-        for _ in range(REFORM_ATTEMPTS):  # a failure amid the re-forming (its new worker lost) tries again
+        failures: list[str] = []
+        # a failure amid the re-forming (its new LocalLeader or worker lost) tries again
+        while len(failures) < (REFORM_ATTEMPTS if len(self.plans) > 1 else LAST_GROUP_ATTEMPTS):
+            if failures:
+                time.sleep(REFORM_PAUSE_S)
             failure = self._reform(plan, name, reason, event)
             if failure is None:
                 return
