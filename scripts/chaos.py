@@ -329,7 +329,7 @@ def chaos_run(name: str, args) -> dict[str, Any]:
                 sampler.join(timeout=120)
             result = box.get("result")
             if result is not None:
-                out["status"], out["error"] = result.status, result.error
+                out["status"], out["error"] = outcome(result)
             else:
                 exc = box["error"]
                 out["status"], out["error"] = "aborted", f"{type(exc).__name__}: {exc}"
@@ -379,6 +379,14 @@ def _evaluation_times(begin: float, history: list[dict]) -> list[float]:
         eval_s += h.get("eval_s", 0.0)
         times.append(begin + h["train_s"] + eval_s)
     return times
+
+
+def outcome(result: Any) -> tuple[str, str | None]:
+    """A finished run's status and error for the report: a run that survived every strike but
+    never made a step (its recoveries took the whole budget) is "stalled", not "completed"."""
+    if result.steps_per_worker == 0:
+        return "stalled", "no worker made a step in the run's budget"
+    return result.status, result.error
 
 
 def summarize(out: dict[str, Any]) -> dict[str, Any]:
@@ -431,9 +439,10 @@ def table(report: dict) -> str:
     total = sum(r["summary"]["injected"] for r in report["runs"])
     survived = sum(r["summary"]["recovered"] for r in report["runs"])
     aborts = sum(r["summary"]["status"] == "aborted" for r in report["runs"])
+    stalls = sum(r["summary"]["status"] == "stalled" for r in report["runs"])
     open_ = sum(r["summary"].get("open_at_end", 0) for r in report["runs"])
     lines.append(f"\n{survived} of {total} injected failures recovered, {open_} open when the run ended; "
-                 f"{aborts} run abort(s)")  # fmt: skip
+                 f"{aborts} run abort(s), {stalls} run(s) with no step")  # fmt: skip
     return "\n".join(lines)
 
 

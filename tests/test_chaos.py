@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lsgd_ray.results import FitResult
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -58,6 +60,17 @@ def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_none_ser
     assert summary["store_mib_first_last_max"] == [1.0, 3.0, 3.0]
     aborted = chaos.summarize({"status": "aborted", "strikes": rows})
     assert aborted["recovered"] == 0  # an aborted run survived nothing
+
+
+def test_a_run_that_survived_every_strike_but_made_no_step_is_reported_stalled():
+    def result(steps, status="completed"):
+        return FitResult("out", status, "dpsgd", "average of the workers", 0.13, 2.3, -1, steps, 0)
+
+    assert chaos.outcome(result(0)) == ("stalled", "no worker made a step in the run's budget")
+    assert chaos.outcome(result(96)) == ("completed", None)
+    assert chaos.outcome(result(96, "diverged")) == ("diverged", None)
+    report = {"runs": [{"algorithm": "dpsgd", "summary": chaos.summarize({"status": "stalled", "strikes": []})}]}
+    assert chaos.table(report).endswith("0 run abort(s), 1 run(s) with no step")
 
 
 @pytest.mark.slow
