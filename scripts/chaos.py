@@ -383,8 +383,10 @@ def _evaluation_times(begin: float, history: list[dict]) -> list[float]:
 
 def outcome(result: Any) -> tuple[str, str | None]:
     """A finished run's status and error for the report: a run that survived every strike but
-    never made a step (its recoveries took the whole budget) is "stalled", not "completed"."""
-    if result.steps_per_worker == 0:
+    never made a step (its recoveries took the whole budget) is "stalled", not "completed"
+    (the steps of the workers that answered at the end, and of every evaluation)."""
+    steps = max([result.steps_per_worker, *(h.get("step", 0) for h in result.history)])
+    if result.status == "completed" and steps == 0:
         return "stalled", "no worker made a step in the run's budget"
     return result.status, result.error
 

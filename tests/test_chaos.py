@@ -63,12 +63,14 @@ def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_none_ser
 
 
 def test_a_run_that_survived_every_strike_but_made_no_step_is_reported_stalled():
-    def result(steps, status="completed"):
-        return FitResult("out", status, "dpsgd", "average of the workers", 0.13, 2.3, -1, steps, 0)
+    def result(steps, status="completed", evaluated_at=()):
+        history = [{"step": step} for step in evaluated_at]
+        return FitResult("out", status, "dpsgd", "average of the workers", 0.13, 2.3, -1, steps, 0, history)
 
-    assert chaos.outcome(result(0)) == ("stalled", "no worker made a step in the run's budget")
+    assert chaos.outcome(result(0, evaluated_at=[0, 0])) == ("stalled", "no worker made a step in the run's budget")
     assert chaos.outcome(result(96)) == ("completed", None)
-    assert chaos.outcome(result(96, "diverged")) == ("diverged", None)
+    assert chaos.outcome(result(0, evaluated_at=[0, 48])) == ("completed", None)  # no worker answered at the end
+    assert chaos.outcome(result(0, "diverged")) == ("diverged", None)
     report = {"runs": [{"algorithm": "dpsgd", "summary": chaos.summarize({"status": "stalled", "strikes": []})}]}
     assert chaos.table(report).endswith("0 run abort(s), 1 run(s) with no step")
 

@@ -475,44 +475,10 @@ def test_an_actor_lost_while_the_collective_re_forms_is_replaced_in_turn(tmp_pat
         np.testing.assert_allclose(w, weights[0], rtol=0, atol=1e-6)
 
 
-def all_killed_at(step, flag):
-    """A Worker class whose every process SIGKILLs itself right after its step ``step``, once
-    per rank and run (``flag`` + rank, a file, tells the replacement not to do it again)."""
-
-    class AllKilledAt(Worker):
-        def _step(self):
-            super()._step()
-            mine = f"{flag}{self.rank}"
-            if self.steps == step and not os.path.exists(mine):
-                open(mine, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return AllKilledAt
-
-
-@pytest.mark.timeout(300)
-def test_a_collective_that_loses_every_worker_goes_on_from_the_last_checkpoint(tmp_path):
-    """A chaos run's abort (local SGD, two workers): a node removed and the other worker killed
-    in the same round left no survivor to restart the group from. The same coordinator replaces
-    them all and the run's last checkpoint is put into every worker; the run completes."""
-    cfg = config(tmp_path, "data_parallel", num_groups=2, workers_per_group=1, checkpoint_every_steps=16)
-    with Trainer(MODEL, DATA, cfg, worker_cls=all_killed_at(37, str(tmp_path / "killed"))) as trainer:
-        result = trainer.fit()
-        weights = trainer.worker_weights()
-    restored = [e for e in result.events if e["event"] == "checkpoint_restored"]
-    assert len(restored) == 1, result.events
-    assert "every worker of the collective group was lost" in restored[0]["reason"]
-    # the round that lost them began at the checkpoint's step: it is done again from there
-    assert restored[0]["from_checkpoint"].endswith("step-000000032") and restored[0]["step"] == 32, restored
-    assert sorted(e["rank"] for e in result.events if e["event"] == "worker_replaced") == [0, 1], result.events
-    assert result.status == "completed" and result.steps_per_worker == 96, result.error
-    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
-    np.testing.assert_array_equal(weights[1], weights[0])
-
-
-def kills_a_local_leader_and_itself(step, flag):
-    """A Worker class whose rank 0, right after its step ``step``, SIGKILLs the LocalLeader
-    whose pid is in the file ``flag + ".pid"``, then itself (once per run: ``flag``)."""
+def kills_a_pid_and_itself(step, flag):
+    """A Worker class whose rank 0, right after its step ``step``, SIGKILLs the process (another
+    worker, a LocalLeader) whose pid is in the file ``flag + ".pid"``, then itself (once per
+    run: ``flag``): two losses in one round."""
 
     class KillsBoth(Worker):
         def _step(self):
@@ -527,6 +493,30 @@ def kills_a_local_leader_and_itself(step, flag):
 
 
 @pytest.mark.timeout(300)
+def test_a_collective_that_loses_every_worker_goes_on_from_the_last_checkpoint(tmp_path):
+    """A chaos run's abort (local SGD, two workers): a node removed and the other worker killed
+    in the same round left no survivor to restart the group from. The same coordinator replaces
+    them all and the run's last checkpoint is put into every worker; the run completes."""
+    cfg = config(tmp_path, "data_parallel", num_groups=2, workers_per_group=1, checkpoint_every_steps=16)
+    flag = str(tmp_path / "killed")
+    with Trainer(MODEL, DATA, cfg, worker_cls=kills_a_pid_and_itself(37, flag)) as trainer:
+        with open(flag + ".pid", "w") as f:
+            f.write(str(pids(trainer)[1][0]))  # worker 1, killed by worker 0 with itself
+        result = trainer.fit()
+        weights = trainer.worker_weights()
+    assert os.path.exists(flag), "worker 0 never struck"
+    restored = [e for e in result.events if e["event"] == "checkpoint_restored"]
+    assert len(restored) == 1, result.events
+    assert "every worker of the collective group was lost" in restored[0]["reason"]
+    # the round that lost them began at the checkpoint's step: it is done again from there
+    assert restored[0]["from_checkpoint"].endswith("step-000000032") and restored[0]["step"] == 32, restored
+    assert sorted(e["rank"] for e in result.events if e["event"] == "worker_replaced") == [0, 1], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+    np.testing.assert_array_equal(weights[1], weights[0])
+
+
+@pytest.mark.timeout(300)
 def test_a_gossip_worker_left_with_no_published_weights_restarts_from_its_checkpoint(tmp_path):
     """A chaos run's lost accuracy (D-PSGD, two workers): worker 0 died in the round in which
     the other group's LocalLeader died with the weights it published. Worker 0's replacement
@@ -534,7 +524,7 @@ def test_a_gossip_worker_left_with_no_published_weights_restarts_from_its_checkp
     weights in the run's last checkpoint (the other from worker 0's last published ones)."""
     cfg = config(tmp_path, "dpsgd", num_groups=2, workers_per_group=1, checkpoint_every_steps=16)
     flag = str(tmp_path / "killed")
-    with Trainer(MODEL, DATA, cfg, worker_cls=kills_a_local_leader_and_itself(37, flag)) as trainer:
+    with Trainer(MODEL, DATA, cfg, worker_cls=kills_a_pid_and_itself(37, flag)) as trainer:
         pid = ray.get(trainer.local_leaders[1].__ray_call__.remote(lambda _: os.getpid()))
         with open(flag + ".pid", "w") as f:
             f.write(str(pid))

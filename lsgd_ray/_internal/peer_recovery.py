@@ -134,6 +134,7 @@ class PeerRecovery(Coordinator):
         """Every worker to restart, found by asking: each group whose LocalLeader died is
         re-formed (its new workers are to be restarted), and every other worker is probed
         (dead, or hung past the timeout)."""
+        self._worker_handles = None  # a recovery cut short may have replaced some meanwhile
         calls = [ll.worker_handles.remote() for ll in self.local_leaders]
         why: dict[int, str] = {}
         for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names)):
@@ -225,6 +226,7 @@ class PeerRecovery(Coordinator):
             )
             owners.append(g)
         names = [f"replacement of worker {f.rank}" for f in failed]
+        self._worker_handles = None  # the new workers have new handles (also if this wait fails)
         replies = replies_or_deaths(calls, self.deadlines.replace_s, names)
         dead = {g: died for g, (_, died) in zip(owners, replies) if died}
         self._fresh.difference_update(f.rank for f, g in zip(failed, owners) if g not in dead)
@@ -235,7 +237,6 @@ class PeerRecovery(Coordinator):
             [f"LocalLeader {g}" for g in groups],
         ):
             self.events.extend(events)
-        self._worker_handles = None  # the new workers have new handles
         lost = []
         for g, died in dead.items():
             self._reform_group(g, f"its LocalLeader {died} while its workers were replaced")
@@ -282,39 +283,39 @@ class PeerRecovery(Coordinator):
         An actor lost meanwhile (a survivor, a replacement, a LocalLeader whose node went) is
         found and replaced in turn, and the group formed again."""
         live = _live(range(len(args)), failed)
+        pending = failed  # to replace: kept until replaced, as a hung one answers a probe
         for attempt in range(1, RECOVER_ATTEMPTS + 1):
-            live = _live(live, failed)
+            live = _live(live, pending)
             if not live:
                 raise EveryWorkerLost("every worker of the collective group was lost")
             try:
-                now = self._reform_collective(live, failed)
+                self._replace_members(pending, live)
+                pending = []
+                self.setup()  # everyone leaves the broken group and joins one at a fresh address
+                self._after_reform(live)
+                handles = self._handles()
+                everyone = [f"worker {r}" for r in range(len(handles))]
+                now = get_all([h.stats.remote() for h in handles], self.timeout_s, everyone)
                 break
             except (ray.exceptions.RayError, ActorTimeoutError) as exc:
-                failed = self._find_lost()  # none: not a loss but an error of a worker's own code
-                if not failed or attempt == RECOVER_ATTEMPTS:
+                found = self._find_lost()  # none, and none pending: a worker's own error
+                if not (found or pending) or attempt == RECOVER_ATTEMPTS:
                     raise
-                ranks = ", ".join(str(f.rank) for f in failed)
+                pending = list({f.rank: f for f in [*pending, *found]}.values())
+                ranks = ", ".join(str(f.rank) for f in pending)
                 self.log.warning(f"{_what(exc)} while the collective group re-formed; worker(s) {ranks} lost: again")
         target = self.step + args[0][0]
         retry = {r: (max(target - s["steps"], 0), *args[r][1:]) for r, s in enumerate(now)}
         self.log.warning(f"collective group re-formed with {len(now)} workers; the round goes on")
         return self._call_ranks(method, retry, 1)
 
-    def _reform_collective(self, live: list[int], failed: list[Failure]) -> list[dict[str, Any]]:
-        """One try of ``_recover_collective``: the lost workers replaced, every worker in a new
-        group, made consistent with the ``live`` ones; every worker's stats then."""
+    def _replace_members(self, failed: list[Failure], live: list[int]) -> None:
+        """Replace the lost members of the collective from the ``live`` ones (``_collective_source``)."""
         handles = self._handles()
         names = [f"worker {r}" for r in live]
-        steps = {
-            r: s["steps"]
-            for r, s in zip(live, get_all([handles[r].stats.remote() for r in live], self.timeout_s, names))
-        }
+        stats = get_all([handles[r].stats.remote() for r in live], self.timeout_s, names)
+        steps = {r: s["steps"] for r, s in zip(live, stats)}
         self._replace_all(failed, lambda rank: self._collective_source(rank, live, steps))
-        self.setup()  # everyone leaves the broken group and joins one at a fresh address
-        self._after_reform(live)
-        handles = self._handles()
-        everyone = [f"worker {r}" for r in range(len(handles))]
-        return get_all([h.stats.remote() for h in handles], self.timeout_s, everyone)
 
 
 def _live(ranks: Iterable[int], failed: list[Failure]) -> list[int]:

@@ -28,6 +28,9 @@ from lsgd_ray.checkpoint import load_latest
 # one in six of them the coordinator) killed ten new coordinators in a row before one was up
 RESTART_ATTEMPTS = 25
 SETUP_ATTEMPTS = 10  # a new coordinator whose set-up met an actor dying meanwhile (a LocalLeader) sets up again
+# restores from the checkpoint after every worker was lost, in one supervised call: a loss that
+# comes back each time (every worker OOM-killed at the same batch) must end the run
+RESTORE_ATTEMPTS = 3
 
 
 class Supervisor(RunState):
@@ -55,8 +58,7 @@ class Supervisor(RunState):
     def _restore_in_place(self, reason: str) -> None:
         """A peer's round lost every worker at once (``EveryWorkerLost``): the same coordinator
         re-forms the lost groups and replaces the workers, and the run's last checkpoint is put
-        into every worker; the run goes on from it."""
-        self.status()  # the coordinator's events so far (its recovery's among them)
+        into every worker; the run goes on from it. Synchronous runs only: their rounds raise it."""
         self._continue(reason, [], "checkpoint_restored", f"{reason}: every worker restarted from the checkpoint")
 
     def _continue(self, reason: str, known: list[dict[str, Any]], kind: str, done: str) -> None:
@@ -145,9 +147,14 @@ class Supervisor(RunState):
                 if self._own_checkpoint() is None:
                     raise RuntimeError(f"{exc.cause}, and this run has no checkpoint yet to continue from") from exc
                 restores += 1
-                if restores > RESTART_ATTEMPTS:
+                if restores > RESTORE_ATTEMPTS:
                     raise
-                self._restore_in_place(str(exc.cause))
+                try:
+                    self._restore_in_place(str(exc.cause))
+                except ray.exceptions.RayActorError as died:  # the coordinator too: it restores as it restarts
+                    if not self._coordinator_died(died):
+                        raise
+                    self._restart_coordinator(f"died while restoring ({type(died).__name__})")
 
     def _coordinator_died(self, exc: ray.exceptions.RayActorError) -> bool:
         """Whether ``exc``, raised by a call between rounds, means the coordinator itself died
