@@ -9,6 +9,8 @@ import math
 import threading
 from typing import TYPE_CHECKING, Any
 
+import ray
+
 from lsgd_ray._internal.protocol import actor_log
 from lsgd_ray._internal.waiting import Deadlines
 
@@ -88,12 +90,11 @@ class Coordinator:
 
     def _checkpoint_source(self, rank: int | None = None) -> tuple[list[Any], str]:
         """No live worker to restart from: worker ``rank``'s weights in the run's newest
-        checkpoint (read here, once per such recovery), or, ``rank`` not saved or None, its
-        leader's; without a usable checkpoint, the initial weights (wrapped, and their name)."""
+        checkpoint (read here, at each call: only when every source of live weights is gone),
+        or, ``rank`` not saved or None, its leader's; without a usable checkpoint, the initial
+        weights (wrapped, and their name)."""
         if self.last_checkpoint is None:
             return [None], "the initial weights"
-        import ray
-
         from lsgd_ray.checkpoint import CheckpointError, leader_worker, load_latest  # imports torch: only here
 
         try:
