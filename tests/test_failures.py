@@ -4,6 +4,7 @@ its node from the leader's weights; a worker whose loss turns NaN is reset and n
 import functools
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -291,7 +292,10 @@ def test_groups_with_no_live_worker_anywhere_restart_from_the_runs_checkpoint(tm
         ray.get(trainer.global_leader.repair_groups.remote())
         events = trainer.status()["events"]
         restarted = [ray.get(w.get_weights.remote(count=False)) for w in trainer.workers]
+        # the new LocalLeaders know it too: a worker of theirs that loses every other source restarts from it
+        known = {ray.get(ll.__ray_call__.remote(lambda self: self.last_checkpoint)) for ll in trainer.local_leaders}
     formed = [e for e in events if e["event"] == "group_replaced"]
+    assert known == {trainer.checkpoints[-1]}, known
     assert sorted(e["group"] for e in formed) == [0, 1], events
     assert "in checkpoint" in formed[0]["from"]  # the first re-formed: no survivor anywhere
     assert all((w == saved).all() for w in restarted)
@@ -353,9 +357,10 @@ class LeaderThatHangs(Worker):
     weights that never come, and must not be taken for hung themselves."""
 
     marker = ""  # a file: the hung worker's rank and pid
+    after_step = 30
 
     def get_weights(self, count=True):
-        if count and self.group == 1 and self.steps >= 30:
+        if count and self.group == 1 and self.steps >= self.after_step:
             try:
                 fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
@@ -379,6 +384,41 @@ def test_a_leader_that_hangs_while_publishing_is_the_only_worker_replaced(tmp_pa
     assert rank in (2, 3) and [e["rank"] for e in replaced] == [rank], result.events
     assert "no answer within 4s" in replaced[0]["reason"]
     assert result.status == "completed" and result.steps_per_worker == 120
+
+
+def test_a_lone_leader_that_hangs_while_publishing_is_replaced_from_the_checkpoint(tmp_path):
+    """A chaos run's near-chance end: a group's only worker hung while publishing its weights,
+    so the weights its LocalLeader last published never came, and there was no global pull to
+    take (``lam_global=0``). Its replacement started from the initial weights; it now starts
+    from the leader's weights in the run's newest checkpoint."""
+    marker = tmp_path / "hung"
+    worker_cls = type("LoneLeaderThatHangs", (LeaderThatHangs,), {"marker": str(marker), "after_step": 20})
+    lsgd = LSGDConfig(tau=4, tau_global=8, lam_global=0.0)
+    cfg = config(tmp_path, num_groups=2, workers_per_group=1, lsgd=lsgd, actor_timeout_s=4.0, checkpoint_every_steps=16)
+    with Trainer(MODEL, DATA, cfg, worker_cls=worker_cls) as trainer:
+        try:
+            result = trainer.fit()
+        finally:
+            rank, pid = map(int, marker.read_text().split()) if marker.exists() else (-1, -1)
+            os.kill(pid, signal.SIGKILL) if pid > 0 and _alive(pid) else None
+    (replaced,) = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert rank == 1 and replaced["rank"] == 1 and "no answer within 4s" in replaced["reason"], result.events
+    assert re.fullmatch(r"worker [01]'s weights in checkpoint step-000000016", replaced["from"]), replaced
+    assert result.status == "completed" and result.steps_per_worker == 120, result.error
+
+
+def test_a_coordinator_restarted_as_the_result_is_written_evaluates_the_restored_weights(tmp_path):
+    """The coordinator died after the final evaluation: its restart, as the result is written,
+    rolls the run back to its last checkpoint, history included. The final evaluation is made
+    again, of the weights saved, instead of reporting one of weights no longer there."""
+    with Trainer(MODEL, DATA, config(tmp_path, max_steps=16, checkpoint_every_steps=8)) as trainer:
+        first = trainer.fit()
+        dead(trainer.global_leader, probe="local_leader_handles")
+        second = trainer._write_result(None)
+    assert [e["event"] for e in second.events][-1] == "coordinator_restarted", second.events
+    assert len(first.history) == len(second.history) == 1, (first.history, second.history)
+    assert second.final_test_accuracy == second.history[-1]["test_accuracy"], second
+    assert second.history[-1]["step"] == 16 and second.status == "completed"
 
 
 def _alive(pid):

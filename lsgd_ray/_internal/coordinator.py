@@ -9,10 +9,9 @@ import math
 import threading
 from typing import TYPE_CHECKING, Any
 
-import ray
-
+from lsgd_ray._internal.group_repair import checkpoint_source
 from lsgd_ray._internal.protocol import actor_log
-from lsgd_ray._internal.waiting import Deadlines
+from lsgd_ray._internal.waiting import Deadlines, answers
 
 if TYPE_CHECKING:
     from lsgd_ray._internal.local_leader import LocalLeaderFactory
@@ -85,26 +84,16 @@ class Coordinator:
 
     def note_checkpoint(self, path: str | None) -> None:
         """The run's newest checkpoint, as the driver wrote (or resumed from) it: where a group
-        left with no live worker anywhere restarts from."""
+        left with no live worker anywhere restarts from, and (told to every LocalLeader) a
+        worker whose every other source of weights was lost."""
         self.last_checkpoint = path
+        answers(
+            [ll.note_checkpoint.remote(path) for ll in self.local_leaders], self.timeout_s
+        )  # a dead one: re-formed with it
 
     def _checkpoint_source(self, rank: int | None = None) -> tuple[list[Any], str]:
-        """No live worker to restart from: worker ``rank``'s weights in the run's newest
-        checkpoint (read here, at each call: only when every source of live weights is gone),
-        or, ``rank`` not saved or None, its leader's; without a usable checkpoint, the initial
-        weights (wrapped, and their name)."""
-        if self.last_checkpoint is None:
-            return [None], "the initial weights"
-        from lsgd_ray.checkpoint import CheckpointError, leader_worker, load_latest  # imports torch: only here
-
-        try:
-            state, where = load_latest(self.last_checkpoint)
-        except CheckpointError as exc:
-            self.log.warning(f"checkpoint {self.last_checkpoint} unusable ({exc}): starting from the initial weights")
-            return [None], "the initial weights"
-        saved = {w["rank"]: w for w in state["workers"]}
-        source = saved[rank] if rank in saved else leader_worker(state)
-        return [ray.put(source["weights"].numpy())], f"worker {source['rank']}'s weights in checkpoint {where.name}"
+        """No live worker to restart from: ``checkpoint_source`` of the run's newest checkpoint."""
+        return checkpoint_source(self.last_checkpoint, rank, self.log)
 
     def add_events(self, events: list[dict[str, Any]]) -> None:
         self.events.extend(events)

@@ -1,14 +1,16 @@
 """How a LocalLeader repairs its group: it learns which workers failed in a call (``Failure``:
 died, hung, or alive but waiting on an input a failed worker never gave) and replaces a lost
-worker by a new process on its node, started from the weights the caller names; a diverged
-worker (synchronous LSGD) is reset to the leader's weights."""
+worker by a new process on its node, started from the weights the caller names (those lost
+too: from the last weights it kept, else from the run's newest checkpoint); a diverged worker
+(synchronous LSGD) is reset to the leader's weights."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -19,6 +21,25 @@ from lsgd_ray._internal.waiting import Deadlines, get_all
 from lsgd_ray.topology import GroupPlan
 
 REPLACE_ATTEMPTS = 3  # a replacement that dies before it is ready is replaced in turn, this many times in all
+
+
+def checkpoint_source(path: str | None, rank: int | None, log: Any) -> tuple[list[ray.ObjectRef | None], str]:
+    """Where a worker restarts when no live weights are left: worker ``rank``'s weights in the
+    newest checkpoint under ``path`` (read at each call: only when every source of live weights
+    is gone), or, ``rank`` not saved or None, its leader's; with no usable checkpoint, the
+    initial weights (wrapped, and their name)."""
+    if path is None:
+        return [None], "the initial weights"
+    from lsgd_ray.checkpoint import CheckpointError, leader_worker, load_latest  # imports torch: only here
+
+    try:
+        state, where = load_latest(path)
+    except CheckpointError as exc:
+        log.warning(f"checkpoint {path} unusable ({exc}): starting from the initial weights")
+        return [None], "the initial weights"
+    saved = {w["rank"]: w for w in state["workers"]}
+    source = saved[rank] if rank in saved else leader_worker(state)
+    return [ray.put(source["weights"].numpy())], f"worker {source['rank']}'s weights in checkpoint {where.name}"
 
 
 class GroupRepair:
@@ -36,7 +57,13 @@ class GroupRepair:
     _in_flight: dict[tuple[int, str], ray.ObjectRef]
     _last_global: list[ray.ObjectRef | None]  # wrapped: the last global leader's weights received
     _last_published: list[ray.ObjectRef | None]  # wrapped: the group leader's last published (or start) weights
+    last_checkpoint: str | None  # the run's newest, as its coordinator last said (note_checkpoint)
     steps: int | None  # the group's step count after its last round (or its start)
+
+    def note_checkpoint(self, path: str | None) -> None:
+        """The run's newest checkpoint: where a worker restarts when every weights this
+        LocalLeader could restart it from were lost."""
+        self.last_checkpoint = path
 
     def _names(self) -> list[str]:
         return [f"worker {r} (group {self.plan.group})" for r in self.ranks]
@@ -102,17 +129,26 @@ class GroupRepair:
     def _weights_source(self, leader: int, global_pull: list[ray.ObjectRef] | None) -> tuple[ray.ObjectRef | None, str]:
         """Where a replaced or diverged worker restarts from, and its name: the group leader's
         weights; when the group has no usable worker, the global leader's sent with this call,
-        else the group leader's this LocalLeader last published (it owns them, so they outlive
-        a coordinator or another node), else the global leader's it last pulled toward."""
+        else the last weights this LocalLeader kept (``_kept_sources``)."""
         if leader >= 0:
             return self.workers[leader].get_weights.remote(count=False), "the leader's weights"
         if global_pull and global_pull[0] is not None:
             return global_pull[0], "the global leader's weights"
+        return next(self._kept_sources())
+
+    def _kept_sources(self) -> Iterator[tuple[ray.ObjectRef | None, str]]:
+        """The weights a worker can restart from when no live worker gives them, best first: the
+        group leader's this LocalLeader last published (it owns them, so they outlive a
+        coordinator or another node), the global leader's it last pulled toward, the leader's in
+        the run's newest checkpoint (read only if it comes to that), and last the initial weights
+        (``None``). A published reference may still be lost: its producer hung and was killed
+        before it answered (a lone worker, the leader of its group, hung while publishing)."""
         if self._last_published[0] is not None:
-            return self._last_published[0], "the group leader's last published weights"
+            yield self._last_published[0], "the group leader's last published weights"
         if self._last_global[0] is not None:
-            return self._last_global[0], "the global leader's last weights"
-        return None, "the initial weights"
+            yield self._last_global[0], "the global leader's last weights"
+        (ref,), origin = checkpoint_source(self.last_checkpoint, None, self.log)
+        yield ref, origin
 
     def replace_worker(
         self,
@@ -164,18 +200,25 @@ class GroupRepair:
     def _start_replacement(
         self, new: Any, name: str, source: list[ray.ObjectRef | None], steps: int | None, origin: str
     ) -> tuple[dict[str, Any], str]:
-        """Wait for ``new`` to start, then reset it to ``source`` (or, those weights lost, its
-        initial weights) at ``steps``: its ``ready()`` and the name of what it started from."""
+        """Wait for ``new`` to start, then reset it to ``source`` at ``steps``: its ``ready()``
+        and the name of what it started from. Weights lost before it read them (their producer
+        or owner died) give way to the next of ``_kept_sources``; no weights given (``None``):
+        the initial ones (the caller may load others after, as data-parallel does)."""
         info = get_all([new.ready.remote()], self.deadlines.start_s, [f"replacement {name}"])[0]
-        try:
-            if source and source[0] is not None:
-                get_all([new.reset_to.remote(source[0], steps)], self.deadlines.first_call_s, [f"replacement {name}"])
+        candidates: Iterator[tuple[ray.ObjectRef | None, str]] = iter([(None, origin)])
+        if source and source[0] is not None:
+            given = source[0]
+            kept = ((ref, kind) for ref, kind in self._kept_sources() if ref is None or ref != given)
+            candidates = itertools.chain([(given, origin)], kept)
+        for ref, origin in candidates:
+            try:
+                get_all([new.reset_to.remote(ref, steps)], self.deadlines.first_call_s, [f"replacement {name}"])
                 return info, origin
-        except RayTaskError:  # the leader's weights were lost too: start from the initial weights
-            origin = "the initial weights"
-        # no weights given: the initial ones (the caller may load others after, as data-parallel does)
-        get_all([new.reset_to.remote(None, steps)], self.deadlines.first_call_s, [f"replacement {name}"])
-        return info, origin
+            except RayTaskError as exc:  # those weights were lost: the next
+                if ref is None:
+                    raise
+                self.log.warning(f"{name}: {origin} were lost ({type(exc).__name__}): trying the next source")
+        raise AssertionError("unreachable: the initial weights are the last source")
 
     def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
         """Synchronous mode: workers whose loss went NaN/inf restart from the leader's weights."""

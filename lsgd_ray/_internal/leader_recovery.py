@@ -146,7 +146,7 @@ class LeaderRecovery(Coordinator):
         replacement, g = None, self.plans.index(plan)
         dead = self.local_leaders[g]
         try:
-            replacement = factory(target)
+            replacement = factory(target, self.last_checkpoint)
             get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new {name}"])
             g = self.plans.index(plan)  # a recovery nested in this one may have dropped another group
             self.local_leaders[g], self.plans[g] = replacement, target
@@ -215,7 +215,7 @@ class LeaderRecovery(Coordinator):
             if target is None:
                 continue
             try:
-                newcomer = self.make_local_leader(target)
+                newcomer = self.make_local_leader(target, self.last_checkpoint)
                 get_all([newcomer.ready.remote()], self.deadlines.nested_start_s, [f"LocalLeader {plan.group}"])
                 source, origin = self._survivor_source(exclude=plan.ranks)
                 get_all(

@@ -57,7 +57,8 @@ class LocalLeaderFactory:
     worker_cls: type
     timeout_s: float
 
-    def __call__(self, plan: GroupPlan) -> Any:
+    def __call__(self, plan: GroupPlan, checkpoint: str | None = None) -> Any:
+        """A new LocalLeader for ``plan``; ``checkpoint``: the run's newest (``note_checkpoint``)."""
         pinned = NodeAffinitySchedulingStrategy(plan.node_id, soft=False)
         actor = actor_class(LocalLeader, num_cpus=0, max_concurrency=LEADER_CONCURRENCY, scheduling_strategy=pinned)
         return actor.remote(
@@ -68,6 +69,7 @@ class LocalLeaderFactory:
             self.optimizer_factory,
             self.worker_cls,
             self.timeout_s,
+            checkpoint,
         )
 
     def placed(self, plan: GroupPlan) -> GroupPlan | None:
@@ -94,8 +96,10 @@ class LocalLeader(AsyncGroup):
         optimizer_factory: Any = None,
         worker_cls: type = Worker,
         timeout_s: float = 120.0,
+        checkpoint: str | None = None,
     ) -> None:
         self.plan, self.spec, self.timeout_s = plan, spec, timeout_s
+        self.last_checkpoint = checkpoint
         self.deadlines = Deadlines(timeout_s)
         self.log = actor_log(f"LocalLeader {plan.group}")
         pinned = NodeAffinitySchedulingStrategy(node_id=plan.node_id, soft=False)

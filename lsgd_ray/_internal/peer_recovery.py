@@ -193,7 +193,7 @@ class PeerRecovery(Coordinator):
                     f"{plan.num_workers} worker(s); {type(self).__name__} cannot go on with fewer workers: "
                     "continue the run with --resume on a cluster that has them"
                 )
-            replacement = self.make_local_leader(target)
+            replacement = self.make_local_leader(target, self.last_checkpoint)
             try:
                 get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new LocalLeader {g}"])
                 return replacement, target

@@ -130,13 +130,20 @@ class Records(DriverBase):
         return target is not None and bool(self.history) and self.history[-1]["test_accuracy"] >= target
 
     def _write_result(self, error: str | None) -> FitResult:
-        status, stats, final = {}, [], self.history[-1] if self.history else {}
+        status, stats, history = {}, [], self.history
         try:
-            status, stats = self._supervised(self.status), self.worker_stats()  # a coordinator lost at the end too
+            status = self._supervised(self.status)  # a coordinator lost at the end too
+            if self.history is not history and error is None:
+                # restarted from the checkpoint meanwhile: the history went back to it, and the
+                # final evaluation with it; made again, of the weights saved below
+                self._supervised(self.evaluate_leader)
+                status = self._supervised(self.status)
+            stats = self.worker_stats()
             if error is None:
                 self._save_leader_weights()
         except Exception as exc:  # the cluster may be gone: write what we know
             error = error or f"could not collect the final state: {exc}"
+        final = self.history[-1] if self.history else {}
         timings = {
             "startup_s": self.startup_s,
             "train_s": self.train_s,
