@@ -7,6 +7,7 @@ No Ray calls here, so it is tested on fake node lists. ``nodes_from_ray`` conver
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,13 +164,25 @@ def nodes_from_ray(ray_nodes: list[dict[str, Any]]) -> list[NodeInfo]:
 
 
 def node_with_room(
-    nodes: list[NodeInfo], available: dict[str, dict[str, float]], needs: dict[str, float], count: int
+    nodes: list[NodeInfo],
+    available: dict[str, dict[str, float]],
+    needs: dict[str, float],
+    count: int,
+    planned: Mapping[str, int] | None = None,
 ) -> str | None:
     """The first of ``nodes`` whose *free* resources (``available``, by node id) take ``count``
-    workers with resource ``needs`` now, or ``None``: where a group whose node was lost can go."""
+    workers with resource ``needs`` now, or ``None``: where a group whose node was lost can go.
+    ``planned``: by node id, the workers the run already has there, whose resources are theirs
+    even while one of them is dead and not yet replaced: a node offers at most its total less
+    theirs."""
     for node in nodes:
         free = available.get(node.node_id, {})
-        if all(free.get(name, 0.0) + 1e-9 >= amount * count for name, amount in needs.items()):
+        held = (planned or {}).get(node.node_id, 0)
+        room = {
+            name: min(free.get(name, 0.0), node.resources.get(name, 0.0) - amount * held)
+            for name, amount in needs.items()
+        }
+        if all(room[name] + 1e-9 >= amount * count for name, amount in needs.items()):
             return node.node_id
     return None
 

@@ -1,6 +1,7 @@
 """Failures injected into real runs: a worker killed (SIGKILL) or hung (SIGSTOP) is replaced on
 its node from the leader's weights; a worker whose loss turns NaN is reset and never leads."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -419,6 +420,18 @@ def test_a_coordinator_restarted_as_the_result_is_written_evaluates_the_restored
     assert len(first.history) == len(second.history) == 1, (first.history, second.history)
     assert second.final_test_accuracy == second.history[-1]["test_accuracy"], second
     assert second.history[-1]["step"] == 16 and second.status == "completed"
+
+
+def test_a_lost_group_is_not_placed_where_the_runs_own_workers_hold_the_room(tmp_path):
+    """``LocalLeaderFactory.placed`` on a live node: Ray shows free CPUs there, but the run's
+    other groups hold them (a worker of theirs may be dead, about to be replaced)."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:  # 4 of the node's 8 CPUs held
+        factory, (first, second) = trainer._make_local_leader, trainer.topology.groups
+        lost = dataclasses.replace(second, node_id="0" * 56)  # its node gone
+        assert factory.placed(lost, [first, lost]) == second  # 8 - 2 held, 4 free: the live node
+        crowded = dataclasses.replace(first, num_workers=7)  # 8 - 7 held: no room for 2, though 4 are free
+        assert factory.placed(lost, [crowded, lost]) is None
+        assert factory.placed(second, [crowded, second]) == second  # its node alive: where it was
 
 
 def _alive(pid):

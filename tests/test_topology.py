@@ -88,6 +88,18 @@ def test_a_lost_group_goes_to_the_first_node_with_free_room_for_all_its_workers(
     assert node_with_room(nodes, free, {"CPU": 0.5}, 2) == "a"
 
 
+def test_a_node_offers_no_room_held_for_the_runs_own_workers_there():
+    """A worker of the run that just died freed its CPU, but its replacement is coming: a lost
+    group must not take it (a chaos run did, and the replacement waited forever)."""
+    nodes = [NodeInfo("a", {"CPU": 2.0}), NodeInfo("b", {"CPU": 2.0})]
+    free = {"a": {"CPU": 2.0}, "b": {"CPU": 1.0}}  # a: both its workers just died; b: one of two free
+    assert node_with_room(nodes, free, {"CPU": 1.0}, 1) == "a"  # free, as far as Ray can tell
+    assert node_with_room(nodes, free, {"CPU": 1.0}, 1, planned={"a": 2}) == "b"
+    assert node_with_room(nodes, free, {"CPU": 1.0}, 1, planned={"a": 2, "b": 2}) is None
+    assert node_with_room(nodes, free, {"CPU": 1.0}, 1, planned={"a": 1}) == "a"  # 2 CPUs, 1 held
+    assert node_with_room(nodes, free, {"CPU": 1.0}, 2, planned={"a": 1}) is None  # b has 1 free, a 1 unheld
+
+
 def test_actors_report_through_logging_one_tagged_line_each(capfd):
     """What actors handled (a worker replaced, a group re-formed) goes to their stderr, which Ray
     forwards to the driver: one line tagged with the reporting actor, however often asked for."""

@@ -140,7 +140,7 @@ class LeaderRecovery(Coordinator):
         with room), its workers started from a survivor's weights. ``None`` when it worked,
         else why not (the new LocalLeader, if any, is killed)."""
         factory = self.make_local_leader
-        target = factory.placed(plan) if factory is not None else None
+        target = factory.placed(plan, self.plans) if factory is not None else None
         if factory is None or target is None:
             return f"{reason} with its node, and {NO_ROOM}"
         replacement, g = None, self.plans.index(plan)
@@ -211,7 +211,7 @@ class LeaderRecovery(Coordinator):
             return
         self._next_rejoin_check = now + REJOIN_CHECK_S
         for plan in self._dropped_plans():
-            target = self.make_local_leader.placed(plan)
+            target = self.make_local_leader.placed(plan, self.plans)
             if target is None:
                 continue
             try:

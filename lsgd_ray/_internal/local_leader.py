@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,17 +73,23 @@ class LocalLeaderFactory:
             checkpoint,
         )
 
-    def placed(self, plan: GroupPlan) -> GroupPlan | None:
+    def placed(self, plan: GroupPlan, plans: list[GroupPlan]) -> GroupPlan | None:
         """Where a group whose LocalLeader died can start again: ``plan`` if its node is alive,
-        else ``plan`` moved to the first live node with the free resources for its workers now
-        (``None``: there is none)."""
+        else ``plan`` moved to the first live node with room for its workers now beyond those
+        of the run's other ``plans`` there (``None``: there is none). A worker of theirs that
+        just died has freed its resources, but its replacement is coming: a chaos run put a
+        lost group on such a node, and the replacement then waited forever to be placed."""
         nodes = nodes_from_ray(ray.nodes())
         if plan.node_id in {n.node_id for n in nodes}:
             return plan
         from ray._private.state import available_resources_per_node  # private, as in driver.placement
 
         needs = worker_resources(self.spec.cpus, self.spec.gpus)
-        node = node_with_room(nodes, available_resources_per_node(), needs, plan.num_workers)
+        planned = Counter[str]()
+        for other in plans:
+            if other.group != plan.group:
+                planned[other.node_id] += other.num_workers
+        node = node_with_room(nodes, available_resources_per_node(), needs, plan.num_workers, planned)
         return None if node is None else dataclasses.replace(plan, node_id=node)
 
 

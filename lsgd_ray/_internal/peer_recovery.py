@@ -186,7 +186,7 @@ class PeerRecovery(Coordinator):
         another with room if that node was lost."""
         assert self.make_local_leader is not None
         for attempt in range(1, REFORM_ATTEMPTS + 1):
-            target = self.make_local_leader.placed(plan)
+            target = self.make_local_leader.placed(plan, self.plans)
             if target is None:
                 raise RuntimeError(
                     f"LocalLeader {g}: {reason} with its node, and no live node has the free resources for its "
