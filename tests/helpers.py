@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
 
@@ -128,3 +129,34 @@ def once_checkpointed(run_dir, action, poll_s: float = 0.02, give_up_s: float = 
     thread = threading.Thread(target=wait_then_act, daemon=True)
     thread.start()
     return thread
+
+
+def kill_if_alive(pid: int) -> None:
+    """SIGKILL process ``pid`` unless it is gone already."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def stopped(pid: int, after_s: float = 0.0) -> Iterator[None]:
+    """Process ``pid`` stopped (SIGSTOP, as a hung worker) ``after_s`` from now, from a timer;
+    on leaving, SIGKILLed if it is still there: a stopped process never exits by itself, and it
+    would hold its CPU into the next test."""
+    import os
+    import signal
+    import threading
+
+    timer = threading.Timer(after_s, os.kill, (pid, signal.SIGSTOP)) if after_s else None
+    if timer is None:
+        os.kill(pid, signal.SIGSTOP)
+    else:
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+        kill_if_alive(pid)

@@ -19,6 +19,7 @@ from lsgd_ray import LSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.worker import Worker
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
+from tests.helpers import kill_if_alive, stopped
 
 MODEL = functools.partial(mlp, (16,), 4, hidden=32)
 DATA = functools.partial(synthetic, n_train=1024, n_test=256)
@@ -82,14 +83,8 @@ def test_an_async_evaluation_with_no_worker_answering_is_postponed_not_the_end(t
         tmp_path, "async", num_groups=1, workers_per_group=1, straggler_delay_s={0: 0.02}, max_steps=300,
         eval_every_s=0.5, actor_timeout_s=4.0,
     )  # fmt: skip
-    with Trainer(MODEL, DATA, cfg) as trainer:
-        pid, _ = pids(trainer)[0]
-        strike(pid, signal.SIGSTOP)
-        try:
-            result = trainer.fit()
-        finally:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    with Trainer(MODEL, DATA, cfg) as trainer, stopped(pids(trainer)[0][0], after_s=1.0):
+        result = trainer.fit()
     replaced = [e for e in result.events if e["event"] == "worker_replaced"]
     assert [e["rank"] for e in replaced] == [0] and "hung" in replaced[0]["reason"], result.events
     assert result.status == "completed" and result.steps_per_worker == 300, result.error
@@ -135,13 +130,8 @@ def test_a_hung_worker_is_detected_named_and_replaced(tmp_path, mode):
     """Sync: its round gets no answer; async: it stops reporting (its LocalLeader kills it, and
     the loop is restarted as a dead one's, also when the others have finished meanwhile)."""
     cfg = config(tmp_path, mode, actor_timeout_s=4.0)
-    with Trainer(MODEL, DATA, cfg) as trainer:
-        hung_pid, _ = pids(trainer)[2]
-        strike(hung_pid, signal.SIGSTOP)
-        try:
-            result = trainer.fit()
-        finally:
-            os.kill(hung_pid, signal.SIGKILL) if _alive(hung_pid) else None
+    with Trainer(MODEL, DATA, cfg) as trainer, stopped(pids(trainer)[2][0], after_s=1.0):
+        result = trainer.fit()
     replaced = [e for e in result.events if e["event"] == "worker_replaced"]
     assert [e["rank"] for e in replaced] == [2] and "no answer within 4s" in replaced[0]["reason"]
     assert result.status == "completed" and result.steps_per_worker == 120
@@ -152,13 +142,9 @@ def test_a_worker_hung_when_the_center_is_evaluated_is_left_out_of_it(tmp_path):
     GlobalLeader waits on the LocalLeaders longer than that (``Deadlines.group_call_s``), so a
     hung worker is left out of the center instead of timing its LocalLeader out."""
     with Trainer(MODEL, DATA, config(tmp_path, actor_timeout_s=3.0)) as trainer:
-        hung_pid, _ = pids(trainer)[2]
         others = [ray.get(w.get_weights.remote(count=False)) for r, w in enumerate(trainer.workers) if r != 2]
-        os.kill(hung_pid, signal.SIGSTOP)
-        try:
+        with stopped(pids(trainer)[2][0]):
             center = ray.get(ray.get(trainer.global_leader.center_weights.remote())[0])
-        finally:
-            os.kill(hung_pid, signal.SIGKILL)
     assert center == pytest.approx(sum(others) / 3, rel=1e-6, abs=1e-7)
 
 
@@ -380,7 +366,8 @@ def test_a_leader_that_hangs_while_publishing_is_the_only_worker_replaced(tmp_pa
             result = trainer.fit()
         finally:
             rank, pid = map(int, marker.read_text().split()) if marker.exists() else (-1, -1)
-            os.kill(pid, signal.SIGKILL) if pid > 0 and _alive(pid) else None
+            if pid > 0:
+                kill_if_alive(pid)
     replaced = [e for e in result.events if e["event"] == "worker_replaced"]
     assert rank in (2, 3) and [e["rank"] for e in replaced] == [rank], result.events
     assert "no answer within 4s" in replaced[0]["reason"]
@@ -401,7 +388,8 @@ def test_a_lone_leader_that_hangs_while_publishing_is_replaced_from_the_checkpoi
             result = trainer.fit()
         finally:
             rank, pid = map(int, marker.read_text().split()) if marker.exists() else (-1, -1)
-            os.kill(pid, signal.SIGKILL) if pid > 0 and _alive(pid) else None
+            if pid > 0:
+                kill_if_alive(pid)
     (replaced,) = [e for e in result.events if e["event"] == "worker_replaced"]
     assert rank == 1 and replaced["rank"] == 1 and "no answer within 4s" in replaced["reason"], result.events
     assert re.fullmatch(r"worker [01]'s weights in checkpoint step-000000016", replaced["from"]), replaced
@@ -432,14 +420,6 @@ def test_a_lost_group_is_not_placed_where_the_runs_own_workers_hold_the_room(tmp
         crowded = dataclasses.replace(first, num_workers=7)  # 8 - 7 held: no room for 2, though 4 are free
         assert factory.placed(lost, [crowded, lost]) is None
         assert factory.placed(second, [crowded, second]) == second  # its node alive: where it was
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 class DivergingWorker(Worker):

@@ -16,8 +16,8 @@ from ray import cloudpickle
 
 from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.worker import Worker
-from tests.helpers import once_checkpointed
-from tests.test_failures import DATA, MODEL, _alive, pids, strike
+from tests.helpers import kill_if_alive, once_checkpointed
+from tests.test_failures import DATA, MODEL, pids, strike
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's classes
 
@@ -414,8 +414,7 @@ def test_a_worker_hung_when_a_new_peer_coordinator_starts_is_replaced_first(tmp_
             result = trainer.fit()
             weights = trainer.worker_weights()
         finally:
-            if _alive(hung):
-                os.kill(hung, signal.SIGKILL)
+            kill_if_alive(hung)
     replaced = [e for e in result.events if e["event"] == "worker_replaced"]
     assert [e["rank"] for e in replaced] == [1] and "hung" in replaced[0]["reason"], result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
