@@ -358,16 +358,21 @@ class LeaderThatHangs(Worker):
         return super().get_weights(count)
 
 
+def fit_then_kill_the_hung(trainer, marker):
+    """``trainer.fit()``'s result and the rank of the ``LeaderThatHangs`` that hung (-1: none);
+    its stopped process is killed whatever the fit did."""
+    try:
+        return trainer.fit(), int(marker.read_text().split()[0]) if marker.exists() else -1
+    finally:
+        if marker.exists():
+            kill_if_alive(int(marker.read_text().split()[1]))
+
+
 def test_a_leader_that_hangs_while_publishing_is_the_only_worker_replaced(tmp_path):
     marker = tmp_path / "hung"
     worker_cls = type("LeaderThatHangsHere", (LeaderThatHangs,), {"marker": str(marker)})
     with Trainer(MODEL, DATA, config(tmp_path, actor_timeout_s=4.0), worker_cls=worker_cls) as trainer:
-        try:
-            result = trainer.fit()
-        finally:
-            rank, pid = map(int, marker.read_text().split()) if marker.exists() else (-1, -1)
-            if pid > 0:
-                kill_if_alive(pid)
+        result, rank = fit_then_kill_the_hung(trainer, marker)
     replaced = [e for e in result.events if e["event"] == "worker_replaced"]
     assert rank in (2, 3) and [e["rank"] for e in replaced] == [rank], result.events
     assert "no answer within 4s" in replaced[0]["reason"]
@@ -384,12 +389,7 @@ def test_a_lone_leader_that_hangs_while_publishing_is_replaced_from_the_checkpoi
     lsgd = LSGDConfig(tau=4, tau_global=8, lam_global=0.0)
     cfg = config(tmp_path, num_groups=2, workers_per_group=1, lsgd=lsgd, actor_timeout_s=4.0, checkpoint_every_steps=16)
     with Trainer(MODEL, DATA, cfg, worker_cls=worker_cls) as trainer:
-        try:
-            result = trainer.fit()
-        finally:
-            rank, pid = map(int, marker.read_text().split()) if marker.exists() else (-1, -1)
-            if pid > 0:
-                kill_if_alive(pid)
+        result, rank = fit_then_kill_the_hung(trainer, marker)
     (replaced,) = [e for e in result.events if e["event"] == "worker_replaced"]
     assert rank == 1 and replaced["rank"] == 1 and "no answer within 4s" in replaced["reason"], result.events
     assert re.fullmatch(r"worker [01]'s weights in checkpoint step-000000016", replaced["from"]), replaced
