@@ -87,9 +87,8 @@ class Coordinator:
         left with no live worker anywhere restarts from, and (told to every LocalLeader) a
         worker whose every other source of weights was lost."""
         self.last_checkpoint = path
-        answers(
-            [ll.note_checkpoint.remote(path) for ll in self.local_leaders], self.timeout_s
-        )  # a dead one: re-formed with it
+        # a LocalLeader dead now gets the path when it is re-formed
+        answers([ll.note_checkpoint.remote(path) for ll in self.local_leaders], self.timeout_s)
 
     def _checkpoint_source(self, rank: int | None = None) -> tuple[list[Any], str]:
         """No live worker to restart from: ``checkpoint_source`` of the run's newest checkpoint."""

@@ -148,7 +148,9 @@ class GroupRepair:
         if self._last_global[0] is not None:
             yield self._last_global[0], "the global leader's last weights"
         (ref,), origin = checkpoint_source(self.last_checkpoint, None, self.log)
-        yield ref, origin
+        if ref is not None:
+            yield ref, origin
+        yield None, "the initial weights"
 
     def replace_worker(
         self,
@@ -205,9 +207,9 @@ class GroupRepair:
         or owner died) give way to the next of ``_kept_sources``; no weights given (``None``):
         the initial ones (the caller may load others after, as data-parallel does)."""
         info = get_all([new.ready.remote()], self.deadlines.start_s, [f"replacement {name}"])[0]
+        given = source[0] if source else None
         candidates: Iterator[tuple[ray.ObjectRef | None, str]] = iter([(None, origin)])
-        if source and source[0] is not None:
-            given = source[0]
+        if given is not None:
             kept = ((ref, kind) for ref, kind in self._kept_sources() if ref is None or ref != given)
             candidates = itertools.chain([(given, origin)], kept)
         for ref, origin in candidates:
@@ -218,7 +220,7 @@ class GroupRepair:
                 if ref is None:
                     raise
                 self.log.warning(f"{name}: {origin} were lost ({type(exc).__name__}): trying the next source")
-        raise AssertionError("unreachable: the initial weights are the last source")
+        raise AssertionError("unreachable: the last source, the initial weights, returns or raises")
 
     def _reset_diverged(self, diverged: list[int], source: ray.ObjectRef | None, steps: int | None) -> None:
         """Synchronous mode: workers whose loss went NaN/inf restart from the leader's weights."""
