@@ -187,6 +187,18 @@ class Killer:
         self.spares_due.append(time.monotonic() + self.spare_delay_s)
         return Strike("node", time.time(), f"node {victim.node_id[:8]}", None, victim.node_id)
 
+    def wait_for_removed_nodes(self, timeout_s: float = 120.0) -> list[str]:
+        """Wait until Ray lists every node this killer removed as dead: the GCS marks a node
+        dead only after its health checks fail (about 30 s by default), and until then a
+        plan counts the dead node's CPUs. Returns the ids still listed alive at the timeout."""
+        removed = {s.node_id for s in self.strikes if s.kind == "node"}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            listed = {n["NodeID"] for n in ray.nodes() if n["Alive"]} & removed
+            if not listed or time.monotonic() > deadline:
+                return sorted(listed)
+            time.sleep(0.5)
+
     def sample_store(self) -> None:
         """One sample of the cluster's object store. Ray asks every worker for it, so a stopped
         worker makes it wait (and fail): a sample that fails is counted, not fatal."""
@@ -358,6 +370,9 @@ def chaos_run(name: str, args) -> dict[str, Any]:
                 train_s=result.timings.get("train_s"),
             )
             if result.steps_per_worker:
+                # on the cluster as the disturbed run left it, once the nodes it lost are gone
+                if lingering := killer.wait_for_removed_nodes():
+                    out["killer_errors"].append(f"removed nodes still listed alive: {lingering}")
                 calm = config_for(name, args, os.path.join(run_dir, "calm"),
                                   max_steps=result.steps_per_worker, checkpoint_every_s=None)  # fmt: skip
                 with Trainer(model_fn, data_fn, calm) as trainer:

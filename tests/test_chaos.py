@@ -3,11 +3,15 @@ multi-node ``Cluster``, as a user runs it; and how strikes are matched to the ru
 
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import ray
+from ray.cluster_utils import Cluster
 
 from lsgd_ray.results import FitResult
 
@@ -73,6 +77,31 @@ def test_a_run_that_survived_every_strike_but_made_no_step_is_reported_stalled()
     assert chaos.outcome(result(0, "diverged")) == ("diverged", None)
     report = {"runs": [{"algorithm": "dpsgd", "summary": chaos.summarize({"status": "stalled", "strikes": []})}]}
     assert chaos.table(report).endswith("0 run abort(s), 1 run(s) with no step")
+
+
+@pytest.mark.timeout(120)
+def test_the_undisturbed_run_waits_until_the_nodes_the_killer_removed_are_listed_dead():
+    """A CI chaos run failed to place its undisturbed run: a node the killer had removed was
+    still listed alive (the GCS marks a node dead only after its health checks fail), so the
+    plan put a worker on it, and its CPUs never became free."""
+    fast = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_timeout_ms": 1000}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": fast}
+    )
+    try:
+        victim = cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING")
+        killer = chaos.Killer(cluster, "GlobalLeader", ("node",), 5.0, random.Random(0), 1, spare=False)
+        cluster.remove_node(victim, allow_graceful=False)
+        killer.strikes.append(chaos.Strike("node", time.time(), "node", None, victim.node_id))
+        assert killer.wait_for_removed_nodes(timeout_s=60) == []
+        alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        assert alive[victim.node_id] is False and sum(alive.values()) == 2, alive  # the head and the other
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.slow

@@ -341,7 +341,11 @@ def test_a_re_formed_group_that_loses_its_worker_before_a_round_restarts_it_as_i
 class LeaderThatHangs(Worker):
     """The first of group 1's workers asked to publish its weights as the leader after step 30
     stops its own process there (as a SIGSTOP would): the group's other workers then wait for
-    weights that never come, and must not be taken for hung themselves."""
+    weights that never come, and must not be taken for hung themselves.
+
+    A process that sends itself SIGSTOP is not always stopped when ``kill`` returns: this
+    thread was seen to go on (write a file, return the weights) before the stop took hold, and
+    the weights were then published after all. So it also waits for ever: they never come."""
 
     marker = ""  # a file: the hung worker's rank and pid
     after_step = 30
@@ -355,6 +359,7 @@ class LeaderThatHangs(Worker):
             os.write(fd, f"{self.rank} {os.getpid()}".encode())
             os.close(fd)
             os.kill(os.getpid(), signal.SIGSTOP)
+            threading.Event().wait()
         return super().get_weights(count)
 
 
