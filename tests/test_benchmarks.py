@@ -190,3 +190,19 @@ def test_the_bandwidth_tuning_searches_by_coordinates_and_cuts_runs_that_cannot_
     report["tuning"] = {"chosen": bw.choose(report, args)}
     assert report["tuning"]["chosen"]["lsgd"] == {"lr": 0.1, "period": 4, "time_to_target_s": 90.0}
     assert bw.chosen_settings(report, "lsgd_bf16") == (0.1, 4, True)
+
+
+def test_under_load_runs_the_command_beside_spinning_processes_and_stops_them_however_it_ends():
+    probe = 'for p in $LOAD_PIDS; do grep -q "^State:.R" /proc/$p/status && echo running $p; done; exit 3'
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "under_load.sh"), "sh", "-c", probe],
+        env={**os.environ, "LOAD_SPINNERS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    pids = [int(line.split()[1]) for line in done.stdout.splitlines()]
+    assert done.returncode == 3 and len(pids) == 2, (done.stdout, done.stderr)  # the command's status
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")], pids  # gone with the script
+    refused = subprocess.run(["bash", str(ROOT / "scripts" / "under_load.sh")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "usage" in refused.stderr
