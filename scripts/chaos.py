@@ -12,6 +12,8 @@ Failure kinds (``--kinds``; a victim is picked at random among the live ones):
 - ``coordinator``: the GlobalLeader, or the peer's coordinator, SIGKILLed (the driver restarts it
   from the last checkpoint);
 - ``evaluator``: the evaluator SIGKILLed (the next evaluation starts a new one);
+- ``server``: EASGD's and DOWNPOUR's ParameterServer SIGKILLed on its own (its coordinator starts
+  a new one from the workers' mean); struck only in their runs;
 - ``node``: a node holding a group removed from the cluster, as a spot node vanishes, and a
   fresh node added a few seconds later. LSGD runs without a spare: the group is dropped and
   rejoins on the fresh node. The peers cannot go on with fewer workers, so their cluster keeps
@@ -19,9 +21,9 @@ Failure kinds (``--kinds``; a victim is picked at random among the live ones):
 
 The gap between two failures is exponential with mean ``--mtbf`` seconds. A failure counts as
 recovered when the run records the matching event after it (``worker_replaced``,
-``group_replaced``, ``group_rejoined``, ``coordinator_restarted``; for the evaluator, the run's
-next evaluation) and the run ends without an abort; time to recover is from the strike to that
-event (a dropped group counts only once it rejoined).
+``group_replaced``, ``group_rejoined``, ``coordinator_restarted``, ``server_replaced``; for the
+evaluator, the run's next evaluation) and the run ends without an abort; time to recover is from
+the strike to that event (a dropped group counts only once it rejoined).
 
     .venv/bin/python scripts/chaos.py --minutes 15 --mtbf 10                  # every algorithm
     .venv/bin/python scripts/chaos.py --algorithms lsgd --minutes 1 --mtbf 5  # a short look
@@ -62,7 +64,8 @@ from lsgd_ray.algorithms.registry import ALGORITHMS  # noqa: E402
 from lsgd_ray.data import dataset_factory, dataset_spec  # noqa: E402
 from lsgd_ray.models import model_factory  # noqa: E402
 
-KINDS = ("worker_kill", "worker_stop", "local_leader", "coordinator", "evaluator", "node")
+KINDS = ("worker_kill", "worker_stop", "local_leader", "coordinator", "evaluator", "node", "server")
+SERVED = {"easgd", "downpour"}  # the algorithms with a ParameterServer: the only runs struck with "server"
 # name -> (algorithm, settings): every algorithm, sync and async where it has both
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "lsgd": ("lsgd", {"lsgd": LSGDConfig(tau=4, tau_global=16)}),
@@ -83,6 +86,7 @@ RECOVERED_BY = {
     "local_leader": ("group_replaced", "group_rejoined", "coordinator_restarted"),
     "node": ("group_replaced", "group_rejoined"),  # a drop is not a recovery; its rejoin is
     "coordinator": ("coordinator_restarted",),
+    "server": ("server_replaced", "coordinator_restarted"),
 }
 
 
@@ -158,6 +162,7 @@ class Killer:
             "local_leader": "LocalLeader",
             "coordinator": self.coordinator_class,
             "evaluator": "Evaluator",
+            "server": "ParameterServer",
         }[kind]
         live = [a for a in self.actors(class_name) if a["Pid"] not in self.stopped]  # stopped: struck already
         if not live:
@@ -316,7 +321,8 @@ def chaos_run(name: str, args) -> dict[str, Any]:
         cfg = config_for(name, args, os.path.join(run_dir, "chaos"), time_budget_s=args.minutes * 60)
         coordinator = ALGORITHMS[cfg.algorithm].coordinator_class().__name__
         with Trainer(model_fn, data_fn, cfg) as trainer:
-            killer = Killer(cluster, coordinator, tuple(args.kinds), args.mtbf, random.Random(args.seed),
+            kinds = tuple(k for k in args.kinds if k != "server" or cfg.algorithm in SERVED)
+            killer = Killer(cluster, coordinator, kinds, args.mtbf, random.Random(args.seed),
                             args.workers_per_node, spare)  # fmt: skip
             begin, box = time.time(), {}
 
@@ -478,6 +484,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/chaos.json")
     p.add_argument("--tmp", default="runs/chaos_tmp")
     args = p.parse_args()
+    if set(args.kinds) == {"server"} and not {RUNS[a][0] for a in args.algorithms} & SERVED:
+        p.error(f"--kinds server strikes only the runs of {', '.join(sorted(SERVED))}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),

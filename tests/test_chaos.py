@@ -13,6 +13,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from lsgd_ray._internal.peer_server import EASGD
+from lsgd_ray.algorithms.registry import ALGORITHMS
 from lsgd_ray.results import FitResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +66,22 @@ def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_none_ser
     assert summary["store_mib_first_last_max"] == [1.0, 3.0, 3.0]
     aborted = chaos.summarize({"status": "aborted", "strikes": rows})
     assert aborted["recovered"] == 0  # an aborted run survived nothing
+
+
+def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinator_restart():
+    strikes = [
+        chaos.Strike("server", 10.0, "ParameterServer pid 7"),
+        chaos.Strike("server", 20.0, "ParameterServer pid 8"),
+    ]
+    events = [{"event": "server_replaced", "time": 11.0}, {"event": "coordinator_restarted", "time": 23.0}]
+    rows = chaos.recoveries(strikes, events, [])
+    assert [(r["recovered_by"], r["recovery_s"]) for r in rows] == [
+        ("server_replaced", 1.0),
+        ("coordinator_restarted", 3.0),
+    ]
+    # every algorithm with a ParameterServer, and no other, is struck with "server"
+    served = {name for name, a in ALGORITHMS.items() if issubclass(a.coordinator_class(), EASGD)}
+    assert served == chaos.SERVED and "server" in chaos.KINDS
 
 
 def test_a_run_that_survived_every_strike_but_made_no_step_is_reported_stalled():

@@ -369,6 +369,77 @@ def dies_giving_weights_after(flag):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "algorithm, mode",
+    [("easgd", "sync"), ("easgd", "async"), ("downpour", "async")],
+    ids=["easgd", "easgd-async", "downpour"],
+)
+def test_a_parameter_server_killed_on_its_own_is_replaced_from_the_workers_mean(tmp_path, algorithm, mode):
+    """The ParameterServer killed while its coordinator lives (out of memory, say): a new one
+    starts from the workers' mean, and the workers go on with it on their own processes, from
+    their own weights (none replaced). Before, every worker failed on the lost center in turn
+    and the run ended ("workers keep failing", or the async loops' error)."""
+    extra: dict = {"easgd": EASGDConfig(mode=mode)} if algorithm == "easgd" else {}
+    cfg = config(tmp_path, algorithm, straggler_delay_s={r: 0.03 for r in range(2)}, **extra)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        server = ray.get(trainer.global_leader.__ray_call__.remote(lambda coordinator: coordinator.server))
+        pid = ray.get(server.__ray_call__.remote(lambda _: os.getpid()))
+        strike(pid, signal.SIGKILL, after_s=1.0)
+        result = trainer.fit()
+    (replaced,) = [e for e in result.events if e["event"] == "server_replaced"]
+    assert "died" in replaced["reason"] and replaced["from"] == "the workers' mean", replaced
+    assert replaced["step"] < 96, replaced  # found by the training, not only by the final evaluation
+    others = [e["event"] for e in result.events if e["event"] != "server_replaced"]
+    assert "worker_replaced" not in others and "coordinator_restarted" not in others, result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
+@pytest.mark.timeout(300)
+def test_a_server_and_then_a_local_leader_lost_are_both_recovered(tmp_path):
+    """After the server's recovery, the loss of a LocalLeader (its workers with it) re-forms
+    the group, as without it: the recovery of the one does not stand in the way of the other."""
+    cfg = config(tmp_path, "easgd", straggler_delay_s={r: 0.03 for r in range(2)}, easgd=EASGDConfig(mode="async"))
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        server = ray.get(trainer.global_leader.__ray_call__.remote(lambda coordinator: coordinator.server))
+        strike(ray.get(server.__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL, after_s=1.0)
+        leader = ray.get(trainer.local_leaders[0].__ray_call__.remote(lambda _: os.getpid()))
+        strike(leader, signal.SIGKILL, after_s=2.0)
+        result = trainer.fit()
+    events = [e["event"] for e in result.events]
+    assert events.count("server_replaced") == 1 and events.count("group_replaced") == 1, result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+
+
+class Gone:
+    def ping(self):
+        return True
+
+
+class CallsADeadActor(Worker):
+    """Worker 1 calls an actor of its own that died, at its step 20 (its own error: not a lost
+    ParameterServer)."""
+
+    def _step(self):
+        super()._step()
+        if self.rank == 1 and self.steps == 20:
+            gone = ray.remote(Gone).options(num_cpus=0).remote()
+            ray.kill(gone)
+            ray.get(gone.ping.remote())
+
+
+@pytest.mark.timeout(300)
+def test_an_async_loop_that_lost_an_actor_other_than_the_server_ends_the_run_naming_it(tmp_path):
+    """A loop that failed calling a dead actor is restarted only if that actor was a lost
+    ParameterServer; any other is the worker's own error, which no restart mends (restarting
+    it would fail again, for ever)."""
+    cfg = config(tmp_path, "easgd", straggler_delay_s={r: 0.03 for r in range(2)}, easgd=EASGDConfig(mode="async"))
+    expected = "worker 1's loop failed: lost an actor it called .*not a lost ParameterServer"
+    with Trainer(MODEL, DATA, cfg, worker_cls=CallsADeadActor) as trainer, pytest.raises(RuntimeError, match=expected):
+        trainer.fit()
+
+
+@pytest.mark.timeout(300)
 def test_easgds_server_whose_first_weights_died_is_started_again_with_the_set_up(tmp_path):
     """A chaos run's abort (async EASGD): a new coordinator started its ParameterServer from
     worker 0's weights, and worker 0 died before the server read them; the server never

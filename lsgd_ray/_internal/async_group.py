@@ -40,6 +40,7 @@ class AsyncGroup(GroupRepair):
     _lam: float
     _local_period: int
     _loops: list[ray.ObjectRef]  # each worker's loop, by index in the group
+    _loop_args: list[tuple]  # the ``_async_args`` each loop was started with (its exchange's server)
     _heard: list[float]  # time.monotonic() each worker last reported (or its loop started)
     _hung: dict[int, str]  # workers killed as hung, by index: the reason their replacement gets
     _watchdog: threading.Thread | None
@@ -66,6 +67,7 @@ class AsyncGroup(GroupRepair):
         loops = [w.run_async.remote(*self._async_args) for w in self.workers]
         with self._lock:  # a first step may be slow (imports, warm-up): a margin before the first report
             self._loops, self._heard = list(loops), [time.monotonic() + MARGIN_S] * len(loops)
+            self._loop_args = [self._async_args] * len(loops)
         if self._watchdog is None:
             self._watchdog = threading.Thread(target=self._watch_for_hangs, daemon=True, name="hang watchdog")
             self._watchdog.start()
@@ -107,7 +109,29 @@ class AsyncGroup(GroupRepair):
         loop = self.workers[index].run_async.remote(*self._async_args)
         with self._lock:
             self._loops[index], self._heard[index] = loop, time.monotonic() + MARGIN_S
+            self._loop_args[index] = self._async_args
         return [loop, self.workers[index]]
+
+    def use_exchange(self, exchange: Any) -> None:
+        """Asynchronous peers: the exchange the loops started from now on get (its coordinator
+        replaced a lost ParameterServer)."""
+        self._async_args = (*self._async_args[:-1], exchange)
+
+    def restart_loop(self, rank: int) -> list[ray.ObjectRef | None]:
+        """Asynchronous mode: start the loop of worker ``rank`` again, on its own process and
+        from its own weights: it ended when the ParameterServer it exchanged with died. Returns
+        ``[new loop ref]`` (wrapped, as ``replace_async``), or ``[None]`` if that loop had the
+        server in use now (not a lost one: what failed it is not for a restart to mend). A
+        worker dead meanwhile gets a loop that fails at once, and is replaced as a dead one's."""
+        index = self.ranks.index(rank)
+        with self._lock:
+            if self._loop_args[index] is self._async_args:
+                return [None]
+        loop = self.workers[index].run_async.remote(*self._async_args)
+        with self._lock:
+            self._loops[index], self._heard[index] = loop, time.monotonic() + MARGIN_S
+            self._loop_args[index] = self._async_args
+        return [loop]
 
     def _alive_stats(self) -> list[dict[str, Any]]:
         stats = []

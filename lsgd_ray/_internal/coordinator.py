@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 
 class Coordinator:
+    # the workers' asynchronous loops call an actor of this coordinator's (a ParameterServer):
+    # a loop that fails because that actor died is restarted, not taken for the worker's error
+    loops_call_a_server = False
     # what a checkpoint carries (subclasses add theirs)
     STATE: tuple[str, ...] = (
         "step",

@@ -141,6 +141,7 @@ class LocalLeader(AsyncGroup):
         self._local_period = 0
         self._pending_local: tuple[ray.ObjectRef, float, int] | None = None
         self._loops: list[ray.ObjectRef] = []
+        self._loop_args: list[tuple] = []
         self._heard: list[float] = []
         self._hung: dict[int, str] = {}
         self._watchdog: threading.Thread | None = None

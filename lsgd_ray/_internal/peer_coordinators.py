@@ -16,13 +16,10 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
-from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, actor_class, node_id
 from lsgd_ray._internal.waiting import ActorTimeoutError, answers, get_all, replies_or_deaths, worker_handles
-from lsgd_ray.algorithms import diloco, downpour, local_sgd
+from lsgd_ray.algorithms import diloco, local_sgd
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
 
@@ -97,15 +94,19 @@ class PeerCoordinator(PeerRecovery):
     def leader_weights(self) -> list[ray.ObjectRef]:
         """The model this algorithm evaluates, by reference (wrapped): here the workers' mean,
         of those that answer (one lost between rounds is replaced at the next round)."""
-        replies = answers([h.get_weights.remote(count=False) for h in self._handles()], self.timeout_s)
+        return [ray.put(self._mean_of(self._handles()))]
+
+    def _mean_of(self, handles: list[Any]) -> np.ndarray:
+        """The mean of the weights of the workers of ``handles`` that answer in time."""
+        replies = answers([h.get_weights.remote(count=False) for h in handles], self.timeout_s)
         arrays = [a for a in replies if a is not None]
         if not arrays:
-            raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no weights to evaluate")
+            raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no weights to average")
         mean = np.zeros_like(arrays[0])
         for array in arrays:
             mean += array
         mean /= len(arrays)
-        return [ray.put(mean)]
+        return mean
 
     def status(self) -> dict[str, Any]:
         return {
@@ -284,75 +285,3 @@ class DiLoCo(LocalSGD):
 
     def leader_weights(self) -> list[ray.ObjectRef]:
         return [self._handles()[0].global_weights.remote()]
-
-
-class EASGD(PeerCoordinator):
-    """Workers and the ParameterServer's center pull toward each other every τ steps."""
-
-    evaluated = "center"
-    replacement_origin = "the center"
-
-    def setup(self) -> None:
-        first = self._handles()[0].get_weights.remote(count=False)  # every worker starts from the same weights
-        # beside this coordinator, on the driver's node: a server placed on a node of workers
-        # died with it (the re-placement test's EASGD case: "workers keep failing")
-        here = NodeAffinitySchedulingStrategy(node_id(), soft=False)
-        self.server = actor_class(ParameterServer, num_cpus=0, max_concurrency=1, scheduling_strategy=here).remote(
-            first, self.cfg.comm_dtype
-        )
-        # started before set-up ends: a worker lost meanwhile fails the set-up, which the driver
-        # then makes again once the worker is replaced (a server that never started, later)
-        get_all([self.server.__ray_ready__.remote()], self.deadlines.start_s, ["ParameterServer"])
-        self.center_ref = self.server.get.remote()
-        self.alpha = self.cfg.easgd.moving_rate(self.num_workers)
-
-    def _next_step(self, step: int) -> int:
-        return (step // self.cfg.easgd.tau + 1) * self.cfg.easgd.tau
-
-    def _replacement(self, rank: int, args: tuple) -> tuple[list[Any], tuple, str]:
-        # The center: the model EASGD evaluates, and the point every worker is elastically
-        # tied to; the new worker then does the lost one's part of the round from it.
-        return self.leader_weights(), args, "the center"
-
-    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
-        results, diffs = self._call(
-            "train_elastic", [(num_steps, self.alpha, self.center_ref)] * self.num_workers, num_returns=2
-        )
-        # the next round's center, computed from the differences without waiting here
-        self.center_ref = self.server.elastic_round.remote(self.alpha, *[d[0] for d in diffs])
-        return results
-
-    def leader_weights(self) -> list[ray.ObjectRef]:
-        """The center in full precision (the round's own reference when that is what travels)."""
-        exact = self.cfg.mode == "sync" and self.cfg.comm_dtype == "float32"
-        return [self.center_ref if exact else self.server.weights.remote()]
-
-    def get_state(self) -> dict[str, Any]:
-        center = ray.get(self.leader_weights()[0])
-        return {**super().get_state(), "center": np.array(center, copy=True)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state(state)
-        if "center" in state:  # a part of the state (events, a step count) leaves the center as it is
-            ray.get(self.server.set.remote(state["center"]))
-            self.center_ref = self.server.get.remote()
-
-    def _exchange(self) -> Any:
-        return ElasticExchange(self.server, self.cfg.easgd.tau, self.alpha)
-
-
-class Downpour(EASGD):
-    """An asynchronous parameter server: workers push updates and fetch the server's weights."""
-
-    evaluated = "parameter server"
-    replacement_origin = "the server's weights"
-
-    def _exchange(self) -> Any:
-        c = self.cfg.downpour
-        return DownpourExchange(self.server, c.n_push, c.n_fetch, downpour.server_scale(c.rule, self.num_workers))
-
-    def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
-        raise NotImplementedError("DOWNPOUR is asynchronous only")
-
-    def leader_weights(self) -> list[ray.ObjectRef]:
-        return [self.server.weights.remote()]

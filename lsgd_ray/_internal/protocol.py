@@ -94,6 +94,11 @@ def node_ip() -> str:
 # ---------------------------------------------------------------- failures
 
 
+# an asynchronous loop that ended because an actor it called died (EASGD's and DOWNPOUR's
+# ParameterServer): the driver's reason for it in ``restart_loops``
+LOST_A_CALLEE = "lost an actor it called"
+
+
 class FailureKind(StrEnum):
     """Why a worker gave no answer to a call."""
 

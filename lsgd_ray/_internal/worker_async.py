@@ -62,15 +62,20 @@ class AsyncWorkerMixin:
                 self._apply_pending_pulls()
                 self._serve_snapshots()
                 self._step()
+                since_report += 1
                 if exchange is not None:
                     exchange.after_step(self)
-                since_report += 1
                 if since_report == report_every:
                     self._report(local_leader, since_report)
                     since_report = 0
             if since_report:
                 self._report(local_leader, since_report)
+                since_report = 0
             self._wait_for_reports()
+        except BaseException:
+            if since_report:  # steps taken, counted, before the loop failed (its server lost, say)
+                self._report(local_leader, since_report)
+            raise
         finally:
             self.compute_s += time.perf_counter() - start
             with self._lock:

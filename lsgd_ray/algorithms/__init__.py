@@ -1,8 +1,8 @@
 """Update rules as small, communication-free functions over flat tensors.
 
 Each algorithm is one module here; its transport lives in ``lsgd_ray._internal`` (LSGD's in the
-GlobalLeader and LocalLeaders, the peers' in ``_internal/peer_coordinators.py`` and
-``peer_gossip.py``). ``ALGORITHMS`` (``registry.py``) has one row per name users pass (config
+GlobalLeader and LocalLeaders, the peers' in ``_internal/peer_coordinators.py``,
+``peer_gossip.py`` and ``peer_server.py``). ``ALGORITHMS`` (``registry.py``) has one row per name users pass (config
 ``algorithm``, CLI ``--algorithm``): its rules, settings, coordinator and byte theory.
 """
 

@@ -20,6 +20,7 @@ from lsgd_ray.algorithms import data_parallel, diloco, downpour, easgd, gossip, 
 from lsgd_ray.wire import WIRE_SIZE
 
 if TYPE_CHECKING:
+    from lsgd_ray._internal.coordinator import Coordinator
     from lsgd_ray.config import TrainConfig
 
 Bytes = dict[str, float]
@@ -60,7 +61,7 @@ class Algorithm:
             raise ValueError(f"{self.name} has no asynchronous mode")
         return self.report_every(self.settings_of(config))
 
-    def coordinator_class(self) -> type:
+    def coordinator_class(self) -> type[Coordinator]:
         module, name = self.coordinator.split(":")
         return getattr(importlib.import_module(module), name)
 
@@ -97,7 +98,7 @@ _ROWS = [
         "easgd",
         easgd,
         "easgd",
-        "lsgd_ray._internal.peer_coordinators:EASGD",
+        "lsgd_ray._internal.peer_server:EASGD",
         lambda c: f"tau={c.tau} beta={c.beta} alpha={c.alpha or 'beta/p'}",
         lambda c, S, sizes: easgd.expected_bytes(S, c.tau),
         report_every=lambda c: c.tau,
@@ -107,7 +108,7 @@ _ROWS = [
         "downpour",
         downpour,
         "downpour",
-        "lsgd_ray._internal.peer_coordinators:Downpour",
+        "lsgd_ray._internal.peer_server:Downpour",
         lambda c: f"n_push={c.n_push} n_fetch={c.n_fetch} rule={c.rule}",
         lambda c, S, sizes: downpour.expected_bytes(S, c.n_push, c.n_fetch),
         report_every=lambda c: min(c.n_push, c.n_fetch),

@@ -19,8 +19,9 @@ import ray
 
 from lsgd_ray._internal.driver.base import T
 from lsgd_ray._internal.driver.state import RunState
-from lsgd_ray._internal.protocol import EveryWorkerLost, event_key
+from lsgd_ray._internal.protocol import LOST_A_CALLEE, EveryWorkerLost, event_key
 from lsgd_ray._internal.waiting import answers, get_all
+from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.checkpoint import load_latest
 
 # a coordinator that dies while it is being restarted is restarted again, this many times in a
@@ -170,22 +171,33 @@ class Supervisor(RunState):
             return True
 
     def _restart_dead_loops(self, loops: dict[int, ray.ObjectRef], ready: list[ray.ObjectRef]) -> bool:
-        """Asynchronous mode: loops (by rank) that ended because their process died are started
-        again by the coordinator: a dead worker is replaced on its node, a group whose
-        LocalLeader died is re-formed or, its node gone, dropped (its ranks leave ``loops``)."""
+        """Asynchronous mode: loops (by rank) that ended because their process died, or because
+        an actor they called died (EASGD's and DOWNPOUR's ParameterServer), are started again by
+        the coordinator: a dead worker is replaced on its node, a group whose LocalLeader died is
+        re-formed or, its node gone, dropped (its ranks leave ``loops``), a lost server replaced
+        and the live workers' loops started again with the new one."""
         rank_of = {ref: rank for rank, ref in loops.items()}
         failed = {}
         for ref in ready:
             try:
                 ray.get(ref, timeout=0)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
-                if isinstance(exc, ray.exceptions.RayTaskError):
+                if not isinstance(exc, ray.exceptions.RayTaskError):
+                    failed[rank_of[ref]] = f"died ({type(exc).__name__})"
+                elif isinstance(exc.cause, ray.exceptions.RayActorError) and self._loops_call_a_server:
+                    failed[rank_of[ref]] = f"{LOST_A_CALLEE} ({type(exc.cause).__name__})"
+                else:
                     raise  # the worker's own error
-                failed[rank_of[ref]] = f"died ({type(exc).__name__})"
         if not failed:
             return False
         self._take_loops(loops, ray.get(self.global_leader.restart_loops.remote(failed)))
         return True
+
+    @property
+    def _loops_call_a_server(self) -> bool:
+        """Whether the workers' loops call an actor of the coordinator's (EASGD's and DOWNPOUR's
+        ParameterServer), which may die on its own."""
+        return ALGORITHMS[self.config.algorithm].coordinator_class().loops_call_a_server
 
     def _take_loops(self, loops: dict[int, ray.ObjectRef], wrapped: dict[int, list[ray.ObjectRef | None]]) -> None:
         """Asynchronous mode: the coordinator's loops by rank (``[ref]``; ``[None]``: the rank's
