@@ -20,10 +20,12 @@ Failure kinds (``--kinds``; a victim is picked at random among the live ones):
   one spare node: the group is re-placed on it at once and the fresh node is the next spare.
 
 The gap between two failures is exponential with mean ``--mtbf`` seconds. A failure counts as
-recovered when the run records the matching event after it (``worker_replaced``,
-``group_replaced``, ``group_rejoined``, ``coordinator_restarted``, ``server_replaced``; for the
-evaluator, the run's next evaluation) and the run ends without an abort; time to recover is from
-the strike to that event (a dropped group counts only once it rejoined).
+recovered when the run records an event after it that recovers what was struck
+(``worker_replaced`` for the struck worker's rank, ``group_replaced`` or ``group_rejoined`` for
+its group, ``coordinator_restarted``, ``server_replaced``; for the evaluator, the run's next
+evaluation) and the run ends without an abort; time to recover is from the strike to that event
+(a dropped group counts only once it rejoined). The killer learns which workers it struck from
+the actors' ``__repr__`` (``Worker(rank=3, group=1)``), as Ray's actor table records it.
 
     .venv/bin/python scripts/chaos.py --minutes 15 --mtbf 10                  # every algorithm
     .venv/bin/python scripts/chaos.py --algorithms lsgd --minutes 1 --mtbf 5  # a short look
@@ -58,6 +60,7 @@ sys.path.insert(0, ROOT)
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
+from ray.core.generated import gcs_pb2  # noqa: E402
 
 from lsgd_ray import EASGDConfig, LSGDConfig, OptimizerConfig, TrainConfig, Trainer  # noqa: E402
 from lsgd_ray.algorithms.registry import ALGORITHMS  # noqa: E402
@@ -88,6 +91,11 @@ RECOVERED_BY = {
     "coordinator": ("coordinator_restarted",),
     "server": ("server_replaced", "coordinator_restarted"),
 }
+EXCLUSIVE = {"worker_replaced", "server_replaced"}  # one new process: it recovers one strike
+
+
+# what an actor's ``__repr__`` says about it: ``Worker(rank=3, group=1)``, ``LocalLeader(group=1)``
+WHO = re.compile(r"\((?:rank=(?P<rank>\d+), )?group=(?P<group>\d+)\)")
 
 
 @dataclass
@@ -97,6 +105,7 @@ class Strike:
     victim: str  # what was hit, in words
     pid: int | None = None
     node_id: str | None = None
+    ranks: tuple[int, ...] = ()  # the workers struck: the worker's own rank, its LocalLeader's group's, its node's
 
 
 @dataclass
@@ -146,12 +155,38 @@ class Killer:
             raise
 
     def actors(self, class_name: str | None) -> list[dict[str, Any]]:
-        """The live actors of a class (``None``: all) in this job, from the GCS actor table."""
+        """The live actors of a class (``None``: all) in this job, from the GCS actor table:
+        class, pid, node, and what the actor's ``__repr__`` says of it (rank, group)."""
         job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
-        rows = ray._private.state.actors(job_id=job, actor_state_name="ALIVE").values()
-        found = [a for a in rows if class_name in (None, a["ActorClassName"]) and a["Pid"]]
-        self.pids_seen.update(a["Pid"] for a in found)
+        # read raw: ``ray._private.state.actors`` leaves out ``repr_name``
+        table = ray._private.state.state._connect_and_get_accessor().get_actor_table(job, "ALIVE")
+        found = []
+        for raw in table:
+            a = gcs_pb2.ActorTableData.FromString(raw)
+            if a.pid and class_name in (None, a.class_name):
+                who = WHO.search(a.repr_name)
+                found.append(
+                    {
+                        "class": a.class_name,
+                        "pid": a.pid,
+                        "node_id": a.address.node_id.hex(),
+                        "repr": a.repr_name,
+                        "rank": int(who["rank"]) if who and who["rank"] else None,
+                        "group": int(who["group"]) if who else None,
+                    }
+                )
+        self.pids_seen.update(a["pid"] for a in found)
         return found
+
+    def ranks_of(self, group: int | None = None, node_id: str | None = None) -> tuple[int, ...]:
+        """The ranks of the live workers in ``group`` or on ``node_id``."""
+        return tuple(
+            sorted(
+                w["rank"]
+                for w in self.actors("Worker")
+                if w["rank"] is not None and (w["group"] == group if node_id is None else w["node_id"] == node_id)
+            )
+        )
 
     def strike(self, kind: str) -> Strike | None:
         if kind == "node":
@@ -164,33 +199,38 @@ class Killer:
             "evaluator": "Evaluator",
             "server": "ParameterServer",
         }[kind]
-        live = [a for a in self.actors(class_name) if a["Pid"] not in self.stopped]  # stopped: struck already
+        live = [a for a in self.actors(class_name) if a["pid"] not in self.stopped]  # stopped: struck already
         if not live:
             return None
         victim = self.rng.choice(live)
-        pid, node = victim["Pid"], victim["Address"]["NodeID"]
+        pid, node = victim["pid"], victim["node_id"]
+        if victim["rank"] is not None:
+            ranks: tuple[int, ...] = (victim["rank"],)
+        else:
+            ranks = self.ranks_of(group=victim["group"]) if class_name == "LocalLeader" else ()
         try:
             os.kill(pid, signal.SIGSTOP if kind == "worker_stop" else signal.SIGKILL)
         except ProcessLookupError:
             return None  # it died meanwhile
         if kind == "worker_stop":
             self.stopped.append(pid)
-        return Strike(kind, time.time(), f"{class_name} pid {pid}", pid, node)
+        return Strike(kind, time.time(), f"{victim['repr'] or class_name} pid {pid}", pid, node, ranks)
 
     def remove_node(self) -> Strike | None:
         """A node that holds workers goes (never the last such: a run needs one group), if the
         cluster keeps a spare, only while a node holds none of this run's actors; a fresh node
         joins ``spare_delay_s`` later."""
-        workers = {a["Address"]["NodeID"] for a in self.actors("Worker")}
-        anyone = {a["Address"]["NodeID"] for a in self.actors(None)}
+        workers = {a["node_id"] for a in self.actors("Worker")}
+        anyone = {a["node_id"] for a in self.actors(None)}
         nodes = [n for n in self.cluster.list_all_nodes() if n is not self.cluster.head_node]
         held = [n for n in nodes if n.node_id in workers]
         if len(held) < 2 or (self.spare and all(n.node_id in anyone for n in nodes)):
             return None
         victim = self.rng.choice(held)
+        ranks = self.ranks_of(node_id=victim.node_id)
         self.cluster.remove_node(victim, allow_graceful=False)
         self.spares_due.append(time.monotonic() + self.spare_delay_s)
-        return Strike("node", time.time(), f"node {victim.node_id[:8]}", None, victim.node_id)
+        return Strike("node", time.time(), f"node {victim.node_id[:8]}", None, victim.node_id, ranks)
 
     def wait_for_removed_nodes(self, timeout_s: float = 120.0) -> list[str]:
         """Wait until Ray lists every node this killer removed as dead: the GCS marks a node
@@ -224,6 +264,16 @@ class Killer:
             self.sample_store()
 
 
+def covers(strike: Strike, event: dict) -> bool:
+    """Whether ``event`` recovers what ``strike`` hit: its kind recovers the strike's and, where
+    both name workers (a replaced worker's rank, a re-formed group's ranks), it names one of the
+    workers struck."""
+    if event.get("event") not in RECOVERED_BY.get(strike.kind, ()):
+        return False
+    named = event.get("ranks", [event["rank"]] if "rank" in event else None)
+    return named is None or not strike.ranks or bool(set(named) & set(strike.ranks))
+
+
 def recoveries(
     strikes: list[Strike],
     events: list[dict],
@@ -231,13 +281,15 @@ def recoveries(
     end: float | None = None,
     settle_s: float = 0.0,
 ) -> list[dict]:
-    """Each strike with the event that recovered it and the seconds until then. Two passes in
-    the order of the strikes: first each takes the first event of its own kind after it (a
-    worker's replacement, a coordinator's restart), then a strike still without one takes the
-    first other event that recovers it too (a restart from a checkpoint recovers a lost worker);
-    no event serves two strikes. The evaluator's is the run's next evaluation. A strike left
-    without one in the last ``settle_s`` before the run's ``end`` is ``open_at_end``: the run
-    ended before any call needed what it struck."""
+    """Each strike with the event that recovered it and the seconds until then: the first event
+    after it that covers it (``covers``: a worker's own replacement, its group's re-forming or
+    rejoining, a coordinator's restart). A strike that names no worker (the coordinator, the
+    server) takes an event of its own kind first, then any other that recovers it. A process
+    replaced (``EXCLUSIVE``) recovers one strike, and a coordinator's restart one strike of the
+    coordinator; a group re-formed, or a restart, recovers every worker strike it covers. The
+    evaluator's is the run's next evaluation. A strike left without one in the last
+    ``settle_s`` before the run's ``end`` is ``open_at_end``: the run ended before any call
+    needed what it struck."""
     ordered = sorted(enumerate(events), key=lambda ie: ie[1].get("time", 0))
     chronological = sorted(strikes, key=lambda s: s.time)
     found: dict[int, dict] = {}
@@ -251,12 +303,18 @@ def recoveries(
                 if any(t > s.time for t in evaluation_times):
                     found[n] = {"event": "evaluation", "time": None}
                 continue
-            kinds = RECOVERED_BY[s.kind][:1] if first_pass else RECOVERED_BY[s.kind]
+            own = RECOVERED_BY[s.kind][0]
             for i, e in ordered:
-                if i not in taken and e.get("event") in kinds and e.get("time", 0) >= s.time:
-                    taken.add(i)
-                    found[n] = e
-                    break
+                kind = e.get("event")
+                if e.get("time", 0) < s.time or not covers(s, e):
+                    continue
+                if first_pass and not s.ranks and kind != own:
+                    continue
+                if i in taken and (kind in EXCLUSIVE or (kind == own and not s.ranks)):
+                    continue
+                taken.add(i)
+                found[n] = e
+                break
     rows = []
     for n, s in enumerate(chronological):
         e = found.get(n)
@@ -264,6 +322,7 @@ def recoveries(
             {
                 "kind": s.kind,
                 "victim": s.victim,
+                "ranks": list(s.ranks),
                 "time": s.time,
                 "recovered_by": e["event"] if e else None,
                 "recovery_s": e["time"] - s.time if e and e["time"] is not None else None,

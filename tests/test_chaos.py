@@ -68,6 +68,43 @@ def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_none_ser
     assert aborted["recovered"] == 0  # an aborted run survived nothing
 
 
+def test_a_strike_that_names_its_workers_is_recovered_only_by_an_event_about_them():
+    """A worker's strike is matched to its own rank's replacement, not to the next replacement
+    of another worker; a group re-formed, or a coordinator restarted, recovers every worker
+    strike it covers."""
+    strikes = [
+        chaos.Strike("worker_kill", 10.0, "Worker(rank=1, group=0) pid 1", ranks=(1,)),
+        chaos.Strike("worker_kill", 11.0, "Worker(rank=2, group=1) pid 2", ranks=(2,)),
+        chaos.Strike("local_leader", 20.0, "LocalLeader(group=1) pid 3", ranks=(2, 3)),
+        chaos.Strike("worker_stop", 20.5, "Worker(rank=3, group=1) pid 4", ranks=(3,)),
+        chaos.Strike("node", 30.0, "node abcd", ranks=(0, 1)),
+        chaos.Strike("coordinator", 50.0, "GlobalLeader pid 5"),
+        chaos.Strike("coordinator", 51.0, "GlobalLeader pid 6"),
+        chaos.Strike("worker_kill", 52.0, "Worker(rank=0, group=0) pid 7", ranks=(0,)),
+    ]
+    events = [
+        {"event": "worker_replaced", "rank": 2, "time": 12.0},
+        {"event": "worker_replaced", "rank": 1, "time": 13.0},
+        {"event": "group_replaced", "ranks": [0, 1], "time": 21.0},  # the other group
+        {"event": "group_replaced", "ranks": [2, 3], "time": 22.0},
+        {"event": "group_dropped", "ranks": [0, 1], "time": 31.0},  # a drop is not a recovery
+        {"event": "group_rejoined", "ranks": [0, 1], "time": 40.0},
+        {"event": "coordinator_restarted", "time": 53.0, "steps_lost": 8},
+    ]
+    rows = chaos.recoveries(strikes, events, [])
+    assert [(r["recovered_by"], r["recovery_s"]) for r in rows] == [
+        ("worker_replaced", 3.0),  # rank 1's, not rank 2's a second earlier
+        ("worker_replaced", 1.0),
+        ("group_replaced", 2.0),
+        ("group_replaced", 1.5),  # the same re-forming recovered the stopped worker of that group
+        ("group_rejoined", 10.0),
+        ("coordinator_restarted", 3.0),
+        (None, None),  # one restart recovers one strike of the coordinator
+        ("coordinator_restarted", 1.0),  # and every worker
+    ]
+    assert rows[0]["ranks"] == [1] and rows[5]["ranks"] == []
+
+
 def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinator_restart():
     strikes = [
         chaos.Strike("server", 10.0, "ParameterServer pid 7"),
@@ -141,6 +178,9 @@ def test_a_short_chaos_run_survives_every_strike_and_leaves_nothing_running(tmp_
     # evaluation, which the divergence watch reports (the final accuracy is checked below)
     assert summary["status"] in ("completed", "diverged") and not run["killer_errors"], run.get("error")
     assert summary["injected"] >= 4, run["strikes"]
+    # the killer read from Ray's actor table which workers it struck
+    named = [r for r in run["strikes"] if r["kind"] in ("worker_kill", "worker_stop")]
+    assert all(r["ranks"] for r in named), named
     # matched to a recovery event: not all (a recovery reported to a coordinator that then died is
     # not in the run's events: docs/fault-tolerance.md, "Chaos runs"), but some
     assert summary["recovered"] > 0, run["strikes"]
