@@ -3,11 +3,13 @@ from the weights its algorithm defines and the run completes; for data-parallel 
 the workers' torch.distributed group is re-formed with the new process. A LocalLeader killed is
 replaced with its workers; the coordinator killed is restarted from the last checkpoint."""
 
+import json
 import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -409,6 +411,45 @@ def test_a_server_and_then_a_local_leader_lost_are_both_recovered(tmp_path):
     events = [e["event"] for e in result.events]
     assert events.count("server_replaced") == 1 and events.count("group_replaced") == 1, result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
+
+
+def kills_the_server_when_asked_for_stats(pid_file, max_steps):
+    """A Worker class whose rank 0 SIGKILLs the ParameterServer (its pid in ``pid_file``) when
+    the driver asks for its statistics at the run's end, between the final evaluation and the
+    save of the final weights, and waits until it is gone."""
+
+    class KillsTheServer(Worker):
+        def stats(self):
+            if self.rank == 0 and self.steps == max_steps and os.path.exists(pid_file):
+                with open(pid_file) as f:
+                    pid = int(f.read())
+                os.remove(pid_file)
+                os.kill(pid, signal.SIGKILL)
+                while os.path.exists(f"/proc/{pid}"):
+                    time.sleep(0.01)
+            return super().stats()
+
+    return KillsTheServer
+
+
+@pytest.mark.timeout(300)
+def test_a_server_replaced_while_the_final_weights_are_saved_is_in_the_results_events(tmp_path):
+    """The save of the final weights asks the coordinator for them, which replaces a lost
+    ParameterServer first: that event was left out of result.json (the events were read
+    before the save)."""
+    cfg = config(tmp_path, "easgd")
+    pid_file = str(tmp_path / "server-pid")
+    with Trainer(MODEL, DATA, cfg, worker_cls=kills_the_server_when_asked_for_stats(pid_file, 96)) as trainer:
+        server = ray.get(trainer.global_leader.__ray_call__.remote(lambda coordinator: coordinator.server))
+        with open(pid_file, "w") as f:
+            f.write(str(ray.get(server.__ray_call__.remote(lambda _: os.getpid()))))
+        result = trainer.fit()
+    assert not os.path.exists(pid_file), "the server was never struck"
+    (replaced,) = [e for e in result.events if e["event"] == "server_replaced"]
+    assert replaced["step"] == 96, replaced
+    assert result.status == "completed" and os.path.exists(os.path.join(cfg.output_dir, "leader_state_dict.pt"))
+    saved = json.loads(Path(cfg.output_dir, "result.json").read_text())
+    assert [e["event"] for e in saved["events"]] == [e["event"] for e in result.events]
 
 
 class Gone:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -141,6 +142,10 @@ class Records(DriverBase):
             stats = self.worker_stats()
             if error is None:
                 self._save_leader_weights()
+                # the save may have mended the coordinator (a lost ParameterServer replaced): its
+                # event too; if the coordinator died after the save, the status above stands
+                with contextlib.suppress(ray.exceptions.RayActorError):
+                    status["events"] = self.status()["events"]
         except Exception as exc:  # the cluster may be gone: write what we know
             error = error or f"could not collect the final state: {exc}"
         final = self.history[-1] if self.history else {}
