@@ -124,21 +124,11 @@ def replies_or_deaths(
 
 def answers(refs: Sequence[ray.ObjectRef], timeout_s: float) -> list[Any | None]:
     """Each actor's reply, or ``None`` for one that died or did not answer within ``timeout_s``
-    (waited once for all). For the driver's side calls (stats, checkpoints, a coordinator's
-    restart): a worker lost at that moment is its LocalLeader's to replace at the next round,
-    not a reason to end the run. An error raised by an actor's own code propagates."""
-    if not refs:
-        return []
-    ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    out: list[Any | None] = []
-    for ref in refs:
-        try:
-            out.append(ray.get(ref, timeout=0))
-        except GetTimeoutError:
-            out.append(None)
-        except RayActorError:  # died (an error of the actor's own code is not one: it propagates)
-            out.append(None)
-    return out
+    (``replies_or_deaths`` with ``late_ok``, without the reasons). For the driver's side calls
+    (stats, checkpoints, a coordinator's restart): a worker lost at that moment is its
+    LocalLeader's to replace at the next round, not a reason to end the run. An error raised by
+    an actor's own code propagates."""
+    return [reply for reply, _ in replies_or_deaths(refs, timeout_s, [""] * len(refs), late_ok=True)]
 
 
 def worker_handles(local_leaders: Sequence[Any], timeout_s: float) -> list[Any]:
