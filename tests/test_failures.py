@@ -125,6 +125,44 @@ def test_a_replacement_that_dies_before_it_is_ready_is_replaced_in_turn(tmp_path
     assert result.status == "completed" and result.steps_per_worker == 120, result.error
 
 
+class ReplacementKillsItsLocalLeader(Worker):
+    """Worker 0 SIGKILLs itself at its step 20; its replacement, as it starts, SIGKILLs the
+    LocalLeader replacing it (its pid in the file ``flag + ".pid"``), and the worker dies with
+    it (once per run: ``flag``)."""
+
+    flag = ""
+
+    def _step(self):
+        super()._step()
+        if self.rank == 0 and self.steps == 20 and not os.path.exists(self.flag + ".worker"):
+            open(self.flag + ".worker", "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def ready(self):
+        if self.rank == 0 and os.path.exists(self.flag + ".worker") and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            with open(self.flag + ".pid") as f:
+                os.kill(int(f.read()), signal.SIGKILL)
+        return super().ready()
+
+
+def test_an_async_local_leader_lost_while_it_replaces_a_worker_has_its_group_re_formed(tmp_path):
+    """A chaos run's abort (async LSGD): a LocalLeader was killed while it replaced a dead
+    worker, and the replacement's error ended the run. Its group is re-formed now, its loops
+    started, as for any LocalLeader lost."""
+    flag = str(tmp_path / "local-leader-killed")
+    worker_cls = type("KillsItsLocalLeader", (ReplacementKillsItsLocalLeader,), {"flag": flag})
+    with Trainer(MODEL, DATA, config(tmp_path, "async"), worker_cls=worker_cls) as trainer:
+        with open(flag + ".pid", "w") as f:
+            f.write(str(ray.get(trainer.local_leaders[0].__ray_call__.remote(lambda _: os.getpid()))))
+        result = trainer.fit()
+    assert os.path.exists(flag), "the replacement never struck its LocalLeader"
+    (reformed,) = [e for e in result.events if e["event"] == "group_replaced"]
+    assert reformed["group"] == 0 and "its LocalLeader died" in reformed["reason"], reformed
+    assert result.status == "completed" and result.steps_per_worker == 120, result.error
+    assert result.final_test_accuracy > 0.6
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_hung_worker_is_detected_named_and_replaced(tmp_path, mode):
     """Sync: its round gets no answer; async: it stops reporting (its LocalLeader kills it, and

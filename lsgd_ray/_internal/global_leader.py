@@ -10,18 +10,15 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
 from lsgd_ray._internal.leader_recovery import LeaderRecovery
-from lsgd_ray._internal.waiting import ActorTimeoutError, answers, get_all
+from lsgd_ray._internal.protocol import Failure
+from lsgd_ray._internal.waiting import ActorTimeoutError, answers, replies_or_deaths
 from lsgd_ray.algorithms.lsgd import crossed, next_pull_step, pulls_due, select_leader, weighted_mean
 from lsgd_ray.config import LSGDConfig
-
-if TYPE_CHECKING:
-    pass
-
 
 CENTER = "center (mean of all workers)"  # what a run evaluating the center names its model
 
@@ -253,25 +250,35 @@ class GlobalLeader(LeaderRecovery):
                     loops[rank] = self._restarted.pop(rank, [None]) if died else [refs[i]]
         return loops
 
-    def restart_loops(self, failed: dict[int, str]) -> dict[int, list[ray.ObjectRef | None]]:
-        """Asynchronous mode: the loops of ``failed`` (rank -> reason) ended because a process
+    def restart_loops(self, failed: dict[int, Failure]) -> dict[int, list[ray.ObjectRef | None]]:
+        """Asynchronous mode: the loops of ``failed`` (by rank) ended because a process
         died. A group whose LocalLeader died is re-formed with new loops, or dropped; a dead
         worker of a live group is replaced on its node from the leader's weights and its loop
-        started again. Returns the new loop of every rank restarted since the last call
-        (wrapped; ``[None]``: its group was dropped)."""
+        started again (its LocalLeader dying meanwhile is a lost group too). Returns the new
+        loop of every rank restarted since the last call (wrapped; ``[None]``: its group was
+        dropped)."""
         self.status()  # asks every LocalLeader: those that died have their groups recovered
         with self._recovering:
             restarted, self._restarted = self._restarted, {}
             calls = {}
-            for rank, reason in failed.items():
+            for rank, failure in failed.items():
                 if rank in restarted:
                     continue
                 g = next(i for i, p in enumerate(self.plans) if rank in p.ranks)
                 source, origin = self._survivor_source(exclude=failed)
-                calls[rank] = self.local_leaders[g].replace_async.remote(rank, reason, source, origin)
+                leader = self.local_leaders[g]
+                calls[rank] = (leader, leader.replace_async.remote(rank, failure.reason, source, origin))
             timeout = self.deadlines.replace_s
-            for rank, ref in calls.items():
-                restarted[rank] = get_all([ref], timeout, [f"replacement of worker {rank}"])[0][:1]
+            for rank, (leader, ref) in calls.items():
+                ((reply, died),) = replies_or_deaths([ref], timeout, [f"replacement of worker {rank}"])
+                if not died:
+                    restarted[rank] = reply[:1]
+                elif leader in self.local_leaders:  # not recovered meanwhile (for another rank)
+                    # the LocalLeader died amid the replacement, and its workers with it (a chaos
+                    # run's abort): its group is re-formed, its loops started, or dropped
+                    self._recover_group(self.local_leaders.index(leader), f"its LocalLeader {died}")
+            restarted.update(self._restarted)  # the groups recovered meanwhile
+            self._restarted = {}
             self._worker_handles = None
         return restarted
 

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 
 from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
+from lsgd_ray._internal.protocol import Failure
 from lsgd_ray._internal.waiting import ActorTimeoutError, answers, get_all, replies_or_deaths, worker_handles
 from lsgd_ray.algorithms import diloco, local_sgd
 
@@ -147,19 +148,19 @@ class PeerCoordinator(PeerRecovery):
 
     replacement_origin = "the leader's weights"
 
-    def restart_loops(self, failed: dict[int, str]) -> dict[int, list[ray.ObjectRef | None]]:
-        """Asynchronous mode (EASGD, DOWNPOUR): each worker of ``failed`` (rank -> reason) is
+    def restart_loops(self, failed: dict[int, Failure]) -> dict[int, list[ray.ObjectRef | None]]:
+        """Asynchronous mode (EASGD, DOWNPOUR): each worker of ``failed`` (by rank) is
         replaced on its node from the server's weights and its loop started again; a group
         whose LocalLeader died gets a new one with new workers, started the same way. Returns
         the new loops (wrapped)."""
         source = self.leader_weights()
         restarted: dict[int, list[ray.ObjectRef | None]] = {}
         timeout = self.deadlines.replace_s
-        for rank, reason in sorted(failed.items()):
+        for rank, failure in sorted(failed.items()):
             if rank in restarted:
                 continue
             g, _ = self._locate(rank)
-            call = self.local_leaders[g].replace_async.remote(rank, reason, source, self.replacement_origin)
+            call = self.local_leaders[g].replace_async.remote(rank, failure.reason, source, self.replacement_origin)
             reply, died = replies_or_deaths([call], timeout, [f"replacement of worker {rank}"])[0]
             if died:  # the LocalLeader, and every worker of its group with it
                 restarted.update(self._reform_group_async(g, f"its LocalLeader {died}", source))

@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_coordinators import PeerCoordinator
-from lsgd_ray._internal.protocol import LOST_A_CALLEE, DownpourExchange, ElasticExchange, actor_class, node_id
+from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, Failure, FailureKind, actor_class, node_id
 from lsgd_ray._internal.waiting import LATE, answers, get_all, replies_or_deaths
 from lsgd_ray.algorithms import downpour
 
@@ -135,22 +135,22 @@ class EASGD(PeerCoordinator):
     def _exchange(self) -> Any:
         return ElasticExchange(self.server, self.cfg.easgd.tau, self.alpha)
 
-    def restart_loops(self, failed: dict[int, str]) -> dict[int, list[ray.ObjectRef | None]]:
+    def restart_loops(self, failed: dict[int, Failure]) -> dict[int, list[ray.ObjectRef | None]]:
         """Asynchronous mode: a loop that ended when the server it called died starts again on
         the same process, from its own weights, with the new server; dead workers are replaced
         as for every peer (also those whose LocalLeader died meanwhile)."""
         self._mend_server()
-        in_place = sorted(r for r, why in failed.items() if why.startswith(LOST_A_CALLEE))
+        in_place = sorted(r for r, f in failed.items() if f.kind is FailureKind.LOST_A_CALLEE)
         calls = [self.local_leaders[self._locate(r)[0]].restart_loop.remote(r) for r in in_place]
         replies = replies_or_deaths(calls, self.timeout_s, [f"LocalLeader of worker {r}" for r in in_place])
         restarted: dict[int, list[ray.ObjectRef | None]] = {}
         rest = {r: why for r, why in failed.items() if r not in in_place}
         for rank, (reply, died) in zip(in_place, replies):
             if died:
-                rest[rank] = f"its LocalLeader {died}"
+                rest[rank] = Failure(rank, FailureKind.GROUP_LOST, died)
             elif reply[0] is None:
                 raise RuntimeError(
-                    f"worker {rank}'s loop failed: {failed[rank]}, and that actor was not a lost ParameterServer"
+                    f"worker {rank}'s loop failed: {failed[rank].reason}, and that actor was not a lost ParameterServer"
                 )
             else:
                 restarted[rank] = reply

@@ -94,11 +94,6 @@ def node_ip() -> str:
 # ---------------------------------------------------------------- failures
 
 
-# an asynchronous loop that ended because an actor it called died (EASGD's and DOWNPOUR's
-# ParameterServer): the driver's reason for it in ``restart_loops``
-LOST_A_CALLEE = "lost an actor it called"
-
-
 class FailureKind(StrEnum):
     """Why a worker gave no answer to a call."""
 
@@ -107,6 +102,7 @@ class FailureKind(StrEnum):
     LOST_INPUT = "lost an input"  # alive, but an argument's producer died or hung
     BROKEN = "broken collective"  # alive; its collective failed with a lost peer
     GROUP_LOST = "group lost"  # its LocalLeader died, and the worker with it
+    LOST_A_CALLEE = "lost an actor it called"  # an asynchronous loop's call failed: EASGD's server died, say
 
 
 @dataclass(frozen=True)
@@ -128,6 +124,7 @@ class Failure:
             FailureKind.LOST_INPUT: f"lost an input ({self.detail})" if self.detail else "lost an input",
             FailureKind.BROKEN: self.detail,
             FailureKind.GROUP_LOST: f"its LocalLeader {self.detail}",
+            FailureKind.LOST_A_CALLEE: f"lost an actor it called ({self.detail})",
         }[self.kind]
 
 

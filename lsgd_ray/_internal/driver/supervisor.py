@@ -19,7 +19,7 @@ import ray
 
 from lsgd_ray._internal.driver.base import T
 from lsgd_ray._internal.driver.state import RunState
-from lsgd_ray._internal.protocol import LOST_A_CALLEE, EveryWorkerLost, event_key
+from lsgd_ray._internal.protocol import EveryWorkerLost, Failure, FailureKind, event_key
 from lsgd_ray._internal.waiting import answers, get_all
 from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.checkpoint import load_latest
@@ -177,15 +177,15 @@ class Supervisor(RunState):
         re-formed or, its node gone, dropped (its ranks leave ``loops``), a lost server replaced
         and the live workers' loops started again with the new one."""
         rank_of = {ref: rank for rank, ref in loops.items()}
-        failed = {}
+        failed: dict[int, Failure] = {}
         for ref in ready:
             try:
                 ray.get(ref, timeout=0)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                 if not isinstance(exc, ray.exceptions.RayTaskError):
-                    failed[rank_of[ref]] = f"died ({type(exc).__name__})"
+                    failed[rank_of[ref]] = Failure(rank_of[ref], FailureKind.DIED, type(exc).__name__)
                 elif isinstance(exc.cause, ray.exceptions.RayActorError) and self._loops_call_a_server:
-                    failed[rank_of[ref]] = f"{LOST_A_CALLEE} ({type(exc.cause).__name__})"
+                    failed[rank_of[ref]] = Failure(rank_of[ref], FailureKind.LOST_A_CALLEE, type(exc.cause).__name__)
                 else:
                     raise  # the worker's own error
         if not failed:
