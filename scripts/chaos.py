@@ -127,6 +127,7 @@ class Killer:
     spares_due: list[float] = field(default_factory=list)  # when a fresh node joins (monotonic clock)
     store_errors: list[str] = field(default_factory=list)  # samples of the object store that failed
     pids_seen: set[int] = field(default_factory=set)
+    group_ranks: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # every worker seen
     stop: threading.Event = field(default_factory=threading.Event)
     errors: list[str] = field(default_factory=list)
 
@@ -176,17 +177,16 @@ class Killer:
                     }
                 )
         self.pids_seen.update(a["pid"] for a in found)
+        for a in found:
+            if a["rank"] is not None:
+                self.group_ranks[a["group"]].add(a["rank"])
         return found
 
     def ranks_of(self, group: int | None = None, node_id: str | None = None) -> tuple[int, ...]:
-        """The ranks of the live workers in ``group`` or on ``node_id``."""
-        return tuple(
-            sorted(
-                w["rank"]
-                for w in self.actors("Worker")
-                if w["rank"] is not None and (w["group"] == group if node_id is None else w["node_id"] == node_id)
-            )
-        )
+        """The ranks of ``group``'s workers (every one seen: a group keeps its ranks, and at the
+        strike one may be dead, being replaced), or of the live workers on ``node_id``."""
+        on_node = {w["rank"] for w in self.actors("Worker") if w["rank"] is not None and w["node_id"] == node_id}
+        return tuple(sorted(on_node if node_id is not None else self.group_ranks.get(group, set())))
 
     def strike(self, kind: str) -> Strike | None:
         if kind == "node":
