@@ -452,6 +452,35 @@ def test_a_server_replaced_while_the_final_weights_are_saved_is_in_the_results_e
     assert [e["event"] for e in saved["events"]] == [e["event"] for e in result.events]
 
 
+class DiesWhenEvaluated(Worker):
+    """Worker 0 SIGKILLs itself when its weights are asked for (not counted: an evaluation's
+    read) past its step 24, once per run (``flag``)."""
+
+    flag = ""
+
+    def get_weights(self, count=True):
+        if self.rank == 0 and not count and self.steps >= 24 and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().get_weights(count)
+
+
+@pytest.mark.timeout(300)
+def test_data_parallels_evaluation_with_worker_0_lost_reads_a_live_workers_weights(tmp_path):
+    """A chaos run's abort (data-parallel): worker 0's node was removed, and every attempt at
+    the evaluation asked the lost worker 0 for the weights, until the run ended. Every worker
+    holds the same weights: those of the workers that answer are evaluated, and the next round
+    replaces worker 0."""
+    flag = str(tmp_path / "worker-0-killed")
+    cfg = config(tmp_path, "data_parallel", eval_every_s=0.5, straggler_delay_s={0: 0.03, 1: 0.03})
+    with Trainer(MODEL, DATA, cfg, worker_cls=type("Dies", (DiesWhenEvaluated,), {"flag": flag})) as trainer:
+        result = trainer.fit()
+    assert os.path.exists(flag), "worker 0 was never asked for its weights past step 24"
+    assert [e["rank"] for e in result.events if e["event"] == "worker_replaced"] == [0], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert len(result.history) >= 3 and result.final_test_accuracy > 0.6, result.history
+
+
 class Gone:
     def ping(self):
         return True

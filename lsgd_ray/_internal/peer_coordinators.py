@@ -223,7 +223,12 @@ class DataParallel(PeerCoordinator):
         return self._call("train", [(num_steps,)] * self.num_workers)[0]
 
     def leader_weights(self) -> list[ray.ObjectRef]:
-        return [self._handles()[0].get_weights.remote(count=False)]
+        """Worker 0's weights, as every worker holds the same; if worker 0 does not answer (its
+        node lost and not yet declared dead, say: a chaos run's abort, every evaluation's input
+        lost), the mean of those that do, which is the same weights."""
+        ref = self._handles()[0].get_weights.remote(count=False)
+        ((_, died),) = replies_or_deaths([ref], self.timeout_s, ["worker 0"], late_ok=True)
+        return [ref] if not died else super().leader_weights()
 
 
 class LocalSGD(PeerCoordinator):
