@@ -312,7 +312,8 @@ def recoveries(
                     continue
                 if i in taken and (kind in EXCLUSIVE or (kind == own and not s.ranks)):
                     continue
-                taken.add(i)
+                if kind in EXCLUSIVE or kind == own:  # a shared use (a restart recovering a worker) takes nothing
+                    taken.add(i)
                 found[n] = e
                 break
     rows = []

@@ -103,6 +103,16 @@ def test_a_strike_that_names_its_workers_is_recovered_only_by_an_event_about_the
         ("coordinator_restarted", 1.0),  # and every worker
     ]
     assert rows[0]["ranks"] == [1] and rows[5]["ranks"] == []
+    # a worker's strike recovered by a restart leaves that restart to the coordinator's strike
+    shared = chaos.recoveries(
+        [chaos.Strike("worker_kill", 45.0, "Worker pid 8", ranks=(1,)), chaos.Strike("coordinator", 50.0, "pid 9")],
+        [{"event": "coordinator_restarted", "time": 53.0}],
+        [],
+    )
+    assert [(r["recovered_by"], r["recovery_s"]) for r in shared] == [
+        ("coordinator_restarted", 8.0),
+        ("coordinator_restarted", 3.0),
+    ]
 
 
 def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinator_restart():

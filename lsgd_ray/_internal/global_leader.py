@@ -264,8 +264,12 @@ class GlobalLeader(LeaderRecovery):
             for rank, failure in failed.items():
                 if rank in restarted:
                     continue
-                g = next(i for i, p in enumerate(self.plans) if rank in p.ranks)
+                # asking the workers for a source may recover a group (a LocalLeader found dead):
+                # its loops are then in ``_restarted``, and the groups' order may have changed
                 source, origin = self._survivor_source(exclude=failed)
+                if rank in self._restarted:
+                    continue
+                g = next(i for i, p in enumerate(self.plans) if rank in p.ranks)
                 leader = self.local_leaders[g]
                 calls[rank] = (leader, leader.replace_async.remote(rank, failure.reason, source, origin))
             timeout = self.deadlines.replace_s

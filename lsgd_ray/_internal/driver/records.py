@@ -143,9 +143,10 @@ class Records(DriverBase):
             if error is None:
                 self._save_leader_weights()
                 # the save may have mended the coordinator (a lost ParameterServer replaced): its
-                # event too; if the coordinator died after the save, the status above stands
-                with contextlib.suppress(ray.exceptions.RayActorError):
-                    status["events"] = self.status()["events"]
+                # event too. Read as it is (no handles refreshed); if the coordinator died or
+                # failed after the save, the status above stands
+                with contextlib.suppress(ray.exceptions.RayError):
+                    status["events"] = ray.get(self.global_leader.status.remote())["events"]
         except Exception as exc:  # the cluster may be gone: write what we know
             error = error or f"could not collect the final state: {exc}"
         final = self.history[-1] if self.history else {}
