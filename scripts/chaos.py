@@ -285,8 +285,9 @@ def recoveries(
     after it that covers it (``covers``: a worker's own replacement, its group's re-forming or
     rejoining, a coordinator's restart). A strike that names no worker (the coordinator, the
     server) takes an event of its own kind first, then any other that recovers it. A process
-    replaced (``EXCLUSIVE``) recovers one strike, and a coordinator's restart one strike of the
-    coordinator; a group re-formed, or a restart, recovers every worker strike it covers. The
+    replaced (``EXCLUSIVE``) recovers one strike; a group re-formed recovers every strike it
+    covers, and a coordinator's restart every strike before it (a coordinator struck again
+    while it was being restarted is restarted once: both strikes end there). The
     evaluator's is the run's next evaluation. A strike left without one in the last
     ``settle_s`` before the run's ``end`` is ``open_at_end``: the run ended before any call
     needed what it struck."""
@@ -310,9 +311,9 @@ def recoveries(
                     continue
                 if first_pass and not s.ranks and kind != own:
                     continue
-                if i in taken and (kind in EXCLUSIVE or (kind == own and not s.ranks)):
+                if i in taken:
                     continue
-                if kind in EXCLUSIVE or kind == own:  # a shared use (a restart recovering a worker) takes nothing
+                if kind in EXCLUSIVE:
                     taken.add(i)
                 found[n] = e
                 break

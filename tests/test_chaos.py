@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import chaos  # noqa: E402
 
 
-def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_none_serves_two():
+def test_each_strike_is_matched_to_a_recovery_of_its_own_kind_first_and_a_replacement_serves_one():
     strikes = [
         chaos.Strike("worker_kill", 10.0, "Worker pid 1"),
         chaos.Strike("worker_kill", 11.0, "Worker pid 2"),
@@ -99,11 +99,11 @@ def test_a_strike_that_names_its_workers_is_recovered_only_by_an_event_about_the
         ("group_replaced", 1.5),  # the same re-forming recovered the stopped worker of that group
         ("group_rejoined", 10.0),
         ("coordinator_restarted", 3.0),
-        (None, None),  # one restart recovers one strike of the coordinator
-        ("coordinator_restarted", 1.0),  # and every worker
+        ("coordinator_restarted", 2.0),  # struck again while it was restarted: one restart ends both
+        ("coordinator_restarted", 1.0),  # and recovers every worker
     ]
     assert rows[0]["ranks"] == [1] and rows[5]["ranks"] == []
-    # a worker's strike recovered by a restart leaves that restart to the coordinator's strike
+    # a worker's strike recovered by a restart does not take it from the coordinator's strike
     shared = chaos.recoveries(
         [chaos.Strike("worker_kill", 45.0, "Worker pid 8", ranks=(1,)), chaos.Strike("coordinator", 50.0, "pid 9")],
         [{"event": "coordinator_restarted", "time": 53.0}],
