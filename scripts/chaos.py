@@ -29,6 +29,7 @@ the actors' ``__repr__`` (``Worker(rank=3, group=1)``), as Ray's actor table rec
 
     .venv/bin/python scripts/chaos.py --minutes 15 --mtbf 10                  # every algorithm
     .venv/bin/python scripts/chaos.py --algorithms lsgd --minutes 1 --mtbf 5  # a short look
+    .venv/bin/python scripts/chaos.py --rematch runs/chaos.json --out runs/chaos-again.json
 
 Every algorithm's report is written to ``--out`` (JSON) as soon as its run ends.
 """
@@ -530,6 +531,25 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def rematch(report: dict[str, Any]) -> dict[str, Any]:
+    """A saved report with every run's strikes matched again to its events by the current rules
+    (``recoveries``), and its summaries made again. The evaluator's strikes keep their match (the
+    report keeps no evaluation times), and an unmatched strike its ``open_at_end``."""
+    runs = []
+    for run in report["runs"]:
+        saved = run.get("strikes", [])
+        strikes = [Strike(s["kind"], s["time"], s["victim"], ranks=tuple(s.get("ranks", ()))) for s in saved]
+        rows = recoveries(strikes, run.get("events", []), [])
+        for row, old in zip(rows, sorted(saved, key=lambda s: s["time"])):
+            if row["kind"] == "evaluator":
+                row.update(recovered_by=old["recovered_by"], recovery_s=old["recovery_s"])
+            row["open_at_end"] = row["recovered_by"] is None and old.get("open_at_end", False)
+        again = {**run, "strikes": rows}
+        again["summary"] = summarize(again)
+        runs.append(again)
+    return {**report, "runs": runs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algorithms", nargs="+", default=list(RUNS), choices=list(RUNS))
@@ -544,7 +564,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/chaos.json")
     p.add_argument("--tmp", default="runs/chaos_tmp")
+    p.add_argument("--rematch", metavar="REPORT", help="match a saved report's strikes again by the current rules, "
+                   "print its table and write it to --out; runs nothing")  # fmt: skip
     args = p.parse_args()
+    if args.rematch:
+        with open(args.rematch) as f:
+            again = rematch(json.load(f))
+        with open(args.out, "w") as f:
+            json.dump(again, f, indent=1, default=str)
+        print(table(again))
+        return
     if set(args.kinds) == {"server"} and not {RUNS[a][0] for a in args.algorithms} & SERVED:
         p.error(f"--kinds server strikes only the runs of {', '.join(sorted(SERVED))}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

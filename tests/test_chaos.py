@@ -115,6 +115,43 @@ def test_a_strike_that_names_its_workers_is_recovered_only_by_an_event_about_the
     ]
 
 
+def test_a_saved_report_is_matched_again_by_the_current_rules(tmp_path):
+    """``--rematch``: the strikes of a saved report matched again to its events, the summary
+    and table made again; an evaluator's match is kept (the report has no evaluation times)."""
+    strike = {"victim": "v", "recovered_by": None, "recovery_s": None, "steps_lost": None, "open_at_end": False}
+    report = {
+        "runs": [
+            {
+                "algorithm": "lsgd",
+                "status": "completed",
+                "strikes": [
+                    {**strike, "kind": "worker_kill", "time": 10.0, "ranks": [1], "recovered_by": "worker_replaced",
+                     "recovery_s": 1.0},  # matched by older rules to rank 0's replacement
+                    {**strike, "kind": "evaluator", "time": 11.0, "ranks": [], "recovered_by": "evaluation"},
+                    {**strike, "kind": "worker_kill", "time": 12.0, "ranks": [2], "open_at_end": True},
+                ],
+                "events": [
+                    {"event": "worker_replaced", "rank": 0, "time": 11.0},
+                    {"event": "worker_replaced", "rank": 1, "time": 14.0},
+                ],
+            }
+        ]
+    }  # fmt: skip
+    saved, out = tmp_path / "chaos.json", tmp_path / "again.json"
+    saved.write_text(json.dumps(report))
+    command = [sys.executable, str(ROOT / "scripts" / "chaos.py"), "--rematch", str(saved), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert [(r["recovered_by"], r["recovery_s"], r["open_at_end"]) for r in run["strikes"]] == [
+        ("worker_replaced", 4.0, False),
+        ("evaluation", None, False),
+        (None, None, True),
+    ]
+    assert run["summary"]["recovered"] == 2 and run["summary"]["open_at_end"] == 1
+    assert "2 of 3 injected failures recovered, 1 open when the run ended" in done.stdout
+
+
 def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinator_restart():
     strikes = [
         chaos.Strike("server", 10.0, "ParameterServer pid 7"),
