@@ -22,8 +22,7 @@ Failure kinds (``--kinds``; a victim is picked at random among the live ones):
 The gap between two failures is exponential with mean ``--mtbf`` seconds. A failure counts as
 recovered when the run records an event after it that recovers what was struck
 (``worker_replaced`` for the struck worker's rank, ``group_replaced`` or ``group_rejoined`` for
-its group, ``coordinator_restarted``, ``server_replaced``; for the evaluator, the run's next
-evaluation) and the run ends without an abort; time to recover is from the strike to that event
+its group, ``coordinator_restarted``, ``server_replaced``, ``evaluator_replaced``) and the run ends without an abort; time to recover is from the strike to that event
 (a dropped group counts only once it rejoined). The killer learns which workers it struck from
 the actors' ``__repr__`` (``Worker(rank=3, group=1)``), as Ray's actor table records it.
 
@@ -91,8 +90,9 @@ RECOVERED_BY = {
     "node": ("group_replaced", "group_rejoined"),  # a drop is not a recovery; its rejoin is
     "coordinator": ("coordinator_restarted",),
     "server": ("server_replaced", "coordinator_restarted"),
+    "evaluator": ("evaluator_replaced",),
 }
-EXCLUSIVE = {"worker_replaced", "server_replaced"}  # one new process: it recovers one strike
+EXCLUSIVE = {"worker_replaced", "server_replaced", "evaluator_replaced"}  # one new process: it recovers one strike
 
 
 # what an actor's ``__repr__`` says about it: ``Worker(rank=3, group=1)``, ``LocalLeader(group=1)``
@@ -284,7 +284,7 @@ def recoveries(
 ) -> list[dict]:
     """Each strike with the event that recovered it and the seconds until then: the first event
     after it that covers it (``covers``: a worker's own replacement, its group's re-forming or
-    rejoining, a coordinator's restart). A strike that names no worker (the coordinator, the
+    rejoining, a coordinator's restart, the evaluator's replacement). A strike that names no worker (the coordinator, the
     server) takes an event of its own kind first, then any other that recovers it. A process
     replaced (``EXCLUSIVE``) recovers one strike; a group re-formed recovers every strike it
     covers, and a coordinator's restart every strike before it (a coordinator struck again
@@ -300,8 +300,9 @@ def recoveries(
         for n, s in enumerate(chronological):
             if n in found:
                 continue
-            if s.kind == "evaluator":
-                # the history has no wall clock: whether a later evaluation ran, not how soon
+            if s.kind == "evaluator" and not first_pass:
+                # a run from before the event: whether a later evaluation ran, not how soon (its
+                # history has no wall clock)
                 if any(t > s.time for t in evaluation_times):
                     found[n] = {"event": "evaluation", "time": None}
                 continue
@@ -533,15 +534,16 @@ def table(report: dict) -> str:
 
 def rematch(report: dict[str, Any]) -> dict[str, Any]:
     """A saved report with every run's strikes matched again to its events by the current rules
-    (``recoveries``), and its summaries made again. The evaluator's strikes keep their match (the
-    report keeps no evaluation times), and an unmatched strike its ``open_at_end``."""
+    (``recoveries``), and its summaries made again. An evaluator's strike with no
+    ``evaluator_replaced`` after it keeps its match (the report keeps no evaluation times), and
+    an unmatched strike its ``open_at_end``."""
     runs = []
     for run in report["runs"]:
         saved = run.get("strikes", [])
         strikes = [Strike(s["kind"], s["time"], s["victim"], ranks=tuple(s.get("ranks", ()))) for s in saved]
         rows = recoveries(strikes, run.get("events", []), [])
         for row, old in zip(rows, sorted(saved, key=lambda s: s["time"])):
-            if row["kind"] == "evaluator":
+            if row["kind"] == "evaluator" and row["recovered_by"] is None:  # a run from before its event
                 row.update(recovered_by=old["recovered_by"], recovery_s=old["recovery_s"])
             row["open_at_end"] = row["recovered_by"] is None and old.get("open_at_end", False)
         again = {**run, "strikes": rows}

@@ -81,6 +81,7 @@ def test_a_strike_that_names_its_workers_is_recovered_only_by_an_event_about_the
         chaos.Strike("coordinator", 50.0, "GlobalLeader pid 5"),
         chaos.Strike("coordinator", 51.0, "GlobalLeader pid 6"),
         chaos.Strike("worker_kill", 52.0, "Worker(rank=0, group=0) pid 7", ranks=(0,)),
+        chaos.Strike("evaluator", 60.0, "Evaluator pid 8"),
     ]
     events = [
         {"event": "worker_replaced", "rank": 2, "time": 12.0},
@@ -90,6 +91,7 @@ def test_a_strike_that_names_its_workers_is_recovered_only_by_an_event_about_the
         {"event": "group_dropped", "ranks": [0, 1], "time": 31.0},  # a drop is not a recovery
         {"event": "group_rejoined", "ranks": [0, 1], "time": 40.0},
         {"event": "coordinator_restarted", "time": 53.0, "steps_lost": 8},
+        {"event": "evaluator_replaced", "time": 64.5},
     ]
     rows = chaos.recoveries(strikes, events, [])
     assert [(r["recovered_by"], r["recovery_s"]) for r in rows] == [
@@ -101,6 +103,7 @@ def test_a_strike_that_names_its_workers_is_recovered_only_by_an_event_about_the
         ("coordinator_restarted", 3.0),
         ("coordinator_restarted", 2.0),  # struck again while it was restarted: one restart ends both
         ("coordinator_restarted", 1.0),  # and recovers every worker
+        ("evaluator_replaced", 4.5),
     ]
     assert rows[0]["ranks"] == [1] and rows[5]["ranks"] == []
     # a worker's strike recovered by a restart does not take it from the coordinator's strike

@@ -226,7 +226,9 @@ def test_a_killed_evaluator_is_replaced_and_the_evaluation_made(tmp_path):
         dead(old)
         record = trainer.evaluate_leader()
         assert trainer.evaluator is not old
+        events = trainer.status()["events"]
     assert 0 <= record["test_accuracy"] <= 1 and record["leader_test_accuracy"] >= 0
+    assert [e["event"] for e in events] == ["evaluator_replaced"] and "died" in events[0]["reason"], events
 
 
 def test_events_a_dead_coordinator_took_reach_the_result(tmp_path):

@@ -49,12 +49,16 @@ class Records(DriverBase):
             calls = {name: self.evaluator.evaluate.remote(ref) for name, ref in refs.items()}
             try:
                 return dict(zip(calls, ray.get(list(calls.values()))))
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                 # the evaluator died, or (wrapped in RayTaskError) an input's producer or owner did
                 if attempt == EVAL_ATTEMPTS:
                     raise
                 if not self._evaluator_alive():  # e.g. its node was removed
                     self.evaluator = self._make_evaluator()
+                    event = {"event": "evaluator_replaced", "reason": f"died ({type(exc).__name__})",
+                             "time": time.time()}  # fmt: skip
+                    ray.get(self.global_leader.add_events.remote([event]))  # a dead coordinator: restarted, and again
+                    self._say("lsgd-ray: the evaluator died: a new one")
         raise AssertionError("unreachable")
 
     def _evaluator_alive(self) -> bool:
