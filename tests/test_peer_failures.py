@@ -192,6 +192,43 @@ def test_a_killed_local_leader_of_a_gossip_peer_is_re_formed(tmp_path, algorithm
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy
 
 
+def kill_the_first_two_re_formed_local_leaders(coordinator):
+    """Run inside the coordinator: the new LocalLeader of each of its first two re-formed groups
+    is killed as soon as the group is re-formed (as a chaos run's killer struck them), and is
+    dead on return. The second re-forming is the search for lost workers' (``_find_lost``),
+    after the first new one was found dead."""
+    reform = coordinator._reform_group
+
+    def reform_and_kill(g, reason):
+        reform(g, reason)
+        coordinator._struck = getattr(coordinator, "_struck", 0) + 1
+        if coordinator._struck <= 2:
+            new = coordinator.local_leaders[g]
+            ray.kill(new)
+            with pytest.raises(ray.exceptions.RayActorError):
+                while True:
+                    ray.get(new.__ray_ready__.remote())
+
+    coordinator._reform_group = reform_and_kill
+
+
+@pytest.mark.timeout(300)
+def test_a_local_leader_lost_right_after_its_group_was_re_formed_is_re_formed_again(tmp_path):
+    """A chaos run's abort (data-parallel): a group was re-formed, and its new LocalLeader was
+    killed before the coordinator asked the LocalLeaders for their workers' handles, which
+    raised. The search for lost workers is made again, and re-forms that group again."""
+    cfg = config(tmp_path, "data_parallel", num_groups=2, workers_per_group=1, straggler_delay_s={0: 0.03, 1: 0.03})
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        ray.get(trainer.global_leader.__ray_call__.remote(kill_the_first_two_re_formed_local_leaders))
+        threading.Timer(1.0, ray.kill, (trainer.local_leaders[1],)).start()
+        result = trainer.fit()
+        struck = ray.get(trainer.global_leader.__ray_call__.remote(lambda c: getattr(c, "_struck", 0)))
+    assert struck == 3, f"{struck} groups re-formed"
+    assert [e["group"] for e in result.events if e["event"] == "group_replaced"] == [1, 1, 1], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("algorithm", ["easgd", "data_parallel", "local_sgd", "downpour"])
 def test_a_killed_peer_coordinator_continues_from_the_last_checkpoint(tmp_path, algorithm):

@@ -27,6 +27,7 @@ REFORM_ATTEMPTS = 3  # a new LocalLeader that dies before it is ready (its node 
 REFORM_PAUSE_S = 2.0  # before the next attempt: time for the cluster to mark a removed node dead
 REPLACE_PASSES = 3  # replacements made again when a LocalLeader died meanwhile (its group re-formed)
 RECOVER_ATTEMPTS = 3  # a collective group re-formed again when an actor is lost while it re-forms
+FIND_PASSES = 3  # the search for lost workers made again when a LocalLeader died amid it
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -135,15 +136,23 @@ class PeerRecovery(Coordinator):
         re-formed (its new workers are to be restarted), and every other worker is probed
         (dead, or hung past the timeout)."""
         self._worker_handles = None  # a recovery cut short may have replaced some meanwhile
-        calls = [ll.worker_handles.remote() for ll in self.local_leaders]
         why: dict[int, str] = {}
-        for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names)):
-            if died:
-                self._reform_group(g, f"its LocalLeader {died}")
-                why.update((r, died) for r in self.group_ranks[g])
+        for attempt in range(1, FIND_PASSES + 1):
+            calls = [ll.worker_handles.remote() for ll in self.local_leaders]
+            for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names)):
+                if died:
+                    self._reform_group(g, f"its LocalLeader {died}")
+                    why.update((r, died) for r in self.group_ranks[g])
+            try:
+                handles = self._handles()
+                break
+            except ray.exceptions.RayActorError as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError) or attempt == FIND_PASSES:
+                    raise
+                # a LocalLeader died since it answered (a new one, struck at once: a chaos
+                # run's abort): the next pass finds it and re-forms its group
         # the new workers of the groups re-formed now, or in a recovery that was cut short
         lost = [Failure(r, FailureKind.GROUP_LOST, why.get(r, "was replaced")) for r in sorted(self._fresh)]
-        handles = self._handles()
         others = [r for r in range(self.num_workers) if r not in self._fresh]
         names = [f"worker {r}" for r in others]
         probes = replies_or_deaths([handles[r].ready.remote() for r in others], self.timeout_s, names, late_ok=True)
