@@ -284,14 +284,15 @@ def recoveries(
 ) -> list[dict]:
     """Each strike with the event that recovered it and the seconds until then: the first event
     after it that covers it (``covers``: a worker's own replacement, its group's re-forming or
-    rejoining, a coordinator's restart, the evaluator's replacement). A strike that names no worker (the coordinator, the
-    server) takes an event of its own kind first, then any other that recovers it. A process
-    replaced (``EXCLUSIVE``) recovers one strike; a group re-formed recovers every strike it
-    covers, and a coordinator's restart every strike before it (a coordinator struck again
-    while it was being restarted is restarted once: both strikes end there). The
-    evaluator's is the run's next evaluation. A strike left without one in the last
-    ``settle_s`` before the run's ``end`` is ``open_at_end``: the run ended before any call
-    needed what it struck."""
+    rejoining, a coordinator's restart, the evaluator's replacement). A strike that names no
+    worker (the coordinator, the server, the evaluator) takes an event of its own kind first,
+    then any other that recovers it. A process replaced (``EXCLUSIVE``) recovers one strike; a
+    group re-formed recovers every strike it covers, and a coordinator's restart every strike
+    before it (a coordinator struck again while it was being restarted is restarted once: both
+    strikes end there). An evaluator's strike with no ``evaluator_replaced`` after it (a run
+    from before that event) is recovered by a later evaluation in ``evaluation_times``. A
+    strike left without one in the last ``settle_s`` before the run's ``end`` is
+    ``open_at_end``: the run ended before any call needed what it struck."""
     ordered = sorted(enumerate(events), key=lambda ie: ie[1].get("time", 0))
     chronological = sorted(strikes, key=lambda s: s.time)
     found: dict[int, dict] = {}
@@ -570,8 +571,11 @@ def main() -> None:
                    "print its table and write it to --out; runs nothing")  # fmt: skip
     args = p.parse_args()
     if args.rematch:
-        with open(args.rematch) as f:
-            again = rematch(json.load(f))
+        try:
+            with open(args.rematch) as f:
+                again = rematch(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"--rematch {args.rematch}: not a chaos report that can be read ({type(exc).__name__}: {exc})")
         with open(args.out, "w") as f:
             json.dump(again, f, indent=1, default=str)
         print(table(again))

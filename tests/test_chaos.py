@@ -153,6 +153,13 @@ def test_a_saved_report_is_matched_again_by_the_current_rules(tmp_path):
     ]
     assert run["summary"]["recovered"] == 2 and run["summary"]["open_at_end"] == 1
     assert "2 of 3 injected failures recovered, 1 open when the run ended" in done.stdout
+    # a file that is not a report: one line naming it, no traceback
+    (tmp_path / "not.json").write_text("{")
+    for bad in ("missing.json", "not.json"):
+        command[3] = str(tmp_path / bad)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 2 and f"--rematch {tmp_path / bad}: not a chaos report" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinator_restart():
