@@ -10,11 +10,12 @@ A run's checkpoints live in ``<output_dir>/checkpoints/step-<steps per worker>/`
   ``state.pt`` (a truncated or altered file is caught before it is unpickled).
 
 A checkpoint is written into a temporary directory, flushed to disk, and renamed into place:
-a crash mid-write leaves the previous checkpoints intact. The last ``keep`` are kept.
+a crash mid-write leaves the previous checkpoints intact. The last ``keep`` saved are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,13 +104,28 @@ def save_checkpoint(
 
 
 def list_checkpoints(path: str | os.PathLike) -> list[Path]:
-    """Committed checkpoints under a run directory (or its ``checkpoints/``), newest first."""
+    """Committed checkpoints under a run directory (or its ``checkpoints/``), newest first: in
+    the order they were saved, not by step. A name's step (the slowest worker's) can go back:
+    an asynchronous worker replaced with no peer to copy a count from, a group that rejoins at
+    an old checkpoint's step. By step, the checkpoint just written could be the one deleted as
+    stale, and a restart would go back to an older one."""
     path = Path(path)
     root = path if path.name == "checkpoints" else checkpoint_root(path)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    return sorted(found, key=lambda p: (_saved_at(p), p.name), reverse=True)
+
+
+def _saved_at(directory: Path) -> float:
+    """When a checkpoint was committed: its ``meta.json``'s ``saved_at`` (the directory's
+    modification time if that cannot be read; ``read_checkpoint`` refuses such a one anyway)."""
+    try:
+        return float(json.loads((directory / META_FILE).read_text())["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        with contextlib.suppress(OSError):
+            return directory.stat().st_mtime
+        return 0.0
 
 
 def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:

@@ -43,6 +43,17 @@ def test_commits_and_keeps_the_last_k(tmp_path):
     assert meta["step"] == 40 and len(meta["sha256"]) == 64
 
 
+def test_the_last_saved_are_kept_and_loaded_even_when_a_step_goes_back(tmp_path):
+    """A chaos run's finding (async LSGD): a lone worker replaced at step 0 made the next
+    checkpoint's name the lowest; kept by step, it was deleted as it was written, and the
+    coordinator re-formed groups from the initial weights. The last saved are the newest."""
+    for step in (100, 200, 50):
+        save(tmp_path, step, float(step), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000050", "step-000000200"]
+    state, where = load_latest(tmp_path)
+    assert where.name == "step-000000050" and state["workers"][0]["weights"][0] == 50.0
+
+
 def test_the_same_step_again_replaces_it(tmp_path):
     save(tmp_path, 10, 1.0)
     save(tmp_path, 10, 2.0)

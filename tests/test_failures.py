@@ -75,6 +75,20 @@ def test_a_killed_worker_is_replaced_and_training_goes_on(tmp_path, mode):
     assert result.final_test_accuracy > 0.6  # chance is 0.25
 
 
+def test_an_async_lone_worker_replaced_goes_on_from_the_step_count_it_reached(tmp_path):
+    """A chaos run's finding (async LSGD, a worker per group): the replacement of a group's only
+    worker started at step 0, so the run's checkpoint step (the slowest worker's) went back and
+    that worker would train a whole budget again. It starts where the dead one had got to."""
+    cfg = config(tmp_path, "async", workers_per_group=1, straggler_delay_s={0: 0.02, 1: 0.02})
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        strike(pids(trainer)[1][0], signal.SIGKILL, after_s=1.5)
+        result = trainer.fit()
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [1], result.events
+    assert isinstance(replaced[0]["step"], int) and 0 < replaced[0]["step"] <= 120, replaced
+    assert result.status == "completed" and result.steps_per_worker == 120, result.error
+
+
 def test_an_async_evaluation_with_no_worker_answering_is_postponed_not_the_end(tmp_path):
     """A chaos run's abort (async LSGD): every worker was lost or hung when an evaluation was
     due, and the GlobalLeader had no weights to give. The evaluation waits for the next turn,

@@ -43,6 +43,8 @@ class AsyncGroup(GroupRepair):
     _loop_args: list[tuple]  # the ``_async_args`` each loop was started with (its exchange's server)
     _heard: list[float]  # time.monotonic() each worker last reported (or its loop started)
     _hung: dict[int, str]  # workers killed as hung, by index: the reason their replacement gets
+    _loop_start: list[int | ray.ObjectRef]  # each worker's step count as its loop started (or its stats())
+    _reported: list[int]  # the steps each worker reported since its loop started
     _watchdog: threading.Thread | None
 
     def start_async(
@@ -64,10 +66,12 @@ class AsyncGroup(GroupRepair):
         self._group_steps = 0
         handle = ray.get_runtime_context().current_actor
         self._async_args = (handle, report_every, max_steps, exchange)
+        counts = [w.stats.remote() for w in self.workers]  # read only if one dies alone (_steps_reached)
         loops = [w.run_async.remote(*self._async_args) for w in self.workers]
         with self._lock:  # a first step may be slow (imports, warm-up): a margin before the first report
             self._loops, self._heard = list(loops), [time.monotonic() + MARGIN_S] * len(loops)
             self._loop_args = [self._async_args] * len(loops)
+            self._loop_start, self._reported = list(counts), [0] * len(loops)
         if self._watchdog is None:
             self._watchdog = threading.Thread(target=self._watch_for_hangs, daemon=True, name="hang watchdog")
             self._watchdog.start()
@@ -99,18 +103,35 @@ class AsyncGroup(GroupRepair):
         self, rank: int, reason: str, source: list[ray.ObjectRef | None], origin: str = "the leader's weights"
     ) -> list[Any]:
         """Asynchronous mode: replace a dead worker and start its loop again; returns
-        ``[new loop ref, new handle]`` (wrapped, so the caller gets the reference itself)."""
+        ``[new loop ref, new handle]`` (wrapped, so the caller gets the reference itself).
+        The replacement starts at the group's highest step count, or, with no other worker
+        alive, at the count the dead one reached: never back at 0, which would make it train
+        a whole budget again and take the run's checkpoint step (the slowest worker's) back."""
         index = self.ranks.index(rank)
         with self._lock:
             self._diverged.discard(index)
             reason = self._hung.pop(index, reason)
-        steps = max((s["steps"] for s in self._alive_stats()), default=None)
+        steps = max((s["steps"] for s in self._alive_stats()), default=self._steps_reached(index))
         self.replace_worker(index, reason, source, steps, origin)
         loop = self.workers[index].run_async.remote(*self._async_args)
         with self._lock:
             self._loops[index], self._heard[index] = loop, time.monotonic() + MARGIN_S
             self._loop_args[index] = self._async_args
+            self._loop_start[index], self._reported[index] = steps or 0, 0
         return [loop, self.workers[index]]
+
+    def _steps_reached(self, index: int) -> int | None:
+        """Worker ``index``'s step count: where its loop started plus the steps it reported since
+        (a step or two more if its ``stats()`` answered after its loop began); ``None`` if it
+        died before saying where it started."""
+        start = self._loop_start[index]
+        if isinstance(start, ray.ObjectRef):
+            try:
+                start = ray.get(start, timeout=0)["steps"]
+            except (RayActorError, GetTimeoutError):
+                return None
+        with self._lock:
+            return start + self._reported[index]
 
     def use_exchange(self, exchange: Any) -> None:
         """Asynchronous peers: the exchange the loops started from now on get (its coordinator
@@ -156,6 +177,7 @@ class AsyncGroup(GroupRepair):
                 self._diverged.add(index)
             before = self._group_steps
             self._group_steps += steps
+            self._reported[index] += steps
             leader = select_leader(self.estimates)
             due = (
                 self._lam > 0

@@ -144,6 +144,8 @@ class LocalLeader(AsyncGroup):
         self._loop_args: list[tuple] = []
         self._heard: list[float] = []
         self._hung: dict[int, str] = {}
+        self._loop_start: list[int | ray.ObjectRef] = []
+        self._reported: list[int] = []
         self._watchdog: threading.Thread | None = None
         # backpressure: each worker's last pull of each kind, and the pulls left out meanwhile
         self._pull_lock = threading.Lock()
