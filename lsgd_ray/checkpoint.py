@@ -15,7 +15,6 @@ a crash mid-write leaves the previous checkpoints intact. The last ``keep`` save
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -98,7 +97,8 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     _fsync_dir(root)
-    for stale in list_checkpoints(run_dir)[keep:]:
+    # never the one just written (a clock set back could sort it below the others)
+    for stale in [p for p in list_checkpoints(run_dir) if p != final][max(keep - 1, 0) :]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -118,13 +118,11 @@ def list_checkpoints(path: str | os.PathLike) -> list[Path]:
 
 
 def _saved_at(directory: Path) -> float:
-    """When a checkpoint was committed: its ``meta.json``'s ``saved_at`` (the directory's
-    modification time if that cannot be read; ``read_checkpoint`` refuses such a one anyway)."""
+    """When a checkpoint was committed: its ``meta.json``'s ``saved_at``; one whose
+    ``meta.json`` cannot be read counts as the oldest (``read_checkpoint`` refuses it anyway)."""
     try:
         return float(json.loads((directory / META_FILE).read_text())["saved_at"])
     except (OSError, ValueError, KeyError, TypeError):
-        with contextlib.suppress(OSError):
-            return directory.stat().st_mtime
         return 0.0
 
 

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import ray
 import torch
 
+import lsgd_ray.checkpoint
 from lsgd_ray import ConfigError, DiLoCoConfig, EASGDConfig, LSGDConfig, OptimizerConfig, TrainConfig, fit
 from lsgd_ray.checkpoint import CheckpointError, list_checkpoints, load_latest, read_checkpoint, save_checkpoint
 from lsgd_ray.data import synthetic
@@ -52,6 +54,14 @@ def test_the_last_saved_are_kept_and_loaded_even_when_a_step_goes_back(tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000050", "step-000000200"]
     state, where = load_latest(tmp_path)
     assert where.name == "step-000000050" and state["workers"][0]["weights"][0] == 50.0
+
+
+def test_the_checkpoint_just_written_is_kept_even_with_the_clock_set_back(tmp_path, monkeypatch):
+    clock = iter([2000.0, 3000.0, 1000.0])  # the third save's clock is behind the others
+    monkeypatch.setattr(lsgd_ray.checkpoint, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    for step in (10, 20, 30):
+        save(tmp_path, step, keep=2)
+    assert sorted(p.name for p in list_checkpoints(tmp_path)) == ["step-000000020", "step-000000030"]
 
 
 def test_the_same_step_again_replaces_it(tmp_path):

@@ -111,7 +111,8 @@ class AsyncGroup(GroupRepair):
         with self._lock:
             self._diverged.discard(index)
             reason = self._hung.pop(index, reason)
-        steps = max((s["steps"] for s in self._alive_stats()), default=self._steps_reached(index))
+        alive = [s["steps"] for s in self._alive_stats()]
+        steps = max(alive) if alive else self._steps_reached(index)
         self.replace_worker(index, reason, source, steps, origin)
         loop = self.workers[index].run_async.remote(*self._async_args)
         with self._lock:
@@ -124,14 +125,14 @@ class AsyncGroup(GroupRepair):
         """Worker ``index``'s step count: where its loop started plus the steps it reported since
         (a step or two more if its ``stats()`` answered after its loop began); ``None`` if it
         died before saying where it started."""
-        start = self._loop_start[index]
+        with self._lock:
+            start, reported = self._loop_start[index], self._reported[index]
         if isinstance(start, ray.ObjectRef):
             try:
                 start = ray.get(start, timeout=0)["steps"]
-            except (RayActorError, GetTimeoutError):
+            except (ray.exceptions.RayError, KeyError, TypeError):  # died first, or not answered yet
                 return None
-        with self._lock:
-            return start + self._reported[index]
+        return start + reported
 
     def use_exchange(self, exchange: Any) -> None:
         """Asynchronous peers: the exchange the loops started from now on get (its coordinator
