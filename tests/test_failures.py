@@ -245,6 +245,18 @@ def test_a_killed_evaluator_is_replaced_and_the_evaluation_made(tmp_path):
     assert [e["event"] for e in events] == ["evaluator_replaced"] and "died" in events[0]["reason"], events
 
 
+def test_an_evaluator_replaced_just_before_the_coordinator_dies_is_in_the_results_events(tmp_path):
+    """A chaos run's finding (data-parallel): the driver gave the event to the coordinator,
+    which died before the driver read its events again; the restarted one never had it."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as trainer:
+        dead(trainer.evaluator)
+        trainer.evaluate_leader()
+        dead(trainer.global_leader, probe="local_leader_handles")
+        result = trainer.fit()
+    assert [e["event"] for e in result.events].count("evaluator_replaced") == 1, result.events
+    assert result.status == "completed", result.error
+
+
 def test_events_a_dead_coordinator_took_reach_the_result(tmp_path):
     """A worker replaced in a round is an event the coordinator takes from its LocalLeader; when
     the coordinator dies before the driver saw it, the restarted one still reports it, and an
