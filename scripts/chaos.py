@@ -124,10 +124,10 @@ class Killer:
     spare_delay_s: float = 3.0
     strikes: list[Strike] = field(default_factory=list)
     store: list[tuple[float, float, int]] = field(default_factory=list)  # (time, MiB, objects)
-    stopped: list[int] = field(default_factory=list)
+    stopped: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, start): see ``started``
     spares_due: list[float] = field(default_factory=list)  # when a fresh node joins (monotonic clock)
     store_errors: list[str] = field(default_factory=list)  # samples of the object store that failed
-    pids_seen: set[int] = field(default_factory=set)
+    seen: set[tuple[int, int | None]] = field(default_factory=set)  # every actor process, (pid, start)
     group_ranks: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # every worker seen
     stop: threading.Event = field(default_factory=threading.Event)
     errors: list[str] = field(default_factory=list)
@@ -177,7 +177,7 @@ class Killer:
                         "group": int(who["group"]) if who else None,
                     }
                 )
-        self.pids_seen.update(a["pid"] for a in found)
+        self.seen.update((a["pid"], started(a["pid"])) for a in found)
         for a in found:
             if a["rank"] is not None:
                 self.group_ranks[a["group"]].add(a["rank"])
@@ -200,7 +200,8 @@ class Killer:
             "evaluator": "Evaluator",
             "server": "ParameterServer",
         }[kind]
-        live = [a for a in self.actors(class_name) if a["pid"] not in self.stopped]  # stopped: struck already
+        stopped = {pid for pid, start in self.stopped if same_process(pid, start)}  # struck already
+        live = [a for a in self.actors(class_name) if a["pid"] not in stopped]
         if not live:
             return None
         victim = self.rng.choice(live)
@@ -214,7 +215,7 @@ class Killer:
         except ProcessLookupError:
             return None  # it died meanwhile
         if kind == "worker_stop":
-            self.stopped.append(pid)
+            self.stopped.append((pid, started(pid)))
         return Strike(kind, time.time(), f"{victim['repr'] or class_name} pid {pid}", pid, node, ranks)
 
     def remove_node(self) -> Strike | None:
@@ -358,12 +359,20 @@ def config_for(name: str, args, output_dir: str, **run: Any) -> TrainConfig:
     return TrainConfig(**{**fields, **run})
 
 
-def alive(pid: int) -> bool:
+def started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat``), ``None`` if
+    it is gone. With it a pid names one process: over a run of half an hour the kernel hands the
+    numbers of dead actors to new processes (a chaos run counted a reused pid as left running)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def same_process(pid: int, start: int | None) -> bool:
+    """Process ``pid`` is still the one that started at ``start`` (``started``)."""
+    return start is not None and started(pid) == start
 
 
 def chaos_run(name: str, args) -> dict[str, Any]:
@@ -423,8 +432,8 @@ def chaos_run(name: str, args) -> dict[str, Any]:
             # an evaluation's wall time: the run's start plus its training and evaluation seconds so far
             history = result.history if result else []
             times = _evaluation_times(begin, history)
-        for pid in killer.stopped:  # a stopped worker the run never killed must not linger
-            if alive(pid):
+        for pid, start in killer.stopped:  # a stopped worker the run never killed must not linger
+            if same_process(pid, start):
                 os.kill(pid, signal.SIGCONT)
         # a strike in the run's last moments may meet no call that needed what it struck
         settle_s = 2 * args.actor_timeout + 15.0
@@ -449,7 +458,7 @@ def chaos_run(name: str, args) -> dict[str, Any]:
                     undisturbed = trainer.fit()
                 out["undisturbed_test_accuracy"] = undisturbed.final_test_accuracy
         time.sleep(2.0)  # actors killed at shutdown take a moment to exit
-        out["actor_processes_left"] = sorted(p for p in killer.pids_seen if alive(p)) if killer else []
+        out["actor_processes_left"] = sorted(p for p, start in killer.seen if same_process(p, start)) if killer else []
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -178,6 +178,20 @@ def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinato
     assert served == chaos.SERVED and "server" in chaos.KINDS
 
 
+def test_a_process_is_named_by_its_pid_and_start_so_a_reused_pid_is_not_taken_for_it():
+    """A data-parallel chaos run reported an evaluator it had killed as left running: its pid
+    had been given to a new process by then."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = chaos.started(child.pid)
+        assert start is not None and chaos.same_process(child.pid, start)
+        assert not chaos.same_process(child.pid, start - 1)  # another process under the same pid
+    finally:
+        child.kill()
+        child.wait()
+    assert chaos.started(child.pid) is None and not chaos.same_process(child.pid, start)
+
+
 def test_a_run_that_survived_every_strike_but_made_no_step_is_reported_stalled():
     def result(steps, status="completed", evaluated_at=()):
         history = [{"step": step} for step in evaluated_at]
