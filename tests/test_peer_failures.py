@@ -648,6 +648,54 @@ def test_an_actor_lost_while_the_collective_re_forms_is_replaced_in_turn(tmp_pat
         np.testing.assert_allclose(w, weights[0], rtol=0, atol=1e-6)
 
 
+def skips_a_global_average(step, flag, always=False):
+    """A Worker class whose rank 1 leaves out its global average after its step ``step`` (once
+    per run, ``flag``; ``always``: raises its own error there instead, every time): rank 0 waits
+    in the all-reduce for it until the gloo timeout."""
+
+    class SkipsAnAverage(Worker):
+        def average_weights(self, scope):
+            if self.rank == 1 and self.steps == step and scope == "global":
+                if always:
+                    raise ValueError("its own error")
+                if not os.path.exists(flag):
+                    open(flag, "w").close()
+                    return None
+            return super().average_weights(scope)
+
+    return SkipsAnAverage
+
+
+@pytest.mark.timeout(300)
+def test_a_collective_broken_with_no_worker_lost_is_formed_again_and_the_round_done_again(tmp_path):
+    """A chaos run's abort (local SGD): every member's collective timed out and none was lost,
+    which ended the run. The group is formed again and the round done once more."""
+    cfg = config(
+        tmp_path, "local_sgd", num_groups=2, workers_per_group=1, actor_timeout_s=5.0,
+        local_sgd=LocalSGDConfig(tau=4, tau_global=16),
+    )  # fmt: skip
+    flag = str(tmp_path / "skipped")
+    with Trainer(MODEL, DATA, cfg, worker_cls=skips_a_global_average(32, flag)) as trainer:
+        result = trainer.fit()
+        weights = trainer.worker_weights()
+    assert os.path.exists(flag), "worker 1 never left out its average"
+    assert not [e for e in result.events if e["event"] == "worker_replaced"], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    np.testing.assert_allclose(weights[1], weights[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_a_workers_own_error_in_a_collective_round_ends_the_run_after_one_more_try(tmp_path):
+    cfg = config(
+        tmp_path, "local_sgd", num_groups=2, workers_per_group=1, actor_timeout_s=5.0,
+        local_sgd=LocalSGDConfig(tau=4, tau_global=16),
+    )  # fmt: skip
+    cls = skips_a_global_average(32, str(tmp_path / "unused"), always=True)
+    expected = "train failed after the group was re-formed: .*its own error"
+    with Trainer(MODEL, DATA, cfg, worker_cls=cls) as trainer, pytest.raises(RuntimeError, match=expected):
+        trainer.fit()
+
+
 def kills_a_pid_and_itself(step, flag):
     """A Worker class whose rank 0, right after its step ``step``, SIGKILLs the process (another
     worker, a LocalLeader) whose pid is in the file ``flag + ".pid"``, then itself (once per

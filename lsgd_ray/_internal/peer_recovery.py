@@ -61,7 +61,10 @@ class PeerRecovery(Coordinator):
         (results, wrapped second returns) by rank. Workers lost meanwhile are replaced and
         their part of the round done again by the new ones."""
         answers, failures = self._call_ranks(method, dict(enumerate(args)), num_returns)
-        _raise_if_only_broken(method, failures, "")  # a worker's own error (the others' collectives failed with it)
+        # a collective that broke on every member with none lost (each timed out waiting on the
+        # other: a local SGD chaos run's abort, amid strikes on a node and a coordinator) is
+        # formed again and the round done once more; a worker's own error breaks it again, and
+        # is raised then (``_raise_if_only_broken``)
         for _ in range(len(args) + 1):  # each pass replaces at least one worker
             if not failures:
                 break
