@@ -65,7 +65,7 @@ class PeerRecovery(Coordinator):
         # other: a local SGD chaos run's abort, amid strikes on a node and a coordinator) is
         # formed again and the round done once more; a worker's own error breaks it again, and
         # is raised then (``_raise_if_only_broken``)
-        for _ in range(len(args) + 1):  # each pass replaces at least one worker
+        for _ in range(len(args) + 1):  # each pass replaces at least one worker (or re-forms a collective once)
             if not failures:
                 break
             if self.collective:
