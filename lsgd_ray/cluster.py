@@ -39,10 +39,11 @@ from lsgd_ray.netns import (
     format_rate,
     in_namespace,
     namespace_pids,
+    namespaces_of,
     parse_rate,
     ray_cli,
     sh,
-    signal_all,
+    stop_processes_in,
     tbf_burst_bytes,
 )
 
@@ -137,13 +138,6 @@ def node_env(spec: ClusterSpec, base: Mapping[str, str] | None = None) -> dict[s
     bin_dir = os.path.dirname(sys.executable)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
-
-
-def namespaces_of(name: str) -> list[str]:
-    """Every namespace on the machine that belongs to the emulated cluster ``name``."""
-    listed = sh("ip", "netns", "list", check=False).stdout.split("\n")
-    names = [line.split()[0] for line in listed if line.strip()]
-    return [n for n in names if n == f"{name}-sw" or re.fullmatch(rf"{re.escape(name)}-n\d+", n)]
 
 
 class EmulatedCluster:
@@ -282,11 +276,7 @@ class EmulatedCluster:
         self._check_node(node)
         if node == 0:
             raise ClusterError("the head (node 0) cannot be restarted: take the cluster down and up instead")
-        ns = self.spec.namespace(node)
-        signal_all(set(namespace_pids(ns)), signal.SIGKILL)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while namespace_pids(ns) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        stop_processes_in([self.spec.namespace(node)], STOP_GRACE_S, first=signal.SIGKILL)
         self._start_node(node)
         self._wait_for_nodes()
 
@@ -393,18 +383,8 @@ class EmulatedCluster:
     def down(self) -> None:
         """Stop every process in this cluster's namespaces (by pid), delete the namespaces."""
         names = namespaces_of(self.spec.name)
-        pids = {pid for ns in names for pid in namespace_pids(ns)}
-        signal_all(pids, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pids = {pid for ns in names for pid in namespace_pids(ns)}
-        signal_all(pids, signal.SIGKILL)
+        stop_processes_in(names, STOP_GRACE_S)
         for ns in names:
-            for _ in range(50):  # a killed process leaves its namespace a moment later
-                if not namespace_pids(ns):
-                    break
-                time.sleep(0.1)
             sh("ip", "netns", "del", ns, check=False)
         left = namespaces_of(self.spec.name)
         if left:

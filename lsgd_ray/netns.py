@@ -11,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
 _UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
@@ -101,3 +103,27 @@ def signal_all(pids: set[int], sig: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):  # ended meanwhile
             os.kill(pid, sig)
+
+
+def namespaces_of(name: str) -> list[str]:
+    """Every namespace on the machine that belongs to the emulated cluster ``name``."""
+    listed = sh("ip", "netns", "list", check=False).stdout.split("\n")
+    names = [line.split()[0] for line in listed if line.strip()]
+    return [n for n in names if n == f"{name}-sw" or re.fullmatch(rf"{re.escape(name)}-n\d+", n)]
+
+
+def stop_processes_in(namespaces: Sequence[str], grace_s: float, first: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``first`` to every process living in ``namespaces`` (by pid, never by name), SIGKILL
+    what is left after ``grace_s``, then wait up to ``grace_s`` more until none is left (a killed
+    process leaves its namespace a moment later)."""
+
+    def living() -> set[int]:
+        return {pid for ns in namespaces for pid in namespace_pids(ns)}
+
+    for sig in (first, signal.SIGKILL):
+        pids = living()
+        signal_all(pids, sig)
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = living()
