@@ -146,20 +146,16 @@ class LeaderRecovery(Coordinator):
         replacement, g = None, self.plans.index(plan)
         dead = self.local_leaders[g]
         try:
-            replacement = factory(target, self.last_checkpoint)
-            get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new {name}"])
+            replacement = self._start_local_leader(target, f"new {name}")
             g = self.plans.index(plan)  # a recovery nested in this one may have dropped another group
+            # in its place before its workers are reset, so that a recovery nested in the reset
+            # finds the group being re-formed, not its dead LocalLeader
             self.local_leaders[g], self.plans[g] = replacement, target
             self._worker_handles = None
             self._unready.update(plan.ranks)  # a group re-formed meanwhile (nested) must not start from these
             try:
-                source, origin = self._survivor_source(exclude=plan.ranks)
                 steps = self.step if self._reform_step is None else self._reform_step
-                get_all(
-                    [replacement.reset_workers.remote(source, steps)],
-                    self.deadlines.group_first_call_s,
-                    [f"new {name}"],
-                )
+                origin = self._seed_group(replacement, plan, steps, f"new {name}")
             finally:
                 self._unready.difference_update(plan.ranks)
             if self._async_started:
@@ -177,6 +173,26 @@ class LeaderRecovery(Coordinator):
         where = "its node" if target == plan else f"node {target.node_id[:8]} (its own was lost)"
         self.log.warning(f"{name} {reason}: group re-formed on {where} from {origin}")
         return None
+
+    def _start_local_leader(self, target: GroupPlan, label: str) -> Any:
+        """A new LocalLeader for ``target`` (its workers from the last checkpoint), ready; one
+        that does not get ready is killed."""
+        assert self.make_local_leader is not None
+        leader = self.make_local_leader(target, self.last_checkpoint)
+        try:
+            get_all([leader.ready.remote()], self.deadlines.nested_start_s, [label])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                ray.kill(leader)
+            raise
+        return leader
+
+    def _seed_group(self, leader: Any, plan: GroupPlan, steps: int, label: str) -> str:
+        """``leader``'s workers set to a survivor's weights (not ``plan``'s own ranks) at
+        ``steps``; returns where the weights came from."""
+        source, origin = self._survivor_source(exclude=plan.ranks)
+        get_all([leader.reset_workers.remote(source, steps)], self.deadlines.group_first_call_s, [label])
+        return origin
 
     def _dropped_plans(self) -> list[GroupPlan]:
         """The groups dropped and not back, from the run's events (so a restarted coordinator
@@ -214,16 +230,14 @@ class LeaderRecovery(Coordinator):
             target = self.make_local_leader.placed(plan, self.plans)
             if target is None:
                 continue
+            newcomer = None
             try:
-                newcomer = self.make_local_leader(target, self.last_checkpoint)
-                get_all([newcomer.ready.remote()], self.deadlines.nested_start_s, [f"LocalLeader {plan.group}"])
-                source, origin = self._survivor_source(exclude=plan.ranks)
-                get_all(
-                    [newcomer.reset_workers.remote(source, self.step)],
-                    self.deadlines.group_first_call_s,
-                    [f"LocalLeader {plan.group}"],
-                )
+                newcomer = self._start_local_leader(target, f"LocalLeader {plan.group}")
+                origin = self._seed_group(newcomer, plan, self.step, f"LocalLeader {plan.group}")
             except Exception as exc:  # e.g. the node went again: try later
+                if newcomer is not None:
+                    with contextlib.suppress(Exception):
+                        ray.kill(newcomer)
                 self.log.warning(f"group {plan.group} could not rejoin on node {target.node_id[:8]}: {exc}")
                 continue
             g = sum(p.group < plan.group for p in self.plans)  # the plans stay in group order
