@@ -5,23 +5,12 @@ from __future__ import annotations
 import argparse
 
 from lsgd_ray.algorithms import ALGORITHMS
-from lsgd_ray.algorithms.gossip import GRAPHS, ROTATIONS
 from lsgd_ray.augment import AUGMENTS
 from lsgd_ray.config import (
     COMM_DTYPES,
-    DOWNPOUR_RULES,
-    GRADIENT_COMPRESSIONS,
-    LEADER_ESTIMATES,
     MODES,
     OPTIMIZERS,
     ConfigError,
-    DataParallelConfig,
-    DiLoCoConfig,
-    DownpourConfig,
-    EASGDConfig,
-    GossipConfig,
-    LocalSGDConfig,
-    LSGDConfig,
     OptimizerConfig,
     TrainConfig,
 )
@@ -59,40 +48,6 @@ def add_train_parser(sub: argparse._SubParsersAction, preset: str | None) -> Non
         help="communication period τ in steps (lsgd/local_sgd/easgd: 4, gossip: 1; diloco: group averaging, default none)",
     )
     a("--tau-global", type=int, default=16, help="global period τ_G (lsgd, local_sgd; diloco: H, the outer period)")
-    a("--lam", type=float, default=0.1, help="local pulling strength λ in [0, 1]")
-    a("--lam-global", type=float, default=0.1, help="global pulling strength λ_G in [0, 1]")
-    a("--proximal", type=float, default=0.0, help="lsgd: per-step pull toward the last leaders (p/τ); 0 = off")
-    a("--leader-estimate", default="train_loss", choices=LEADER_ESTIMATES)
-    a("--loss-window", type=int, default=10, help="batches averaged for the train_loss estimate")
-    a(
-        "--evaluate",
-        default="leader",
-        choices=("leader", "center"),  # lsgd_ray.config.EVALUATED_MODELS
-        help="lsgd: the model behind test_accuracy, the progress line and --target-accuracy "
-        "(both are recorded at every evaluation; center: the mean of all workers, as the reference reports)",
-    )
-    a("--beta", type=float, default=0.9, help="easgd: moving rate α = β/p")
-    a("--alpha", type=float, default=None, help="easgd: moving rate α (overrides --beta)")
-    a("--n-push", type=int, default=4, help="downpour: push period (steps)")
-    a("--n-fetch", type=int, default=4, help="downpour: fetch period (steps)")
-    a(
-        "--downpour-rule",
-        default="mean",
-        choices=DOWNPOUR_RULES,
-        help="downpour: the server adds each push times 1/W (mean) or whole (sum: Dean et al.'s rule)",
-    )
-    a("--graph", default="ring", choices=GRAPHS, help="dpsgd/aldsgd: base communication graph")
-    a("--degree", type=int, default=3, help="dpsgd/aldsgd: degree of the random_regular graph")
-    a("--rotation", default="matchings", choices=ROTATIONS, help="dpsgd/aldsgd: one matching per round, or none")
-    for name, default in (("c1", 0.3), ("c2", 0.1), ("p1", 0.2), ("p2", 0.2)):
-        a(f"--{name}", type=float, default=default, help=f"aldsgd: corrective coefficient {name}")
-    a("--compression", default="none", choices=GRADIENT_COMPRESSIONS, help="data_parallel: torch's gradient hook")
-    a("--powersgd-rank", type=int, default=2, help="data_parallel --compression powersgd: its rank")
-    a("--powersgd-start", type=int, default=10, help="data_parallel --compression powersgd: plain steps first")
-    a("--fragments", type=int, default=1, help="diloco: Streaming DiLoCo's fragments (1 = plain DiLoCo)")
-    a("--outer-optimizer", default="sgd", choices=OPTIMIZERS, help="diloco: the outer optimizer")
-    a("--outer-lr", type=float, default=0.7, help="diloco: outer learning rate")
-    a("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum (Nesterov for sgd)")
     a("--optimizer", default="sgd", choices=OPTIMIZERS)
     a("--lr", type=float, default=0.05)
     a("--momentum", type=float, default=0.9)
@@ -128,6 +83,12 @@ def add_train_parser(sub: argparse._SubParsersAction, preset: str | None) -> Non
     a("--checkpoint-every-s", type=float, default=None, help="checkpoint every N training seconds")
     a("--keep-checkpoints", type=int, default=3, help="how many checkpoints to keep")
     a("--resume", default=None, help="continue the run in this output (or checkpoint) directory")
+    titles: dict[str, list[str]] = {}  # algorithms sharing settings share their flags
+    for row in ALGORITHMS.values():
+        if row.flags:
+            titles.setdefault(row.settings or row.name, []).append(row.name)
+    for names in titles.values():
+        ALGORITHMS[names[0]].add_flags(p.add_argument_group(f"{' and '.join(names)}'s own flags"))
     if preset is not None:
         p.set_defaults(**flag_defaults(preset), preset_applied=True)
 
@@ -158,37 +119,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"--preset {preset} is a configuration of {wanted}, not of --algorithm {args.algorithm}")
     spec = DATASETS[args.dataset]
     budget_given = any(v is not None for v in (args.epochs, args.max_steps, args.time_budget))
-    tau = 4 if args.tau is None else args.tau
+    # every algorithm's own flags are checked whichever runs (``--c1 2`` is refused with lsgd too);
+    # the shared ones (--tau...) mean something else to each, so they reach only the one run
+    settings = {r.settings: r.settings_from_flags(args, shared=False) for r in ALGORITHMS.values() if r.settings}
+    row = ALGORITHMS[args.algorithm]
+    if row.settings:
+        settings[row.settings] = row.settings_from_flags(args)
     return TrainConfig(
         algorithm=args.algorithm,
-        lsgd=LSGDConfig(
-            lam=args.lam,
-            lam_global=args.lam_global,
-            tau=tau,
-            tau_global=args.tau_global,
-            mode=args.mode,
-            leader_estimate=args.leader_estimate,
-            loss_window=args.loss_window,
-            proximal=args.proximal,
-            evaluate=args.evaluate,
-        ),
-        easgd=EASGDConfig(beta=args.beta, alpha=args.alpha, tau=tau, mode=args.mode),
-        downpour=DownpourConfig(n_push=args.n_push, n_fetch=args.n_fetch, rule=args.downpour_rule),
-        local_sgd=LocalSGDConfig(tau=tau, tau_global=args.tau_global),
-        data_parallel=DataParallelConfig(
-            compression=args.compression, powersgd_rank=args.powersgd_rank, powersgd_start=args.powersgd_start
-        ),
-        diloco=_diloco(args) if args.algorithm == "diloco" else DiLoCoConfig(),  # its checks tie --tau to it
-        gossip=GossipConfig(
-            graph=args.graph,
-            degree=args.degree,
-            rotation=args.rotation,
-            tau=1 if args.tau is None else args.tau,
-            c1=args.c1,
-            c2=args.c2,
-            p1=args.p1,
-            p2=args.p2,
-        ),
+        **settings,
         optimizer=OptimizerConfig(
             name=args.optimizer,
             lr=args.lr,
@@ -217,19 +156,4 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         checkpoint_every_s=args.checkpoint_every_s,
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
-    )
-
-
-def _diloco(args: argparse.Namespace) -> DiLoCoConfig:
-    return DiLoCoConfig(
-        tau_global=args.tau_global,
-        tau=args.tau,
-        fragments=args.fragments,
-        outer=OptimizerConfig(
-            name=args.outer_optimizer,
-            lr=args.outer_lr,
-            momentum=args.outer_momentum,
-            nesterov=args.outer_optimizer == "sgd" and args.outer_momentum > 0,
-            weight_decay=0.0,
-        ),
     )

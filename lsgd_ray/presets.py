@@ -116,7 +116,8 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
 
 
 # The command line's flags a preset may set, and the TrainConfig field behind each ("*": the field of the
-# preset algorithm's own settings, e.g. lsgd.tau or easgd.tau).
+# preset algorithm's own settings, e.g. lsgd.tau or easgd.tau); with the flags each algorithm's row in
+# lsgd_ray.algorithms.registry declares (``--lam``: lsgd.lam).
 _PRESET_FLAGS = {
     "algorithm": "algorithm",
     "batch_size": "batch_size",
@@ -124,14 +125,6 @@ _PRESET_FLAGS = {
     "mode": "*.mode",
     "tau": "*.tau",
     "tau_global": "*.tau_global",
-    "lam": "lsgd.lam",
-    "lam_global": "lsgd.lam_global",
-    "proximal": "lsgd.proximal",
-    "evaluate": "lsgd.evaluate",
-    "leader_estimate": "lsgd.leader_estimate",
-    "loss_window": "lsgd.loss_window",
-    "beta": "easgd.beta",
-    "alpha": "easgd.alpha",
     "optimizer": "optimizer.name",
     "lr": "optimizer.lr",
     "momentum": "optimizer.momentum",
@@ -145,8 +138,10 @@ def flag_defaults(name: str) -> dict[str, object]:
 
     settings = PRESETS[name].settings
     own = ALGORITHMS[settings["algorithm"]].settings or ""
+    flags = dict(_PRESET_FLAGS)
+    flags.update({f.dest: f"{row.settings}.{f.field}" for row in ALGORITHMS.values() for f in row.flags})
     defaults: dict[str, object] = {}
-    for dest, path in _PRESET_FLAGS.items():
+    for dest, path in flags.items():
         section, _, key = path.rpartition(".")
         section = own if section == "*" else section
         values = settings.get(section, {}) if section else settings

@@ -1,6 +1,7 @@
 """The algorithm table (``lsgd_ray/algorithms/registry.py``): every row is complete and is
 what the config, the CLI, the Trainer and the byte theory use. No Ray."""
 
+import argparse
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from lsgd_ray import TrainConfig
 from lsgd_ray._internal.coordinator import Coordinator
 from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.algorithms.communication import expected_bytes
-from lsgd_ray.cli import build_parser
+from lsgd_ray.cli import build_parser, config_from_args
 from lsgd_ray.config import EASGDConfig, LSGDConfig
 
 
@@ -49,3 +50,46 @@ def test_the_cli_takes_every_registered_algorithm_and_no_other():
         build_parser().parse_args(["train", "--algorithm", "not-registered", "--max-steps", "1"])
     for name in ALGORITHMS:
         assert build_parser().parse_args(["train", "--algorithm", name, "--max-steps", "1"]).algorithm == name
+
+
+def _another_value(row, f):
+    """A value for ``row``'s flag ``f`` other than its default (and valid for its settings)."""
+    parser = argparse.ArgumentParser()
+    row.add_flags(parser)
+    default = getattr(parser.parse_args([]), f.dest)
+    if f.options.get("choices"):
+        return next(c for c in f.options["choices"] if c != default)
+    if f.options.get("type") is int:
+        return default + 1
+    return default / 2 if default else 0.05
+
+
+@pytest.mark.parametrize("name", sorted({row.name for row in ALGORITHMS.values() if row.flags}))
+def test_each_rows_own_flags_reach_its_settings_and_nothing_else(name):
+    """Every flag a row declares, given alone with another value than its default, is what its
+    settings hold; the other algorithms' settings keep their defaults."""
+    row = ALGORITHMS[name]
+    defaults = TrainConfig(algorithm=name, max_steps=1)
+    for f in row.flags:
+        value = _another_value(row, f)
+        argv = ["train", "--algorithm", name, "--max-steps", "1", "--" + f.dest.replace("_", "-"), str(value)]
+        config = config_from_args(build_parser().parse_args(argv))
+        settings = row.settings_of(config)
+        # diloco's --outer-* flags make its outer optimizer
+        held = getattr(settings, f.field) if hasattr(settings, f.field) else getattr(settings.outer, f.field[6:])
+        assert held == value, (f.dest, held, value)
+        for other in {r.settings for r in ALGORITHMS.values()} - {row.settings, None}:
+            assert getattr(config, other) == getattr(defaults, other), (f.dest, other)
+
+
+def test_flags_given_nowhere_make_the_settings_defaults_and_shared_ones_reach_who_has_them():
+    parse = build_parser().parse_args
+    for name, row in ALGORITHMS.items():
+        config = config_from_args(parse(["train", "--algorithm", name, "--max-steps", "1"]))
+        kind = row.settings_type()
+        if kind is not None:
+            assert row.settings_of(config) == kind(), name
+    config = config_from_args(parse(["train", "--algorithm", "easgd", "--tau", "3", "--mode", "async"]))
+    assert (config.easgd.tau, config.easgd.mode) == (3, "async")
+    config = config_from_args(parse(["train", "--algorithm", "diloco", "--tau-global", "32", "--tau", "8"]))
+    assert (config.diloco.tau_global, config.diloco.tau) == (32, 8)
