@@ -14,6 +14,8 @@ Failure kinds (``--kinds``; a victim is picked at random among the live ones):
 - ``evaluator``: the evaluator SIGKILLed (the next evaluation starts a new one);
 - ``server``: EASGD's and DOWNPOUR's ParameterServer SIGKILLed on its own (its coordinator starts
   a new one from the workers' mean); struck only in their runs;
+- ``server_stop``: their ParameterServer SIGSTOPped (hung: its coordinator finds it silent for
+  3 x ``actor_timeout_s``, kills it and starts a new one the same way); only in their runs;
 - ``node``: a node holding a group removed from the cluster, as a spot node vanishes, and a
   fresh node added a few seconds later. LSGD runs without a spare: the group is dropped and
   rejoins on the fresh node. The peers cannot go on with fewer workers, so their cluster keeps
@@ -67,8 +69,9 @@ from lsgd_ray.algorithms.registry import ALGORITHMS  # noqa: E402
 from lsgd_ray.data import dataset_factory, dataset_spec  # noqa: E402
 from lsgd_ray.models import model_factory  # noqa: E402
 
-KINDS = ("worker_kill", "worker_stop", "local_leader", "coordinator", "evaluator", "node", "server")
-SERVED = {"easgd", "downpour"}  # the algorithms with a ParameterServer: the only runs struck with "server"
+KINDS = ("worker_kill", "worker_stop", "local_leader", "coordinator", "evaluator", "node", "server", "server_stop")
+SERVER_KINDS = ("server", "server_stop")  # struck only in the runs of SERVED
+SERVED = {"easgd", "downpour"}  # the algorithms with a ParameterServer
 # name -> (algorithm, settings): every algorithm, sync and async where it has both
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "lsgd": ("lsgd", {"lsgd": LSGDConfig(tau=4, tau_global=16)}),
@@ -90,8 +93,10 @@ RECOVERED_BY = {
     "node": ("group_replaced", "group_rejoined"),  # a drop is not a recovery; its rejoin is
     "coordinator": ("coordinator_restarted",),
     "server": ("server_replaced", "coordinator_restarted"),
+    "server_stop": ("server_replaced", "coordinator_restarted"),
     "evaluator": ("evaluator_replaced",),
 }
+STOPS = ("worker_stop", "server_stop")  # SIGSTOP (hung), not SIGKILL: SIGCONTed after the run if still there
 EXCLUSIVE = {"worker_replaced", "server_replaced", "evaluator_replaced"}  # one new process: it recovers one strike
 
 
@@ -199,6 +204,7 @@ class Killer:
             "coordinator": self.coordinator_class,
             "evaluator": "Evaluator",
             "server": "ParameterServer",
+            "server_stop": "ParameterServer",
         }[kind]
         stopped = {pid for pid, start in self.stopped if same_process(pid, start)}  # struck already
         live = [a for a in self.actors(class_name) if a["pid"] not in stopped]
@@ -211,10 +217,10 @@ class Killer:
         else:
             ranks = self.ranks_of(group=victim["group"]) if class_name == "LocalLeader" else ()
         try:
-            os.kill(pid, signal.SIGSTOP if kind == "worker_stop" else signal.SIGKILL)
+            os.kill(pid, signal.SIGSTOP if kind in STOPS else signal.SIGKILL)
         except ProcessLookupError:
             return None  # it died meanwhile
-        if kind == "worker_stop":
+        if kind in STOPS:
             self.stopped.append((pid, started(pid)))
         return Strike(kind, time.time(), f"{victim['repr'] or class_name} pid {pid}", pid, node, ranks)
 
@@ -394,7 +400,7 @@ def chaos_run(name: str, args) -> dict[str, Any]:
         cfg = config_for(name, args, os.path.join(run_dir, "chaos"), time_budget_s=args.minutes * 60)
         coordinator = ALGORITHMS[cfg.algorithm].coordinator_class().__name__
         with Trainer(model_fn, data_fn, cfg) as trainer:
-            kinds = tuple(k for k in args.kinds if k != "server" or cfg.algorithm in SERVED)
+            kinds = tuple(k for k in args.kinds if k not in SERVER_KINDS or cfg.algorithm in SERVED)
             killer = Killer(cluster, coordinator, kinds, args.mtbf, random.Random(args.seed),
                             args.workers_per_node, spare)  # fmt: skip
             begin, box = time.time(), {}
@@ -589,8 +595,8 @@ def main() -> None:
             json.dump(again, f, indent=1, default=str)
         print(table(again))
         return
-    if set(args.kinds) == {"server"} and not {RUNS[a][0] for a in args.algorithms} & SERVED:
-        p.error(f"--kinds server strikes only the runs of {', '.join(sorted(SERVED))}")
+    if set(args.kinds) <= set(SERVER_KINDS) and not {RUNS[a][0] for a in args.algorithms} & SERVED:
+        p.error(f"--kinds {' '.join(args.kinds)} strikes only the runs of {', '.join(sorted(SERVED))}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),

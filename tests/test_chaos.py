@@ -173,9 +173,13 @@ def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinato
         ("server_replaced", 1.0),
         ("coordinator_restarted", 3.0),
     ]
-    # every algorithm with a ParameterServer, and no other, is struck with "server"
+    hung = chaos.Strike("server_stop", 30.0, "ParameterServer pid 9")  # found silent, killed, replaced
+    (row,) = chaos.recoveries([hung], [{"event": "server_replaced", "time": 45.5}], [])
+    assert (row["recovered_by"], row["recovery_s"]) == ("server_replaced", 15.5)
+    # every algorithm with a ParameterServer, and no other, is struck with "server" and "server_stop"
     served = {name for name, a in ALGORITHMS.items() if issubclass(a.coordinator_class(), EASGD)}
-    assert served == chaos.SERVED and "server" in chaos.KINDS
+    assert served == chaos.SERVED and set(chaos.SERVER_KINDS) == {"server", "server_stop"} <= set(chaos.KINDS)
+    assert "server_stop" in chaos.STOPS  # SIGSTOPped, and SIGCONTed after the run if it outlived it
 
 
 def test_a_process_is_named_by_its_pid_and_start_so_a_reused_pid_is_not_taken_for_it():

@@ -18,7 +18,7 @@ from ray import cloudpickle
 
 from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.worker import Worker
-from tests.helpers import kill_if_alive, once_checkpointed
+from tests.helpers import kill_if_alive, once_checkpointed, stopped
 from tests.test_failures import DATA, MODEL, dead, pids, strike
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's classes
@@ -428,6 +428,41 @@ def test_a_parameter_server_killed_on_its_own_is_replaced_from_the_workers_mean(
     assert replaced["step"] < 96, replaced  # found by the training, not only by the final evaluation
     others = [e["event"] for e in result.events if e["event"] != "server_replaced"]
     assert "worker_replaced" not in others and "coordinator_restarted" not in others, result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
+def exited(pid):
+    """Process ``pid`` is gone, or a zombie its parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "algorithm, mode",
+    [("easgd", "sync"), ("easgd", "async"), ("downpour", "async")],
+    ids=["easgd", "easgd-async", "downpour"],
+)
+def test_a_hung_parameter_server_is_killed_and_replaced_from_the_workers_mean(tmp_path, algorithm, mode):
+    """The ParameterServer stopped (SIGSTOP: hung, as a process stuck in a swap storm) while its
+    coordinator lives: silent for longer than ``actor_timeout_s`` allows a busy one, it is
+    killed and a new one starts from the workers' mean, and the run goes on. Before, a server
+    that did not answer was only ever taken for a busy one and left alone."""
+    extra: dict = {"easgd": EASGDConfig(mode=mode)} if algorithm == "easgd" else {}
+    cfg = config(tmp_path, algorithm, actor_timeout_s=5.0, straggler_delay_s={r: 0.03 for r in range(2)}, **extra)
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        server = ray.get(trainer.global_leader.__ray_call__.remote(lambda coordinator: coordinator.server))
+        pid = ray.get(server.__ray_call__.remote(lambda _: os.getpid()))
+        with stopped(pid, after_s=1.0):
+            result = trainer.fit()
+            # Ray SIGKILLs an actor that does not take its kill (a stopped one) 5 s later
+            gone = any(exited(pid) or time.sleep(0.5) for _ in range(60))
+    (replaced,) = [e for e in result.events if e["event"] == "server_replaced"]
+    assert "hung" in replaced["reason"] and replaced["from"] == "the workers' mean", replaced
+    assert gone, "the hung server was left running"
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy
 

@@ -139,15 +139,16 @@ class AsyncGroup(GroupRepair):
         replaced a lost ParameterServer)."""
         self._async_args = (*self._async_args[:-1], exchange)
 
-    def restart_loop(self, rank: int) -> list[ray.ObjectRef | None]:
+    def restart_loop(self, rank: int, same_server: bool = False) -> list[ray.ObjectRef | None]:
         """Asynchronous mode: start the loop of worker ``rank`` again, on its own process and
-        from its own weights: it ended when the ParameterServer it exchanged with died. Returns
-        ``[new loop ref]`` (wrapped, as ``replace_async``), or ``[None]`` if that loop had the
-        server in use now (not a lost one: what failed it is not for a restart to mend). A
-        worker dead meanwhile gets a loop that fails at once, and is replaced as a dead one's."""
+        from its own weights: it ended when the ParameterServer it exchanged with died, or
+        (``same_server``) gave up waiting on one that was only busy. Returns ``[new loop ref]``
+        (wrapped, as ``replace_async``), or ``[None]`` if that loop had the server in use now
+        and not ``same_server`` (not a lost one: what failed it is not for a restart to mend).
+        A worker dead meanwhile gets a loop that fails at once, and is replaced as a dead one's."""
         index = self.ranks.index(rank)
         with self._lock:
-            if self._loop_args[index] is self._async_args:
+            if self._loop_args[index] is self._async_args and not same_server:
                 return [None]
         loop = self.workers[index].run_async.remote(*self._async_args)
         with self._lock:

@@ -3,15 +3,18 @@ ParameterServer.
 
 The server runs beside its coordinator, on the driver's node, so a lost node of workers never
 takes it. It dies with its coordinator (the restarted coordinator starts a new one from the
-checkpoint), or on its own (killed, out of memory): then the coordinator starts a new one from
-the mean of the workers' weights and the workers go on with it. Synchronous rounds find the lost
-server through the center they could not read (``_without_lost_inputs``); asynchronous workers'
-loops end at their next exchange with it, and are started again on their own processes, with
-an exchange that names the new server (``restart_loops``).
+checkpoint), or on its own: killed or out of memory, or hung (silent for
+``Deadlines.server_s``: it is killed). Then the coordinator starts a new one from the mean of
+the workers' weights and the workers go on with it. Synchronous rounds find the lost server
+through the center they could not read (``_without_lost_inputs``); asynchronous workers' loops
+end at their next exchange with it (a hung one's after ``Deadlines.server_call_s``,
+``ServerSilent``), and are started again on their own processes, with an exchange that names
+the new server (``restart_loops``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -61,11 +64,18 @@ class EASGD(PeerCoordinator):
         holding the mean of the workers' weights, the nearest thing to the center that was lost
         (every worker is pulled toward the center, and the center toward every worker).
         Asynchronous mode: every LocalLeader hands the new server to the loops it starts from
-        now on. One that is only slow to answer (busy with the workers' pushes) is left alone."""
+        now on. One that is only slow to answer (busy with the workers' pushes) is waited for;
+        one silent for ``server_s`` is hung (a stopped process): it is killed and replaced the
+        same way (its center never came: the workers waiting on it were waiting forever)."""
         with self._server_lock:
             ping = self.server.__ray_ready__.remote()
-            ((_, died),) = replies_or_deaths([ping], self.timeout_s, ["ParameterServer"], late_ok=True)
-            if not died or died == LATE:
+            wait_s = self.deadlines.server_s
+            ((_, died),) = replies_or_deaths([ping], wait_s, ["ParameterServer"], late_ok=True)
+            if died == LATE:
+                died = f"hung (no answer within {wait_s:g}s)"
+                with contextlib.suppress(Exception):
+                    ray.kill(self.server)
+            if not died:
                 return
             # the workers that answer, through the LocalLeaders that do (one may be lost too)
             per_group = answers([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s)
@@ -133,15 +143,21 @@ class EASGD(PeerCoordinator):
             self.center_ref = self.server.get.remote()
 
     def _exchange(self) -> Any:
-        return ElasticExchange(self.server, self.cfg.easgd.tau, self.alpha)
+        return ElasticExchange(self.server, self.cfg.easgd.tau, self.alpha, self.deadlines.server_call_s)
 
     def restart_loops(self, failed: dict[int, Failure]) -> dict[int, list[ray.ObjectRef | None]]:
-        """Asynchronous mode: a loop that ended when the server it called died starts again on
-        the same process, from its own weights, with the new server; dead workers are replaced
-        as for every peer (also those whose LocalLeader died meanwhile)."""
+        """Asynchronous mode: a loop that ended when the server it called died, or gave up
+        waiting on it, starts again on the same process, from its own weights, with the new
+        server (a silent one found hung is replaced first; one only busy is kept); dead workers
+        are replaced as for every peer (also those whose LocalLeader died meanwhile)."""
         self._mend_server()
-        in_place = sorted(r for r, f in failed.items() if f.kind is FailureKind.LOST_A_CALLEE)
-        calls = [self.local_leaders[self._locate(r)[0]].restart_loop.remote(r) for r in in_place]
+        in_place = sorted(
+            r for r, f in failed.items() if f.kind in (FailureKind.LOST_A_CALLEE, FailureKind.SERVER_SILENT)
+        )
+        calls = [
+            self.local_leaders[self._locate(r)[0]].restart_loop.remote(r, failed[r].kind is FailureKind.SERVER_SILENT)
+            for r in in_place
+        ]
         replies = replies_or_deaths(calls, self.timeout_s, [f"LocalLeader of worker {r}" for r in in_place])
         restarted: dict[int, list[ray.ObjectRef | None]] = {}
         rest = {r: why for r, why in failed.items() if r not in in_place}
@@ -167,7 +183,8 @@ class Downpour(EASGD):
 
     def _exchange(self) -> Any:
         c = self.cfg.downpour
-        return DownpourExchange(self.server, c.n_push, c.n_fetch, downpour.server_scale(c.rule, self.num_workers))
+        scale = downpour.server_scale(c.rule, self.num_workers)
+        return DownpourExchange(self.server, c.n_push, c.n_fetch, scale, self.deadlines.server_call_s)
 
     def leader_weights(self) -> list[ray.ObjectRef]:
         self._mend_server()

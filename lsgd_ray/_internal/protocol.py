@@ -11,6 +11,7 @@ keeping a coordinator free of torch at start only moved that import into the tra
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -103,6 +104,7 @@ class FailureKind(StrEnum):
     BROKEN = "broken collective"  # alive; its collective failed with a lost peer
     GROUP_LOST = "group lost"  # its LocalLeader died, and the worker with it
     LOST_A_CALLEE = "lost an actor it called"  # an asynchronous loop's call failed: EASGD's server died, say
+    SERVER_SILENT = "server silent"  # an asynchronous loop gave up waiting on its ParameterServer
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,29 @@ class Failure:
             FailureKind.BROKEN: self.detail,
             FailureKind.GROUP_LOST: f"its LocalLeader {self.detail}",
             FailureKind.LOST_A_CALLEE: f"lost an actor it called ({self.detail})",
+            FailureKind.SERVER_SILENT: f"its ParameterServer gave no answer within {self.detail}",
         }[self.kind]
+
+
+class ServerSilent(RuntimeError):
+    """An asynchronous loop gave up waiting on its ParameterServer (``wait_s``), before its
+    LocalLeader would take the worker for hung: the server is hung or too busy, which its
+    coordinator tells apart (``EASGD.restart_loops``) before the loop starts again."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"the ParameterServer gave no answer within {wait_s:g}s")
+        self.wait_s = wait_s
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a worker, read by the driver
+        return (ServerSilent, (self.wait_s,))
+
+
+def fetch_from_server(server: Any, wait_s: float) -> Any:
+    """The server's weights, or ``ServerSilent`` after ``wait_s``."""
+    try:
+        return ray.get(server.get.remote(), timeout=wait_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ServerSilent(wait_s) from None
 
 
 class EveryWorkerLost(RuntimeError):
@@ -180,6 +204,7 @@ class ElasticExchange:
     server: Any
     tau: int
     alpha: float
+    wait_s: float = math.inf  # on the server's answer (``fetch_from_server``)
 
     def start(self, worker: Any) -> None:
         """Nothing to remember: the center is read fresh at every exchange."""
@@ -187,7 +212,7 @@ class ElasticExchange:
     def after_step(self, worker: Any) -> None:
         if worker.steps % self.tau:
             return
-        center = ray.get(self.server.get.remote())
+        center = fetch_from_server(self.server, self.wait_s)
         diff = easgd.elastic_worker_step(worker.state.flat, worker.on_device(center), self.alpha)
         sent = encode(diff.cpu().numpy(), worker.spec.comm_dtype)
         self.server.add.remote(sent, self.alpha)  # fire and forget
@@ -205,6 +230,7 @@ class DownpourExchange:
     n_push: int
     n_fetch: int
     scale: float
+    wait_s: float = math.inf  # on the server's answer (``fetch_from_server``)
 
     def start(self, worker: Any) -> None:
         """The weights the first push is measured from: the worker's before its first step."""
@@ -219,6 +245,6 @@ class DownpourExchange:
             worker.bytes_sent += worker.state.nbytes
             worker.exchanges += 1
         if downpour.due(worker.steps, self.n_fetch):
-            flat.copy_(worker.on_device(ray.get(self.server.get.remote())))
+            flat.copy_(worker.on_device(fetch_from_server(self.server, self.wait_s)))
             worker.base.copy_(flat)
             worker.bytes_received += worker.state.nbytes

@@ -62,6 +62,19 @@ class Deadlines:
         return self.collective_s + MARGIN_S
 
     @property
+    def server_s(self) -> float:
+        """A ParameterServer's answer to a ping queued behind the workers' pushes: a busy one
+        answers well within it, so one silent this long is hung."""
+        return 3 * self.call_s
+
+    @property
+    def server_call_s(self) -> float:
+        """An asynchronous loop's wait on its ParameterServer: under ``call_s``, so that the loop
+        gives up (and its coordinator looks at the server) before its LocalLeader would take
+        the worker for hung and kill it."""
+        return self.call_s / 2
+
+    @property
     def replace_s(self) -> float:
         """Replacing workers: a new process started, reset, perhaps after a collective gave up."""
         return self.start_s + self.first_call_s + self.call_s

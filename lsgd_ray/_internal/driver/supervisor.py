@@ -19,7 +19,7 @@ import ray
 
 from lsgd_ray._internal.driver.base import T
 from lsgd_ray._internal.driver.state import RunState
-from lsgd_ray._internal.protocol import EveryWorkerLost, Failure, FailureKind, event_key
+from lsgd_ray._internal.protocol import EveryWorkerLost, Failure, FailureKind, ServerSilent, event_key
 from lsgd_ray._internal.waiting import answers, get_all
 from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.checkpoint import load_latest
@@ -172,7 +172,7 @@ class Supervisor(RunState):
 
     def _restart_dead_loops(self, loops: dict[int, ray.ObjectRef], ready: list[ray.ObjectRef]) -> bool:
         """Asynchronous mode: loops (by rank) that ended because their process died, or because
-        an actor they called died (EASGD's and DOWNPOUR's ParameterServer), are started again by
+        an actor they called died or gave no answer (EASGD's and DOWNPOUR's ParameterServer), are started again by
         the coordinator: a dead worker is replaced on its node, a group whose LocalLeader died is
         re-formed or, its node gone, dropped (its ranks leave ``loops``), a lost server replaced
         and the live workers' loops started again with the new one."""
@@ -181,11 +181,13 @@ class Supervisor(RunState):
         for ref in ready:
             try:
                 ray.get(ref, timeout=0)
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as exc:
                 if not isinstance(exc, ray.exceptions.RayTaskError):
                     failed[rank_of[ref]] = Failure(rank_of[ref], FailureKind.DIED, type(exc).__name__)
                 elif isinstance(exc.cause, ray.exceptions.RayActorError) and self._loops_call_a_server:
                     failed[rank_of[ref]] = Failure(rank_of[ref], FailureKind.LOST_A_CALLEE, type(exc.cause).__name__)
+                elif isinstance(exc.cause, ServerSilent):
+                    failed[rank_of[ref]] = Failure(rank_of[ref], FailureKind.SERVER_SILENT, f"{exc.cause.wait_s:g}s")
                 else:
                     raise  # the worker's own error
         if not failed:
