@@ -405,12 +405,16 @@ def dies_giving_weights_after(flag):
     return DiesGivingWeights
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize(
+# the runs with a ParameterServer: EASGD in both modes, DOWNPOUR (asynchronous only)
+SERVER_RUNS = pytest.mark.parametrize(
     "algorithm, mode",
     [("easgd", "sync"), ("easgd", "async"), ("downpour", "async")],
     ids=["easgd", "easgd-async", "downpour"],
 )
+
+
+@pytest.mark.timeout(300)
+@SERVER_RUNS
 def test_a_parameter_server_killed_on_its_own_is_replaced_from_the_workers_mean(tmp_path, algorithm, mode):
     """The ParameterServer killed while its coordinator lives (out of memory, say): a new one
     starts from the workers' mean, and the workers go on with it on their own processes, from
@@ -441,11 +445,7 @@ def exited(pid):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    "algorithm, mode",
-    [("easgd", "sync"), ("easgd", "async"), ("downpour", "async")],
-    ids=["easgd", "easgd-async", "downpour"],
-)
+@SERVER_RUNS
 def test_a_hung_parameter_server_is_killed_and_replaced_from_the_workers_mean(tmp_path, algorithm, mode):
     """The ParameterServer stopped (SIGSTOP: hung, as a process stuck in a swap storm) while its
     coordinator lives: silent for longer than ``actor_timeout_s`` allows a busy one, it is
