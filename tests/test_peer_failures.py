@@ -467,6 +467,48 @@ def test_a_hung_parameter_server_is_killed_and_replaced_from_the_workers_mean(tm
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy
 
 
+def slow_to_give_weights(flag):
+    """A Worker class each of whose workers, once the file ``flag`` exists, takes 12 s (more
+    than ``actor_timeout_s``) to answer its first ``get_weights(count=False)`` from then on."""
+
+    class SlowToGiveWeights(Worker):
+        def get_weights(self, count=True):
+            marker = f"{flag}.{self.rank}"
+            if not count and os.path.exists(flag) and not os.path.exists(marker):
+                open(marker, "w").close()
+                time.sleep(12.0)
+            return super().get_weights(count)
+
+    return SlowToGiveWeights
+
+
+@pytest.mark.timeout(300)
+@SERVER_RUNS
+def test_a_server_lost_while_no_worker_answers_starts_again_from_the_checkpoints_center(tmp_path, algorithm, mode):
+    """The server lost while no worker gives its weights in time (each struck, or busy being
+    replaced: EASGD's and DOWNPOUR's chaos runs ended with "no worker answered within 5s: no
+    weights to average"): the new server starts from the center in the newest checkpoint."""
+    flag = str(tmp_path / "slow")
+    extra: dict = {"easgd": EASGDConfig(mode=mode)} if algorithm == "easgd" else {}
+    cfg = config(
+        tmp_path,
+        algorithm,
+        actor_timeout_s=5.0,
+        checkpoint_every_steps=16,
+        straggler_delay_s={r: 0.03 for r in range(2)},
+        **extra,
+    )
+    with Trainer(MODEL, DATA, cfg, worker_cls=slow_to_give_weights(flag)) as trainer:
+        server = ray.get(trainer.global_leader.__ray_call__.remote(lambda coordinator: coordinator.server))
+        pid = ray.get(server.__ray_call__.remote(lambda _: os.getpid()))
+        once_checkpointed(cfg.output_dir, lambda: (open(flag, "w").close(), os.kill(pid, signal.SIGKILL)))
+        result = trainer.fit()
+    (replaced,) = [e for e in result.events if e["event"] == "server_replaced"]
+    assert replaced["from"].startswith("the center in checkpoint step-"), replaced
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
 @pytest.mark.timeout(300)
 def test_a_server_and_then_a_local_leader_lost_are_both_recovered(tmp_path):
     """After the server's recovery, the loss of a LocalLeader (its workers with it) re-forms

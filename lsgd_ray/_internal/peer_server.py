@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lsgd_ray._internal.parameter_server import ParameterServer
 from lsgd_ray._internal.peer_coordinators import PeerCoordinator
 from lsgd_ray._internal.protocol import DownpourExchange, ElasticExchange, Failure, FailureKind, actor_class, node_id
-from lsgd_ray._internal.waiting import LATE, answers, get_all, replies_or_deaths
+from lsgd_ray._internal.waiting import LATE, ActorTimeoutError, answers, get_all, replies_or_deaths
 from lsgd_ray.algorithms import downpour
 
 
@@ -62,7 +62,8 @@ class EASGD(PeerCoordinator):
     def _mend_server(self) -> None:
         """A ParameterServer that died while this coordinator lives is replaced by a new one
         holding the mean of the workers' weights, the nearest thing to the center that was lost
-        (every worker is pulled toward the center, and the center toward every worker).
+        (every worker is pulled toward the center, and the center toward every worker), or, no
+        worker answering, the center in the newest checkpoint (``_new_server_weights``).
         Asynchronous mode: every LocalLeader hands the new server to the loops it starts from
         now on. One that is only slow to answer (busy with the workers' pushes) is waited for;
         one silent for ``server_s`` is hung (a stopped process): it is killed and replaced the
@@ -77,18 +78,34 @@ class EASGD(PeerCoordinator):
                     ray.kill(self.server)
             if not died:
                 return
-            # the workers that answer, through the LocalLeaders that do (one may be lost too)
-            per_group = answers([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s)
-            mean = self._mean_of([h for handles in per_group if handles for h in handles])
-            self._start_server(ray.put(mean))
+            initial, origin = self._new_server_weights()
+            self._start_server(initial)
             self.events.append(
-                {"event": "server_replaced", "reason": died, "step": self.step, "from": "the workers' mean",
-                 "time": time.time()}
-            )  # fmt: skip
-            self.log.warning(f"ParameterServer {died}: a new one from the workers' mean at step {self.step}")
+                {"event": "server_replaced", "reason": died, "step": self.step, "from": origin, "time": time.time()}
+            )
+            self.log.warning(f"ParameterServer {died}: a new one from {origin} at step {self.step}")
             if self._async_args:  # a LocalLeader lost meanwhile is re-formed with these
                 self._async_args = (*self._async_args[:-1], self._exchange())
                 answers([ll.use_exchange.remote(self._async_args[-1]) for ll in self.local_leaders], self.timeout_s)
+
+    def _new_server_weights(self) -> tuple[ray.ObjectRef, str]:
+        """What a new server starts from, and its name: the mean of the workers that answer
+        (through the LocalLeaders that do: one may be lost too), else (every one struck, or
+        being replaced: a chaos run's abort) the center in the run's newest checkpoint."""
+        per_group = answers([ll.worker_handles.remote() for ll in self.local_leaders], self.timeout_s)
+        try:
+            return ray.put(self._mean_of([h for handles in per_group if handles for h in handles])), "the workers' mean"
+        except ActorTimeoutError as exc:
+            if self.last_checkpoint is None:
+                raise
+            from lsgd_ray.checkpoint import CheckpointError, load_latest  # imports torch: only here
+
+            try:
+                state, where = load_latest(self.last_checkpoint)
+            except CheckpointError as unusable:
+                raise ActorTimeoutError(f"{exc}, and the checkpoint is unusable ({unusable})") from None
+            center = np.asarray(state["coordinator"]["center"], dtype=np.float32)
+            return ray.put(center), f"the center in checkpoint {where.name}"
 
     def _current_center(self) -> ray.ObjectRef:
         """The center to hand out: from a new server if it was lost, read again if the last
