@@ -45,6 +45,22 @@ def killed_at(rank, step, flag):
     return KilledAt
 
 
+def killed_at_each_time(rank, step, flag, times):
+    """``killed_at``, ``times`` times in a row: the process ``rank`` and each of its next
+    replacements SIGKILL themselves right after step ``step`` (files ``flag.0``, ``flag.1``...
+    count them)."""
+
+    class KilledEachTime(Worker):
+        def _step(self):
+            super()._step()
+            done = sum(os.path.exists(f"{flag}.{k}") for k in range(times))
+            if self.rank == rank and self.steps == step and done < times:
+                open(f"{flag}.{done}", "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KilledEachTime
+
+
 def config(tmp_path, algorithm, **kw):
     defaults = dict(
         algorithm=algorithm,
@@ -465,6 +481,33 @@ def test_a_hung_parameter_server_is_killed_and_replaced_from_the_workers_mean(tm
     assert gone, "the hung server was left running"
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
+@pytest.mark.timeout(300)
+def test_a_round_that_loses_a_worker_four_times_in_a_row_goes_on(tmp_path):
+    """A D-PSGD chaos run ended with "workers keep failing in train_gossip": one round lost a
+    node, a LocalLeader and a new LocalLeader in a row, and a round gave up after one pass per
+    worker and one more (3 here). Worker 1 and its next three replacements die in the same
+    round: it is replaced four times and the run goes on."""
+    cfg = config(tmp_path, "dpsgd", num_groups=2, workers_per_group=1)
+    with Trainer(MODEL, DATA, cfg, worker_cls=killed_at_each_time(1, 37, str(tmp_path / "killed"), 4)) as trainer:
+        result = trainer.fit()
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [1, 1, 1, 1], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_that_dies_at_every_try_ends_the_run_naming_the_round(tmp_path):
+    """The bound on a round's passes is still there: a worker whose every replacement dies in
+    the same round (out of memory at that step, say) ends the run with a message."""
+    cfg = config(tmp_path, "dpsgd", num_groups=2, workers_per_group=1)
+    cls = killed_at_each_time(1, 37, str(tmp_path / "killed"), 1000)
+    with (
+        Trainer(MODEL, DATA, cfg, worker_cls=cls) as trainer,
+        pytest.raises(RuntimeError, match="workers keep failing"),
+    ):
+        trainer.fit()
 
 
 def slow_to_give_weights(flag):

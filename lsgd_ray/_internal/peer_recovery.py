@@ -28,6 +28,11 @@ REFORM_PAUSE_S = 2.0  # before the next attempt: time for the cluster to mark a 
 REPLACE_PASSES = 3  # replacements made again when a LocalLeader died meanwhile (its group re-formed)
 RECOVER_ATTEMPTS = 3  # a collective group re-formed again when an actor is lost while it re-forms
 FIND_PASSES = 3  # the search for lost workers made again when a LocalLeader died amid it
+# passes of one round's recovery (each replaces at least one lost worker) before the run gives
+# up: at least this many, or one per worker and one more. A D-PSGD chaos run's round lost a
+# node, then a LocalLeader, then the new LocalLeader on the removed node, in a row: 3 passes
+# (2 workers) were not enough.
+ROUND_PASSES = 10
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
 
@@ -65,7 +70,7 @@ class PeerRecovery(Coordinator):
         # other: a local SGD chaos run's abort, amid strikes on a node and a coordinator) is
         # formed again and the round done once more; a worker's own error breaks it again, and
         # is raised then (``_raise_if_only_broken``)
-        for _ in range(len(args) + 1):  # each pass replaces at least one worker (or re-forms a collective once)
+        for _ in range(max(len(args) + 1, ROUND_PASSES)):  # each replaces a worker (or re-forms a collective once)
             if not failures:
                 break
             if self.collective:
