@@ -292,8 +292,9 @@ def recoveries(
     """Each strike with the event that recovered it and the seconds until then: the first event
     after it that covers it (``covers``: a worker's own replacement, its group's re-forming or
     rejoining, a coordinator's restart, the evaluator's replacement). A strike that names no
-    worker (the coordinator, the server, the evaluator) takes an event of its own kind first,
-    then any other that recovers it. A process replaced (``EXCLUSIVE``) recovers one strike; a
+    worker (the coordinator, the evaluator) takes an event of its own kind first, then any other
+    that recovers it; a server's takes the first of its replacement and a coordinator's restart
+    (which starts a new server too). A process replaced (``EXCLUSIVE``) recovers one strike; a
     group re-formed recovers every strike it covers, and a coordinator's restart every strike
     before it (a coordinator struck again while it was being restarted is restarted once: both
     strikes end there). An evaluator's strike with no ``evaluator_replaced`` after it (a run
@@ -319,7 +320,7 @@ def recoveries(
                 kind = e.get("event")
                 if e.get("time", 0) < s.time or not covers(s, e):
                     continue
-                if first_pass and not s.ranks and kind != own:
+                if first_pass and not s.ranks and kind != own and s.kind not in SERVER_KINDS:
                     continue
                 if i in taken:
                     continue

@@ -173,6 +173,19 @@ def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinato
         ("server_replaced", 1.0),
         ("coordinator_restarted", 3.0),
     ]
+    # a coordinator restarted before the server's replacement started a new server itself: the
+    # strike ends there, and the replacement after it is the next strike's (an EASGD run's
+    # matching took the replacement first, and every later server strike was matched late)
+    strikes = [
+        chaos.Strike("server", 10.0, "ParameterServer pid 7"),
+        chaos.Strike("server", 30.0, "ParameterServer pid 8"),
+    ]
+    events = [{"event": "coordinator_restarted", "time": 12.0}, {"event": "server_replaced", "time": 31.0}]
+    rows = chaos.recoveries(strikes, events, [])
+    assert [(r["recovered_by"], r["recovery_s"]) for r in rows] == [
+        ("coordinator_restarted", 2.0),
+        ("server_replaced", 1.0),
+    ]
     hung = chaos.Strike("server_stop", 30.0, "ParameterServer pid 9")  # found silent, killed, replaced
     (row,) = chaos.recoveries([hung], [{"event": "server_replaced", "time": 45.5}], [])
     assert (row["recovered_by"], row["recovery_s"]) == ("server_replaced", 15.5)
