@@ -116,15 +116,12 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
 
 
 # The command line's flags a preset may set, and the TrainConfig field behind each ("*": the field of the
-# preset algorithm's own settings, e.g. lsgd.tau or easgd.tau); with the flags each algorithm's row in
-# lsgd_ray.algorithms.registry declares (``--lam``: lsgd.lam).
+# preset algorithm's own settings, e.g. lsgd.tau or easgd.tau: the registry's SHARED_FLAGS); with the flags
+# each algorithm's row in lsgd_ray.algorithms.registry declares (``--lam``: lsgd.lam).
 _PRESET_FLAGS = {
     "algorithm": "algorithm",
     "batch_size": "batch_size",
     "redeal_shards": "redeal_shards",
-    "mode": "*.mode",
-    "tau": "*.tau",
-    "tau_global": "*.tau_global",
     "optimizer": "optimizer.name",
     "lr": "optimizer.lr",
     "momentum": "optimizer.momentum",
@@ -135,10 +132,11 @@ _PRESET_FLAGS = {
 def flag_defaults(name: str) -> dict[str, object]:
     """The ``lsgd-ray train`` flags' defaults (argparse names) under preset ``name``."""
     from lsgd_ray.algorithms import ALGORITHMS
+    from lsgd_ray.algorithms.registry import SHARED_FLAGS
 
     settings = PRESETS[name].settings
     own = ALGORITHMS[settings["algorithm"]].settings or ""
-    flags = dict(_PRESET_FLAGS)
+    flags = {**_PRESET_FLAGS, **{shared: f"*.{shared}" for shared in SHARED_FLAGS}}
     flags.update({f.dest: f"{row.settings}.{f.field}" for row in ALGORITHMS.values() for f in row.flags})
     defaults: dict[str, object] = {}
     for dest, path in flags.items():
