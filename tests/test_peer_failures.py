@@ -819,11 +819,18 @@ def test_a_workers_own_error_in_a_collective_round_ends_the_run_after_one_more_t
 def kills_a_pid_and_itself(step, flag):
     """A Worker class whose rank 0, right after its step ``step``, SIGKILLs the process (another
     worker, a LocalLeader) whose pid is in the file ``flag + ".pid"``, then itself (once per
-    run: ``flag``): two losses in one round."""
+    run: ``flag``): two losses in one round. Rank 1 waits after the same step until rank 0 has
+    struck (at most 60 s), so that its round is still in flight: the coordinator learns of
+    both losses from that round's calls (rank 1, done first, would leave its LocalLeader's
+    death unseen until a later call)."""
 
     class KillsBoth(Worker):
         def _step(self):
             super()._step()
+            if self.rank == 1 and self.steps == step:
+                deadline = time.monotonic() + 60.0
+                while not os.path.exists(flag) and time.monotonic() < deadline:
+                    time.sleep(0.05)
             if self.rank == 0 and self.steps == step and not os.path.exists(flag):
                 open(flag, "w").close()
                 with open(flag + ".pid") as f:
