@@ -182,8 +182,13 @@ def test_a_dropped_group_rejoins_when_a_node_with_room_joins(cluster, tmp_path, 
             deadline = time.time() + 60
             while len(ray.get(trainer.global_leader.group_plans.remote())) > 1 and time.time() < deadline:
                 time.sleep(0.05)
+            assert "error" not in box, box["error"]
+            assert len(ray.get(trainer.global_leader.group_plans.remote())) == 1, (
+                f"group {gone} not dropped within 60 s of its node's removal"
+            )
             joined.append(c.add_node(num_cpus=2))
             training.join(timeout=240)
+            assert not training.is_alive(), "the run did not end within 240 s of the new node's joining"
             assert "result" in box, box.get("error")
             result = box["result"]
             steps = [s["steps"] for s in trainer.worker_stats()]
