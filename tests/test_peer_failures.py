@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import ray
 from ray import cloudpickle
+from ray.exceptions import OwnerDiedError
 
 from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.worker import Worker
@@ -883,5 +884,64 @@ def test_a_gossip_worker_left_with_no_published_weights_restarts_from_its_checkp
         0: "worker 0's weights in checkpoint step-000000032",
         1: "the mean of the other workers' weights",
     }, result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
+def whose_replacement_strikes_unseen(step, flag):
+    """A Worker class whose rank 0 SIGKILLs itself right after its step ``step``; its
+    replacement, once started (``ready``), SIGKILLs the process whose pid is in ``flag + ".pid"``
+    (the other group's LocalLeader, whose round is over). The replacement then fails to read the
+    neighbours' weights it is handed (``OwnerDiedError``, as Ray's read fails where those weights
+    are on another node; one node's object store keeps a readable copy) until it is given none:
+    restarted from the checkpoint. Once per run (files ``flag``, ``.2``, ``.3``)."""
+
+    class StrikesUnseen(Worker):
+        def _step(self):
+            super()._step()
+            if self.rank == 0 and self.steps == step and not os.path.exists(flag):
+                open(flag, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def ready(self):
+            if self.rank == 0 and os.path.exists(flag) and not os.path.exists(flag + ".2"):
+                open(flag + ".2", "w").close()
+                with open(flag + ".pid") as f:
+                    os.kill(int(f.read()), signal.SIGKILL)
+            return super().ready()
+
+        def train_gossip(self, num_steps, self_weight, weights, *neighbours):
+            if self.rank == 0 and os.path.exists(flag + ".2") and not os.path.exists(flag + ".3"):
+                if neighbours:
+                    raise OwnerDiedError("0" * 56, None, "the dead LocalLeader's published weights")
+                open(flag + ".3", "w").close()
+            return super().train_gossip(num_steps, self_weight, weights, *neighbours)
+
+    return StrikesUnseen
+
+
+@pytest.mark.timeout(300)
+def test_a_gossip_replacement_whose_neighbours_leader_dies_unseen_restarts_from_its_checkpoint(tmp_path):
+    """A chaos run's abort (D-PSGD, c700486, seed 8: "workers keep failing in train_gossip"):
+    worker 0's replacement was handed the other group's published weights, whose LocalLeader had
+    answered the round and died since. The retry called worker 0's group alone, so nothing saw
+    that death, and the same lost input was handed out pass after pass. The coordinator now asks
+    every LocalLeader on a lost input, re-forms the dead one's group, and restarts worker 0 again,
+    from its checkpoint (a replacement's own weights are not the round's)."""
+    cfg = config(tmp_path, "dpsgd", num_groups=2, workers_per_group=1, checkpoint_every_steps=16)
+    flag = str(tmp_path / "killed")
+    with Trainer(MODEL, DATA, cfg, worker_cls=whose_replacement_strikes_unseen(37, flag)) as trainer:
+        pid = ray.get(trainer.local_leaders[1].__ray_call__.remote(lambda _: os.getpid()))
+        with open(flag + ".pid", "w") as f:
+            f.write(str(pid))
+        result = trainer.fit()
+    assert os.path.exists(flag + ".3"), "worker 0 was never restarted without its neighbour's weights"
+    replaced = [(e["rank"], e["from"]) for e in result.events if e["event"] == "worker_replaced"]
+    assert replaced[0] == (0, "the mean of the other workers' weights"), result.events
+    assert sorted(replaced[1:]) == [
+        (0, "worker 0's weights in checkpoint step-000000032"),
+        (1, "the mean of the other workers' weights"),
+    ], result.events
+    assert [e["group"] for e in result.events if e["event"] == "group_replaced"] == [1], result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy

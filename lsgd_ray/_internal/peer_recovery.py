@@ -66,6 +66,7 @@ class PeerRecovery(Coordinator):
         (results, wrapped second returns) by rank. Workers lost meanwhile are replaced and
         their part of the round done again by the new ones."""
         answers, failures = self._call_ranks(method, dict(enumerate(args)), num_returns)
+        replaced: set[int] = set()  # ranks retried with a replacement's arguments, not the round's
         # a collective that broke on every member with none lost (each timed out waiting on the
         # other: a local SGD chaos run's abort, amid strikes on a node and a coordinator) is
         # formed again and the round done once more; a worker's own error breaks it again, and
@@ -78,14 +79,17 @@ class PeerRecovery(Coordinator):
                 _raise_if_only_broken(method, failures, " after the group was re-formed")
             else:
                 # a live worker that lost an input (its owner, a LocalLeader, died) goes on, if the
-                # algorithm can do without that input; the others are replaced
+                # algorithm can do without that input; the others are replaced. A replacement is
+                # replaced again: its own weights are not the ones the round's arguments mix.
+                failures = self._with_unseen_deaths(failures)
                 kept = {
                     f.rank: self._without_lost_inputs(f.rank, args[f.rank])
                     for f in failures
-                    if f.kind is FailureKind.LOST_INPUT
+                    if f.kind is FailureKind.LOST_INPUT and f.rank not in replaced
                 }
                 alive = {rank: a for rank, a in kept.items() if a is not None and rank not in self._fresh}
                 retry = self._replace_lost([f for f in failures if f.rank not in alive], args)
+                replaced.update(retry)
                 again, failures = self._call_ranks(method, {**retry, **alive}, num_returns)
                 answers.update(again)
         else:
@@ -222,6 +226,22 @@ class PeerRecovery(Coordinator):
                 self.log.warning(f"new LocalLeader {g} died before it was ready ({type(exc).__name__}): again")
                 time.sleep(REFORM_PAUSE_S)
         raise AssertionError("unreachable")
+
+    def _with_unseen_deaths(self, failures: list[Failure]) -> list[Failure]:
+        """``failures``, with the workers of each group whose LocalLeader died unseen: a retry
+        calls only the groups that failed, and an input lost (``LOST_INPUT``) may be owned by
+        another, dead since it answered (a D-PSGD chaos run's abort: the same lost input handed
+        out again and again). Each such group is re-formed, which marks what it owned lost."""
+        if not any(f.kind is FailureKind.LOST_INPUT for f in failures):
+            return failures
+        calls = [ll.worker_handles.remote() for ll in self.local_leaders]
+        for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names)):
+            if died:
+                self._reform_group(g, f"its LocalLeader {died}")
+                ranks = self.group_ranks[g]
+                failures = [f for f in failures if f.rank not in ranks]
+                failures += [Failure(rank, FailureKind.GROUP_LOST, died) for rank in ranks]
+        return failures
 
     def _locate(self, rank: int) -> tuple[int, int]:
         """(group, index in the group) of global ``rank``."""
