@@ -865,19 +865,25 @@ def test_a_collective_that_loses_every_worker_goes_on_from_the_last_checkpoint(t
     np.testing.assert_array_equal(weights[1], weights[0])
 
 
+def gossip_run_striking_local_leader_1(tmp_path, worker_cls_of):
+    """A D-PSGD run of two single-worker groups whose Worker class, ``worker_cls_of(37, flag)``,
+    strikes LocalLeader 1 (its pid in ``flag + ".pid"``): the run's result, and ``flag``."""
+    cfg = config(tmp_path, "dpsgd", num_groups=2, workers_per_group=1, checkpoint_every_steps=16)
+    flag = str(tmp_path / "killed")
+    with Trainer(MODEL, DATA, cfg, worker_cls=worker_cls_of(37, flag)) as trainer:
+        pid = ray.get(trainer.local_leaders[1].__ray_call__.remote(lambda _: os.getpid()))
+        with open(flag + ".pid", "w") as f:
+            f.write(str(pid))
+        return trainer.fit(), flag
+
+
 @pytest.mark.timeout(300)
 def test_a_gossip_worker_left_with_no_published_weights_restarts_from_its_checkpoint(tmp_path):
     """A chaos run's lost accuracy (D-PSGD, two workers): worker 0 died in the round in which
     the other group's LocalLeader died with the weights it published. Worker 0's replacement
     had nothing to mix and started from the initial weights; it now starts from its own
     weights in the run's last checkpoint (the other from worker 0's last published ones)."""
-    cfg = config(tmp_path, "dpsgd", num_groups=2, workers_per_group=1, checkpoint_every_steps=16)
-    flag = str(tmp_path / "killed")
-    with Trainer(MODEL, DATA, cfg, worker_cls=kills_a_pid_and_itself(37, flag)) as trainer:
-        pid = ray.get(trainer.local_leaders[1].__ray_call__.remote(lambda _: os.getpid()))
-        with open(flag + ".pid", "w") as f:
-            f.write(str(pid))
-        result = trainer.fit()
+    result, flag = gossip_run_striking_local_leader_1(tmp_path, kills_a_pid_and_itself)
     assert os.path.exists(flag), "worker 0 never struck"
     origins = {e["rank"]: e["from"] for e in result.events if e["event"] == "worker_replaced"}
     assert origins == {
@@ -928,13 +934,7 @@ def test_a_gossip_replacement_whose_neighbours_leader_dies_unseen_restarts_from_
     that death, and the same lost input was handed out pass after pass. The coordinator now asks
     every LocalLeader on a lost input, re-forms the dead one's group, and restarts worker 0 again,
     from its checkpoint (a replacement's own weights are not the round's)."""
-    cfg = config(tmp_path, "dpsgd", num_groups=2, workers_per_group=1, checkpoint_every_steps=16)
-    flag = str(tmp_path / "killed")
-    with Trainer(MODEL, DATA, cfg, worker_cls=whose_replacement_strikes_unseen(37, flag)) as trainer:
-        pid = ray.get(trainer.local_leaders[1].__ray_call__.remote(lambda _: os.getpid()))
-        with open(flag + ".pid", "w") as f:
-            f.write(str(pid))
-        result = trainer.fit()
+    result, flag = gossip_run_striking_local_leader_1(tmp_path, whose_replacement_strikes_unseen)
     assert os.path.exists(flag + ".3"), "worker 0 was never restarted without its neighbour's weights"
     replaced = [(e["rank"], e["from"]) for e in result.events if e["event"] == "worker_replaced"]
     assert replaced[0] == (0, "the mean of the other workers' weights"), result.events
