@@ -902,13 +902,7 @@ def whose_replacement_strikes_unseen(step, flag):
     are on another node; one node's object store keeps a readable copy) until it is given none:
     restarted from the checkpoint. Once per run (files ``flag``, ``.2``, ``.3``)."""
 
-    class StrikesUnseen(Worker):
-        def _step(self):
-            super()._step()
-            if self.rank == 0 and self.steps == step and not os.path.exists(flag):
-                open(flag, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
-
+    class StrikesUnseen(killed_at(0, step, flag)):
         def ready(self):
             if self.rank == 0 and os.path.exists(flag) and not os.path.exists(flag + ".2"):
                 open(flag + ".2", "w").close()

@@ -150,11 +150,8 @@ class PeerRecovery(Coordinator):
         self._worker_handles = None  # a recovery cut short may have replaced some meanwhile
         why: dict[int, str] = {}
         for attempt in range(1, FIND_PASSES + 1):
-            calls = [ll.worker_handles.remote() for ll in self.local_leaders]
-            for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names)):
-                if died:
-                    self._reform_group(g, f"its LocalLeader {died}")
-                    why.update((r, died) for r in self.group_ranks[g])
+            for g, died in self._reform_dead_groups().items():
+                why.update((r, died) for r in self.group_ranks[g])
             try:
                 handles = self._handles()
                 break
@@ -234,14 +231,20 @@ class PeerRecovery(Coordinator):
         out again and again). Each such group is re-formed, which marks what it owned lost."""
         if not any(f.kind is FailureKind.LOST_INPUT for f in failures):
             return failures
-        calls = [ll.worker_handles.remote() for ll in self.local_leaders]
-        for g, (_, died) in enumerate(replies_or_deaths(calls, self.timeout_s, self._names)):
-            if died:
-                self._reform_group(g, f"its LocalLeader {died}")
-                ranks = self.group_ranks[g]
-                failures = [f for f in failures if f.rank not in ranks]
-                failures += [Failure(rank, FailureKind.GROUP_LOST, died) for rank in ranks]
+        for g, died in self._reform_dead_groups().items():
+            ranks = self.group_ranks[g]
+            failures = [f for f in failures if f.rank not in ranks]
+            failures += [Failure(rank, FailureKind.GROUP_LOST, died) for rank in ranks]
         return failures
+
+    def _reform_dead_groups(self) -> dict[int, str]:
+        """Ask every LocalLeader and re-form each group whose LocalLeader died: {group: how it died}."""
+        calls = [ll.worker_handles.remote() for ll in self.local_leaders]
+        replies = replies_or_deaths(calls, self.timeout_s, self._names)
+        dead = {g: died for g, (_, died) in enumerate(replies) if died}
+        for g, died in dead.items():
+            self._reform_group(g, f"its LocalLeader {died}")
+        return dead
 
     def _locate(self, rank: int) -> tuple[int, int]:
         """(group, index in the group) of global ``rank``."""
