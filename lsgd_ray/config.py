@@ -9,7 +9,7 @@ checks in ``lsgd_ray.config_checks`` (both re-exported here).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from lsgd_ray.config_checks import (
@@ -219,3 +219,14 @@ class TrainConfig:
         data = asdict(self)
         data["straggler_delay_s"] = {str(k): v for k, v in self.straggler_delay_s.items()}
         return data
+
+
+def nested_config_classes() -> dict[str, type]:
+    """``TrainConfig``'s nested config fields and their classes (``lsgd``: ``LSGDConfig``,
+    ``gossip``: ``GossipConfig``, ``optimizer``: ``OptimizerConfig``, ...)."""
+    classes: dict[str, type] = {}
+    for f in fields(TrainConfig):
+        factory = f.default_factory
+        if isinstance(factory, type) and is_dataclass(factory):
+            classes[f.name] = factory
+    return classes

@@ -13,11 +13,10 @@ nodes of four GPUs) and the learning rate, which the reference picks per method 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from lsgd_ray.config import ConfigError, TrainConfig
+from lsgd_ray.config import ConfigError, TrainConfig, nested_config_classes
 
 # The reference's local optimizer and batch, shared by its LSGD and EASGD runs.
 _REFERENCE_OPTIMIZER = {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
@@ -80,23 +79,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _nested_types() -> dict[str, type]:
-    """TrainConfig's nested config fields and their classes (lsgd: LSGDConfig, ...)."""
-    types: dict[str, type] = {}
-    for f in dataclasses.fields(TrainConfig):
-        factory = f.default_factory
-        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            types[f.name] = factory
-    return types
-
-
 def preset_config(name: str, **overrides: Any) -> TrainConfig:
     """The ``TrainConfig`` of preset ``name`` with ``overrides`` on top: TrainConfig fields; a
     nested config as a dict of some of its fields (merged into the preset's, e.g.
     ``lsgd={"tau_global": 64}``) or as a whole config object (replacing it)."""
     if name not in PRESETS:
         raise ConfigError(f"preset must be one of: {', '.join(sorted(PRESETS))}, got {name!r}")
-    nested = _nested_types()
+    nested = nested_config_classes()
     values: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in PRESETS[name].settings.items()}
     for key, value in overrides.items():
         if key in nested and isinstance(value, dict):

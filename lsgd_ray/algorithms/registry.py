@@ -94,10 +94,9 @@ class Algorithm:
 
     def settings_type(self) -> type | None:
         """The class of its settings (``TrainConfig``'s field ``settings`` holds one)."""
-        from lsgd_ray.config import TrainConfig
+        from lsgd_ray.config import nested_config_classes
 
-        fields = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
-        return fields[self.settings] if self.settings else None  # type: ignore[return-value]
+        return nested_config_classes()[self.settings] if self.settings else None
 
     def add_flags(self, parser: argparse._ActionsContainer) -> None:
         """Its own flags, on ``parser`` (an argument group); the defaults are its settings'."""
