@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import re
+import threading
 import time
 
 import numpy as np
@@ -271,6 +272,56 @@ def test_async_pulls_are_left_out_while_a_worker_has_one_queued(tmp_path):
         assert pulls() == [1] + [2] * (group.num_workers - 1)
         status = trainer.status()
         assert status["pulls_skipped"] == {"local": 0, "global": 4 * group.num_workers}
+
+
+class OverlapCountingWorker(Worker):
+    """Counts how many of its threads are in a training step at once (the most it saw)."""
+
+    _count_lock = threading.Lock()
+    _in_step = 0
+    most_in_step = 0
+
+    def _step(self):
+        with self._count_lock:
+            self._in_step += 1
+            self.most_in_step = max(self.most_in_step, self._in_step)
+        time.sleep(0.005)  # two loops at once would overlap here
+        super()._step()
+        with self._count_lock:
+            self._in_step -= 1
+
+
+@pytest.mark.timeout(120)
+def test_loops_started_again_on_a_worker_stop_the_running_ones_first(tmp_path):
+    """A coordinator that dies while it starts the asynchronous loops leaves them running,
+    unknown to the driver; the next coordinator starts them again (an EASGD chaos run's abort:
+    a coordinator struck twice in a row). A worker runs one loop at a time: the new loop stops
+    the old one, which ends within a step, and only then trains."""
+    cfg = config(tmp_path, num_groups=1, workers_per_group=2, max_steps=10**6, lsgd=LSGDConfig(mode="async"))
+    with Trainer(MODEL, DATA, cfg, worker_cls=OverlapCountingWorker) as trainer:
+        trainer.start()
+        coordinator = trainer.global_leader
+
+        def steps():
+            return [s["steps"] for s in trainer.worker_stats()]
+
+        def start_loops():  # by rank, each wrapped in a list
+            return [ref for (ref,) in ray.get(coordinator.start_async.remote(4, None)).values()]
+
+        first = start_loops()
+        deadline = time.time() + 60
+        while min(steps()) < 8 and time.time() < deadline:
+            time.sleep(0.1)
+        second = start_loops()
+        ended = ray.get(first, timeout=30)  # stopped by the new loops
+        while min(steps()) <= max(e["steps"] for e in ended) + 8 and time.time() < deadline:
+            time.sleep(0.1)
+        assert min(steps()) > max(e["steps"] for e in ended) + 8  # the new loops train
+        for worker in trainer.workers:
+            worker.stop.remote()
+        ray.get(second, timeout=30)
+        most = [ray.get(w.__ray_call__.remote(lambda w: w.most_in_step)) for w in trainer.workers]
+        assert most == [1, 1], most
 
 
 @pytest.mark.timeout(240)

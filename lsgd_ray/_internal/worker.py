@@ -96,6 +96,7 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
         self._snapshot_requests: list[dict[str, Any]] = []
         self._async = False
         self._stop = threading.Event()
+        self._loop_lock = threading.Lock()  # asynchronous mode: one loop at a time
         self._reports: list[Any] = []  # asynchronous mode: reports the LocalLeader may not have handled yet
 
     # ------------------------------------------------------------------ information

@@ -32,6 +32,7 @@ class AsyncWorkerMixin:
     _lock: threading.Lock  # guards the inbox, the snapshot requests and ``_async``
     _async: bool
     _stop: threading.Event
+    _loop_lock: threading.Lock  # held by the running loop (run_async)
     _pending: list[tuple[np.ndarray | None, float, str]]  # the inbox; None: a reset keeping the weights
     _snapshot_requests: list[dict[str, Any]]
     _reports: list[Any]  # reports the LocalLeader may not have handled yet
@@ -51,6 +52,13 @@ class AsyncWorkerMixin:
         estimate (fire and forget: it never waits on anyone). ``exchange`` is a peer's own
         schedule (EASGD's elastic exchange, DOWNPOUR's pushes and fetches), run after each step.
         """
+        # one loop at a time: one still running (started for a coordinator that died before the
+        # driver heard of it, a chaos run's abort) is stopped first, and ends within a step
+        self._stop.set()
+        with self._loop_lock:
+            return self._run_loop(local_leader, report_every, max_steps, exchange)
+
+    def _run_loop(self, local_leader: Any, report_every: int, max_steps: int | None, exchange: Any) -> dict[str, Any]:
         self._async, since_report = True, 0
         self._stop.clear()
         self.model.train()

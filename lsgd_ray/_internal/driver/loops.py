@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.driver.records import Records
-from lsgd_ray._internal.driver.supervisor import Supervisor
+from lsgd_ray._internal.driver.supervisor import RESTART_ATTEMPTS, Supervisor
 from lsgd_ray._internal.schedule import ASYNC_POLL_S
 from lsgd_ray._internal.waiting import ActorTimeoutError
 from lsgd_ray.algorithms import ALGORITHMS
@@ -90,10 +90,19 @@ class Loops(Supervisor, Records):
         begin, trained = time.perf_counter(), self.train_s  # resumed runs continue the clock
         started_with = len(self.topology.groups) if self.topology else 0
         loops: dict[int, ray.ObjectRef] = {}
-        self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
-        schedule.evaluated(trained)
+        died = ""  # why the coordinator died: it is restarted, and starts the loops again
+        restarts = 0  # in a row, each new coordinator dying before its loops started
+        running = False
         while True:
             try:
+                if died:
+                    self._restart_coordinator(died)
+                    died, begin, trained = "", time.perf_counter(), self.train_s  # the checkpoint's clock
+                if not running:  # a coordinator that dies meanwhile is restarted, and starts them again
+                    loops = {}
+                    self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
+                    schedule.evaluated(trained)
+                    running, restarts = True, 0
                 # this often at least: loops that ended (their worker died) are restarted, the step
                 # count looked at for checkpoints, and a dropped group's chance to rejoin taken
                 wait = min(schedule.wait_s(self.train_s), ASYNC_POLL_S)
@@ -125,17 +134,18 @@ class Loops(Supervisor, Records):
                     # reached the target: stop at the next turn, without waiting
                     schedule.evaluated(self.train_s, now_again=self._evaluation_ends_run())
             except ray.exceptions.RayActorError as exc:
-                if not self._coordinator_died(exc):
+                restarts += 1
+                if not self._coordinator_died(exc) or restarts > RESTART_ATTEMPTS:
                     raise
-                self.train_s = trained + time.perf_counter() - begin
-                for worker in self.workers:  # every loop stops; the new coordinator starts them again
+                if running:
+                    self.train_s = trained + time.perf_counter() - begin
+                # every loop stops (one a dead coordinator started unknown to the driver too:
+                # a worker runs one loop at a time); the new coordinator starts them again
+                for worker in self.workers:
                     worker.stop.remote()
-                ray.wait(list(loops.values()), num_returns=len(loops), timeout=self.deadlines.start_s)
-                self._restart_coordinator(f"died ({type(exc).__name__})")
-                begin, trained = time.perf_counter(), self.train_s  # the checkpoint's clock
-                loops = {}
-                self._take_loops(loops, ray.get(self.global_leader.start_async.remote(report_every, max_steps)))
-                schedule.evaluated(trained)
+                if loops:
+                    ray.wait(list(loops.values()), num_returns=len(loops), timeout=self.deadlines.start_s)
+                died, running, loops = f"died ({type(exc).__name__})", False, {}
         ray.get(list(loops.values()))  # a loop that failed raises here
         if schedule.checkpointing:
             self.checkpoint()
