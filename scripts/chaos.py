@@ -254,11 +254,13 @@ class Killer:
 
     def sample_store(self) -> None:
         """One sample of the cluster's object store. Ray asks every worker for it, so a stopped
-        worker makes it wait (and fail): a sample that fails is counted, not fatal."""
+        worker makes it wait (and fail): a sample that fails is counted, not fatal. The address
+        is this cluster's: without it Ray reads the newest cluster on the machine, which was
+        another one's when a test suite ran beside this script."""
         from ray._private.internal_api import memory_summary
 
         try:
-            summary = memory_summary(stats_only=True)
+            summary = memory_summary(address=self.cluster.address, stats_only=True)
         except Exception as exc:  # noqa: BLE001 - e.g. DEADLINE_EXCEEDED while a worker is stopped
             self.store_errors.append(f"{type(exc).__name__}")
             return
