@@ -939,3 +939,58 @@ def test_a_gossip_replacement_whose_neighbours_leader_dies_unseen_restarts_from_
     assert [e["group"] for e in result.events if e["event"] == "group_replaced"] == [1], result.events
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
+PRODUCT = os.path.dirname(os.path.abspath(sys.modules["lsgd_ray"].__file__))  # the package's own frames
+
+
+def dies_as_its_events_are_taken(flag):
+    """To run in a LocalLeader (``__ray_call__``): from then on, once (``flag``), its process
+    SIGKILLs itself when a coordinator takes events that tell of a replaced worker
+    (``take_events`` called remotely, not within one of its own rounds): it dies right after it
+    answered the replacement."""
+
+    def install(local_leader):
+        class DiesAsItsEventsAreTaken(type(local_leader)):
+            @property
+            def events(self):
+                events = self.__dict__["events"]
+                caller = sys._getframe(1)
+                if (
+                    caller.f_code.co_name == "take_events"
+                    and not caller.f_back.f_code.co_filename.startswith(PRODUCT)  # Ray's call, not a round's
+                    and any(e["event"] == "worker_replaced" for e in events)
+                    and not os.path.exists(flag)
+                ):
+                    open(flag, "w").close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return events
+
+            @events.setter
+            def events(self, value):
+                self.__dict__["events"] = value
+
+        local_leader.__class__ = DiesAsItsEventsAreTaken
+
+    return install
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("algorithm, mode", [("dpsgd", "sync"), ("easgd", "async")])
+def test_a_local_leader_lost_right_after_it_replaced_a_worker_is_re_formed(tmp_path, algorithm, mode):
+    """A chaos run's abort (D-PSGD, ec2c6bc, seed 8: ``ActorDiedError`` out of the round): a
+    LocalLeader answered the replacement of its worker and died before the coordinator took the
+    replacement's events. The coordinator now re-forms that group (asynchronous EASGD: and
+    starts its loop), and the run completes."""
+    extra = {"easgd": EASGDConfig(mode=mode)} if algorithm == "easgd" else {}
+    cfg = config(tmp_path, algorithm, num_groups=2, workers_per_group=1, checkpoint_every_steps=16, **extra)
+    flag = str(tmp_path / "killed")
+    with Trainer(MODEL, DATA, cfg, worker_cls=killed_at(0, 37, flag)) as trainer:
+        ray.get(trainer.local_leaders[0].__ray_call__.remote(dies_as_its_events_are_taken(flag + ".ll")))
+        result = trainer.fit()
+    assert os.path.exists(flag + ".ll"), "LocalLeader 0 never died as its events were taken"
+    reformed = [e for e in result.events if e["event"] == "group_replaced"]
+    assert [e["group"] for e in reformed] == [0], result.events
+    assert "its LocalLeader died" in reformed[0]["reason"], reformed
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
+from lsgd_ray._internal.peer_recovery import REPLACE_PASSES, PeerRecovery, wrapped_weights
 from lsgd_ray._internal.protocol import Failure
 from lsgd_ray._internal.waiting import ActorTimeoutError, answers, get_all, replies_or_deaths, worker_handles
 from lsgd_ray.algorithms import diloco, local_sgd
@@ -155,22 +155,34 @@ class PeerCoordinator(PeerRecovery):
         the new loops (wrapped)."""
         source = self.leader_weights()
         restarted: dict[int, list[ray.ObjectRef | None]] = {}
-        timeout = self.deadlines.replace_s
         for rank, failure in sorted(failed.items()):
-            if rank in restarted:
-                continue
-            g, _ = self._locate(rank)
-            call = self.local_leaders[g].replace_async.remote(rank, failure.reason, source, self.replacement_origin)
-            reply, died = replies_or_deaths([call], timeout, [f"replacement of worker {rank}"])[0]
-            if died:  # the LocalLeader, and every worker of its group with it
-                restarted.update(self._reform_group_async(g, f"its LocalLeader {died}", source))
-                continue
-            restarted[rank] = reply[:1]
-            self.events.extend(
-                get_all([self.local_leaders[g].take_events.remote()], self.timeout_s, [self._names[g]])[0]
-            )
+            if rank not in restarted:
+                restarted.update(self._restart_loop(rank, failure.reason, source))
         self._worker_handles = None
         return restarted
+
+    def _restart_loop(
+        self, rank: int, reason: str, source: list[ray.ObjectRef]
+    ) -> dict[int, list[ray.ObjectRef | None]]:
+        """Worker ``rank`` replaced from ``source`` and its loop started, or, its LocalLeader
+        lost (before, during or right after: a chaos run's abort), its whole group re-formed and
+        started (again, if the new LocalLeader is lost too); the new loops by rank."""
+        g, _ = self._locate(rank)
+        lost = ""
+        for attempt in range(1, REPLACE_PASSES + 1):
+            try:
+                if lost:  # the LocalLeader, and every worker of its group with it
+                    return self._reform_group_async(g, f"its LocalLeader {lost}", source)
+                ll = self.local_leaders[g]
+                call = ll.replace_async.remote(rank, reason, source, self.replacement_origin)
+                reply = get_all([call], self.deadlines.replace_s, [f"replacement of worker {rank}"])[0]
+                self.events.extend(get_all([ll.take_events.remote()], self.timeout_s, [self._names[g]])[0])
+                return {rank: reply[:1]}
+            except ray.exceptions.RayActorError as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError) or attempt == REPLACE_PASSES:
+                    raise
+                lost = f"died ({type(exc).__name__})"
+        raise AssertionError("unreachable")
 
     def _reform_group_async(
         self, g: int, reason: str, source: list[ray.ObjectRef]

@@ -269,14 +269,17 @@ class PeerRecovery(Coordinator):
         self._worker_handles = None  # the new workers have new handles (also if this wait fails)
         replies = replies_or_deaths(calls, self.deadlines.replace_s, names)
         dead = {g: died for g, (_, died) in zip(owners, replies) if died}
-        self._fresh.difference_update(f.rank for f, g in zip(failed, owners) if g not in dead)
+        # the replacements' events; a LocalLeader that died since it answered (a D-PSGD chaos
+        # run's abort) is re-formed as one that died while replacing
         groups = sorted(set(owners) - set(dead))
-        for events in get_all(
-            [self.local_leaders[g].take_events.remote() for g in groups],
-            self.timeout_s,
-            [f"LocalLeader {g}" for g in groups],
-        ):
-            self.events.extend(events)
+        calls = [self.local_leaders[g].take_events.remote() for g in groups]
+        taken = replies_or_deaths(calls, self.timeout_s, [self._names[g] for g in groups])
+        for g, (events, died) in zip(groups, taken):
+            if died:
+                dead[g] = died
+            else:
+                self.events.extend(events)
+        self._fresh.difference_update(f.rank for f, g in zip(failed, owners) if g not in dead)
         lost = []
         for g, died in dead.items():
             self._reform_group(g, f"its LocalLeader {died} while its workers were replaced")
