@@ -994,3 +994,37 @@ def test_a_local_leader_lost_right_after_it_replaced_a_worker_is_re_formed(tmp_p
     assert "its LocalLeader died" in reformed[0]["reason"], reformed
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
+def killed_when_evaluated(step, flag):
+    """A Worker class whose every process SIGKILLs itself when its weights are read for an
+    evaluation (``get_weights(count=False)``) past its step ``step``, once per rank (files
+    ``flag.<rank>``): no worker answers that evaluation."""
+
+    class KilledWhenEvaluated(Worker):
+        def get_weights(self, count=True):
+            mark = f"{flag}.{self.rank}"
+            if not count and self.steps >= step and not os.path.exists(mark):
+                open(mark, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().get_weights(count=count)
+
+    return KilledWhenEvaluated
+
+
+@pytest.mark.timeout(300)
+def test_an_evaluation_no_worker_answers_is_made_after_the_next_round(tmp_path):
+    """A chaos run's abort (AL-DSGD, ec2c6bc, seed 8: "no worker answered within 5s: no weights
+    to average"): every worker was lost between two rounds, and the synchronous run's evaluation
+    of their mean ended it. The evaluation is now postponed: the next round replaces the workers
+    (here all of them: from the last checkpoint), the evaluation follows, and the run completes."""
+    cfg = config(tmp_path, "aldsgd", num_groups=2, workers_per_group=1, checkpoint_every_steps=16, eval_every_s=0.5)
+    flag = str(tmp_path / "killed")
+    with Trainer(MODEL, DATA, cfg, worker_cls=killed_when_evaluated(40, flag)) as trainer:
+        result = trainer.fit()
+    assert os.path.exists(flag + ".0") and os.path.exists(flag + ".1"), "the workers were never struck"
+    assert sorted(e["rank"] for e in result.events if e["event"] == "worker_replaced") == [0, 1], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    steps = [h["step"] for h in result.history]
+    assert steps == sorted(steps) and steps[-1] == 96, steps  # evaluations went on after the loss
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy

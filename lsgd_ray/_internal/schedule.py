@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 ASYNC_POLL_S = 1.0  # asynchronous runs: how often at least the driver looks at the loops and the step count
+POSTPONE_S = 1e-3  # an evaluation postponed: training seconds before it is due again (one round at least)
 
 
 @dataclass
@@ -52,6 +53,11 @@ class Schedule:
     def evaluated(self, train_s: float, now_again: bool = False) -> None:
         """An evaluation just ended; ``now_again``: the next one is due at once."""
         self.next_eval_s = train_s + (0.0 if now_again else self.eval_every_s)
+
+    def postponed(self, train_s: float) -> None:
+        """An evaluation that could not be made now: the next one is due after one more
+        synchronous round (rounds run while training seconds are left before it)."""
+        self.next_eval_s = train_s + POSTPONE_S
 
     def checkpoint_due(self, step: int, train_s: float) -> bool:
         by_steps = self.checkpoint_every_steps and step >= self.checkpoint_step + self.checkpoint_every_steps

@@ -54,7 +54,16 @@ class Loops(Supervisor, Records):
         if done:
             return True
         if schedule.evaluation_due(self.train_s):
-            self.evaluate_leader()
+            try:
+                self.evaluate_leader()
+            except ray.exceptions.RayTaskError as exc:
+                if not isinstance(exc.cause, TimeoutError):
+                    raise
+                # no worker answered (every one lost or hung between two rounds: an AL-DSGD
+                # chaos run's abort): the next round replaces them, and the evaluation follows it
+                self._say(f"lsgd-ray: evaluation postponed: {exc.cause}")
+                schedule.postponed(self.train_s)
+                return False
             schedule.evaluated(self.train_s)
             if self._evaluation_ends_run():
                 if schedule.checkpointing:
