@@ -329,6 +329,68 @@ def test_a_coordinator_that_dies_while_it_is_restarted_is_restarted_again(tmp_pa
     assert restarted["reason"].startswith("died again while restarting") and restarted["step"] == 8
 
 
+def kills_a_pid_at(step, flag):
+    """A Worker class whose rank 0 SIGKILLs the process whose pid is in the file ``flag + ".pid"``
+    right after its step ``step``, once per run (``flag``)."""
+
+    class KillsAPid(Worker):
+        def _step(self):
+            super()._step()
+            if self.rank == 0 and self.steps == step and not os.path.exists(flag):
+                open(flag, "w").close()
+                with open(flag + ".pid") as f:
+                    os.kill(int(f.read()), signal.SIGKILL)
+
+    return KillsAPid
+
+
+def dies_as_it_starts_the_loops(coordinator):
+    """To run in a coordinator (``__ray_call__``): its process SIGKILLs itself as it starts the
+    workers' asynchronous loops (as ``start_async`` sets ``_async_args``)."""
+
+    class DiesAsItStartsTheLoops(type(coordinator)):
+        @property
+        def _async_args(self):
+            return self.__dict__.get("_async_args", ())
+
+        @_async_args.setter
+        def _async_args(self, value):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    coordinator.__class__ = DiesAsItStartsTheLoops
+
+
+@pytest.mark.timeout(240)
+def test_a_new_coordinator_that_dies_as_it_starts_the_loops_is_restarted_again(tmp_path):
+    """An asynchronous EASGD chaos run's abort (ec2c6bc, seed 8): the coordinator was struck,
+    and its successor was struck before it had started the workers' loops; the driver restarted
+    a coordinator only when one died while the loops ran. It restarts this one too, and the run
+    completes."""
+    flag = str(tmp_path / "struck")
+    # ~12 s of training: the loops still run when it is restarted; checkpoints: the driver asks
+    # the coordinator its step at every turn, and so finds it dead
+    cfg = config(tmp_path, "async", max_steps=600, checkpoint_every_steps=50)
+    with Trainer(MODEL, DATA, cfg, worker_cls=kills_a_pid_at(20, flag)) as trainer:
+        made, make = [], trainer._make_coordinator
+
+        def make_one_that_dies_as_it_starts_the_loops():
+            made.append(make())
+            if len(made) == 1:
+                ray.get(made[0].__ray_call__.remote(dies_as_it_starts_the_loops))
+            return made[-1]
+
+        with open(flag + ".pid", "w") as f:
+            f.write(str(ray.get(trainer.global_leader.__ray_call__.remote(lambda _: os.getpid()))))
+        trainer._make_coordinator = make_one_that_dies_as_it_starts_the_loops
+        result = trainer.fit()
+    assert os.path.exists(flag), "the coordinator was never struck"
+    assert len(made) == 2, (made, result.events)
+    restarts = [e for e in result.events if e["event"] == "coordinator_restarted"]
+    assert len(restarts) == 2, result.events
+    assert result.status == "completed" and result.steps_per_worker == 600, result.error
+    assert result.final_test_accuracy > 0.6
+
+
 def test_groups_with_no_live_worker_anywhere_restart_from_the_runs_checkpoint(tmp_path):
     """Every LocalLeader and worker lost at once: no survivor's weights to re-form the groups
     from, so they start from the leader's weights in the run's newest checkpoint, not from the
