@@ -54,14 +54,9 @@ class Loops(Supervisor, Records):
         if done:
             return True
         if schedule.evaluation_due(self.train_s):
-            try:
-                self.evaluate_leader()
-            except ray.exceptions.RayTaskError as exc:
-                if not isinstance(exc.cause, TimeoutError):
-                    raise
-                # no worker answered (every one lost or hung between two rounds: an AL-DSGD
-                # chaos run's abort): the next round replaces them, and the evaluation follows it
-                self._say(f"lsgd-ray: evaluation postponed: {exc.cause}")
+            if not self._evaluated_or_postponed():
+                # every worker lost or hung between two rounds (an AL-DSGD chaos run's abort):
+                # the next round replaces them, and the evaluation follows it
                 schedule.postponed(self.train_s)
                 return False
             schedule.evaluated(self.train_s)
@@ -70,6 +65,18 @@ class Loops(Supervisor, Records):
                     self.checkpoint()
                 return True
         return False
+
+    def _evaluated_or_postponed(self) -> bool:
+        """``evaluate_leader``; False, and said, if it had to be postponed: no worker answered in
+        time (every one lost or hung at this moment)."""
+        try:
+            self.evaluate_leader()
+        except ray.exceptions.RayTaskError as exc:
+            if not isinstance(exc.cause, TimeoutError):
+                raise
+            self._say(f"lsgd-ray: evaluation postponed: {exc.cause}")
+            return False
+        return True
 
     def _stop_loops(self, loops: dict[int, ray.ObjectRef]) -> None:
         """Asynchronous mode, at the end: every loop stopped. One that died meanwhile (or was
@@ -131,14 +138,9 @@ class Loops(Supervisor, Records):
                 if schedule.checkpointing and schedule.checkpoint_due(self.status()["step"], self.train_s):
                     self.checkpoint()  # each worker's state between two of its steps
                 if schedule.evaluation_due(self.train_s):
-                    try:
-                        self.evaluate_leader()  # the workers keep training meanwhile
-                    except ray.exceptions.RayTaskError as exc:
-                        if not isinstance(exc.cause, TimeoutError):
-                            raise
-                        # no worker answered (every one lost or hung at this moment): their
-                        # loops are restarted at the next turns, and the evaluation made then
-                        self._say(f"lsgd-ray: evaluation postponed: {exc.cause}")
+                    # the workers keep training meanwhile; one postponed (every worker lost or
+                    # hung at this moment) is made at a next turn, once their loops are restarted
+                    if not self._evaluated_or_postponed():
                         continue
                     # reached the target: stop at the next turn, without waiting
                     schedule.evaluated(self.train_s, now_again=self._evaluation_ends_run())
