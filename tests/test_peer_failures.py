@@ -274,6 +274,46 @@ def test_a_killed_peer_coordinator_continues_from_the_last_checkpoint(tmp_path, 
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("algorithm", ["diloco", "easgd"])
+def test_a_worker_lost_with_the_coordinator_before_any_checkpoint_restarts_as_its_rounds_would(tmp_path, algorithm):
+    """A chaos run's collapse to chance (DiLoCo): the coordinator and a worker were lost before
+    the first checkpoint, and the new coordinator restarted the worker from another's local
+    weights, its global weights left at the initial ones; the outer steps of workers holding
+    different global weights drove the run to chance. A collective's lost member now restarts
+    as in a round (DiLoCo: the global weights and outer state). And the revived worker starts
+    at the run's step, not at the new coordinator's 0, which sent the run back to step 0."""
+    cfg = config(
+        tmp_path, algorithm, num_groups=2, workers_per_group=1, max_steps=160,
+        straggler_delay_s={0: 0.02, 1: 0.02}, diloco=DiLoCoConfig(tau_global=16),
+    )  # fmt: skip
+    struck_at: list[int] = []
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        victim = pids(trainer)[1][0]
+
+        def strike_both():
+            while (step := ray.get(trainer.global_leader.status.remote(), timeout=30)["step"]) < 48:
+                time.sleep(0.01)
+            ray.kill(trainer.global_leader)  # first, so that the new one finds the worker lost
+            os.kill(victim, signal.SIGKILL)
+            struck_at.append(step)
+
+        threading.Thread(target=strike_both, daemon=True).start()
+        result = trainer.fit()
+        if algorithm == "diloco":
+            held = [ray.get(w.global_weights.remote()) for w in trainer.workers]
+    assert struck_at, "never struck"
+    restarts = [e for e in result.events if e["event"] == "coordinator_restarted"]
+    assert len(restarts) == 1 and restarts[0]["from_checkpoint"] is None, result.events
+    assert restarts[0]["step"] >= struck_at[0], (restarts, struck_at)  # not back at 0
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [e["rank"] for e in replaced] == [1], result.events
+    assert result.status == "completed" and result.steps_per_worker == 160, result.error
+    if algorithm == "diloco":
+        np.testing.assert_array_equal(held[1], held[0])  # every worker holds the same global weights
+        assert replaced[0]["from"] == "the global weights", replaced
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("algorithm", ["easgd", "aldsgd"])
 def test_a_peer_coordinator_killed_after_it_re_formed_a_group_re_forms_it_again(tmp_path, algorithm):
     """A LocalLeader that a coordinator re-formed is owned by that coordinator and dies with it

@@ -131,17 +131,27 @@ class PeerRecovery(Coordinator):
         """A new coordinator's first act, before ``setup`` (and again if an actor dies during
         its set-up): a LocalLeader that the coordinator before it re-formed was owned by it, and
         died with it; such a group is re-formed. Every worker lost meanwhile (theirs, or one
-        struck on its own, or hung) is then restarted from a live worker's weights (the driver
-        then puts the checkpoint's state into every worker)."""
+        struck on its own, or hung) is then restarted at a live worker's step (the run's: a new
+        coordinator's own is 0 until the driver's next status), from a live worker's weights;
+        a collective's lost members as its rounds restart them (DiLoCo: from the global weights
+        and outer state, not from a worker's local weights, which left the new worker's global
+        weights at the initial ones: with no checkpoint to put into it, the outer steps of
+        workers holding different global weights drove a chaos run to chance). The driver then
+        puts the checkpoint's state, if the run has one, into every worker."""
         lost = self._find_lost()
         if not lost:
             return
         live = _live(range(self.num_workers), lost)
-        source: list[Any] = [None]
-        origin = "the initial weights"
-        if live:
-            source, origin = wrapped_weights(self._handles()[live[0]]), f"worker {live[0]}'s weights"
-        self._replace_all(lost, lambda rank: (source, self.step, origin))
+        if not live:
+            self._replace_all(lost, lambda rank: ([None], self.step, "the initial weights"))
+            return
+        if self.collective:
+            self._replace_members(lost, live)
+            self._after_reform(live)
+            return
+        source = live[0]
+        steps, weights = self._live_steps([source])[source], wrapped_weights(self._handles()[source])
+        self._replace_all(lost, lambda rank: (weights, steps, f"worker {source}'s weights"))
 
     def _find_lost(self) -> list[Failure]:
         """Every worker to restart, found by asking: each group whose LocalLeader died is
@@ -354,11 +364,15 @@ class PeerRecovery(Coordinator):
 
     def _replace_members(self, failed: list[Failure], live: list[int]) -> None:
         """Replace the lost members of the collective from the ``live`` ones (``_collective_source``)."""
+        steps = self._live_steps(live)
+        self._replace_all(failed, lambda rank: self._collective_source(rank, live, steps))
+
+    def _live_steps(self, live: list[int]) -> dict[int, int]:
+        """The steps each of the ``live`` workers has taken, by rank."""
         handles = self._handles()
         names = [f"worker {r}" for r in live]
         stats = get_all([handles[r].stats.remote() for r in live], self.timeout_s, names)
-        steps = {r: s["steps"] for r, s in zip(live, stats)}
-        self._replace_all(failed, lambda rank: self._collective_source(rank, live, steps))
+        return {r: s["steps"] for r, s in zip(live, stats)}
 
 
 def _live(ranks: Iterable[int], failed: list[Failure]) -> list[int]:

@@ -72,6 +72,9 @@ class Supervisor(RunState):
         # asked, then re-formed one after another, then their workers reset
         d = self.deadlines
         revive_s = d.call_s + len(self.local_leaders) * d.nested_start_s + d.replace_s
+        # the workers it revives start at the run's step as last seen here, not at a new
+        # coordinator's 0 (with no checkpoint, the run would go on from 0 and overrun its budget)
+        ray.get(self.global_leader.set_state.remote({"step": self._step_known}))
         for attempt in range(1, SETUP_ATTEMPTS + 1):
             try:
                 get_all([self.global_leader.revive_groups.remote()], revive_s, ["coordinator"])
@@ -82,10 +85,8 @@ class Supervisor(RunState):
                     raise
                 self._say(f"lsgd-ray: an actor died while the coordinator set up ({type(exc.cause).__name__}): again")
         own = self._own_checkpoint()
-        # before it re-forms a group lost meanwhile: from the checkpoint if no worker is left,
-        # at the run's step as last seen here (not at 0)
+        # before it re-forms a group lost meanwhile: from the checkpoint if no worker is left
         ray.get(self.global_leader.note_checkpoint.remote(own))
-        ray.get(self.global_leader.set_state.remote({"step": self._step_known}))
         self._events_seen = 0
         earlier = self.status()["events"]  # the new coordinator re-forms or drops groups lost meanwhile
         self._refresh_handles()  # and workers replaced while it was down have new handles
