@@ -28,10 +28,9 @@ REFORM_PAUSE_S = 2.0  # before the next attempt: time for the cluster to mark a 
 REPLACE_PASSES = 3  # replacements made again when a LocalLeader died meanwhile (its group re-formed)
 RECOVER_ATTEMPTS = 3  # a collective group re-formed again when an actor is lost while it re-forms
 FIND_PASSES = 3  # the search for lost workers made again when a LocalLeader died amid it
-# passes of one round's recovery (each replaces at least one lost worker) before the run gives
-# up: at least this many, or one per worker and one more. A D-PSGD chaos run's round lost a
-# node, then a LocalLeader, then the new LocalLeader on the removed node, in a row: 3 passes
-# (2 workers) were not enough.
+# passes of one round's recovery (each replaces a lost worker) before the run gives up: at least
+# this many, or one per worker and one more (3 were too few for a D-PSGD chaos run with 2 workers
+# that lost a node, a LocalLeader, then the new LocalLeader on the removed node, in a row)
 ROUND_PASSES = 10
 
 Answers = dict[int, tuple[Any, Any]]  # global rank -> (result, wrapped second return or None)
@@ -129,15 +128,13 @@ class PeerRecovery(Coordinator):
 
     def revive_groups(self) -> None:
         """A new coordinator's first act, before ``setup`` (and again if an actor dies during
-        its set-up): a LocalLeader that the coordinator before it re-formed was owned by it, and
-        died with it; such a group is re-formed. Every worker lost meanwhile (theirs, or one
-        struck on its own, or hung) is then restarted at a live worker's step (the run's: a new
-        coordinator's own is 0 until the driver's next status), from a live worker's weights;
-        a collective's lost members as its rounds restart them (DiLoCo: from the global weights
-        and outer state, not from a worker's local weights, which left the new worker's global
-        weights at the initial ones: with no checkpoint to put into it, the outer steps of
-        workers holding different global weights drove a chaos run to chance). The driver then
-        puts the checkpoint's state, if the run has one, into every worker."""
+        its set-up): a group whose LocalLeader the dead coordinator had re-formed (and owned) is
+        re-formed. Every worker lost meanwhile restarts at a live worker's step (a new
+        coordinator's own is 0), as the rounds restart one: from a live worker's weights; a
+        collective's member from ``_collective_source`` (DiLoCo's global weights and outer state:
+        with a worker's local weights, its global weights stayed the initial ones and a chaos
+        run without a checkpoint to restore went to chance). Then the driver restores the
+        checkpoint, if any, into every worker."""
         lost = self._find_lost()
         if not lost:
             return
@@ -369,8 +366,7 @@ class PeerRecovery(Coordinator):
 
     def _live_steps(self, live: list[int]) -> dict[int, int]:
         """The steps each of the ``live`` workers has taken, by rank."""
-        handles = self._handles()
-        names = [f"worker {r}" for r in live]
+        handles, names = self._handles(), [f"worker {r}" for r in live]
         stats = get_all([handles[r].stats.remote() for r in live], self.timeout_s, names)
         return {r: s["steps"] for r, s in zip(live, stats)}
 
