@@ -275,7 +275,7 @@ class DiLoCo(LocalSGD):
     (every H without streaming) and, hierarchical, group averages every τ in between. Every
     worker holds the global weights and outer optimizers and takes the same outer step."""
 
-    evaluated = "the global weights"
+    evaluated = "global weights"
 
     def _next_step(self, step: int) -> int:
         c = self.cfg.diloco
