@@ -134,6 +134,41 @@ def test_a_killed_diloco_worker_is_replaced_from_the_global_weights_and_outer_st
         np.testing.assert_array_equal(w, weights[0])
 
 
+def dies_when_its_global_weights_are_read(flag):
+    """A Worker class whose rank 0 SIGKILLs itself the first time its global weights are read
+    (``flag``, a file, tells the replacement not to do it again): as an evaluation reads them."""
+
+    class DiesWhenRead(Worker):
+        def global_weights(self):
+            if self.rank == 0 and not os.path.exists(flag):
+                open(flag, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().global_weights()
+
+    return DiesWhenRead
+
+
+@pytest.mark.timeout(240)
+def test_a_diloco_evaluation_whose_worker_0_is_lost_reads_another_workers_global_weights(tmp_path):
+    """A chaos run's abort (DiLoCo): worker 0 was lost between two rounds, and each of the
+    evaluation's three tries asked it again for the global weights. Every worker holds them:
+    another's are evaluated, and the next round replaces worker 0."""
+    cfg = config(
+        tmp_path, "diloco", num_groups=2, workers_per_group=1, max_steps=160, eval_every_s=0.5,
+        straggler_delay_s={0: 0.02, 1: 0.02}, diloco=DiLoCoConfig(tau_global=16),
+    )  # fmt: skip
+    flag = str(tmp_path / "killed")
+    with Trainer(MODEL, DATA, cfg, worker_cls=dies_when_its_global_weights_are_read(flag)) as trainer:
+        result = trainer.fit()
+        held = [ray.get(w.global_weights.remote()) for w in trainer.workers]
+    assert os.path.exists(flag), "worker 0 was never read"
+    assert result.status == "completed" and result.steps_per_worker == 160, result.error
+    replaced = [e for e in result.events if e["event"] == "worker_replaced"]
+    assert [(e["rank"], e["from"]) for e in replaced] == [(0, "the global weights")], result.events
+    assert len(result.history) >= 2 and result.final_test_accuracy > 0.6, result.history
+    np.testing.assert_array_equal(held[1], held[0])
+
+
 @pytest.mark.timeout(240)
 def test_local_sgd_re_forms_its_group(tmp_path):
     cfg = config(tmp_path, "local_sgd", num_groups=2, local_sgd=LocalSGDConfig(tau=4, tau_global=16))

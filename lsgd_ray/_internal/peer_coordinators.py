@@ -302,4 +302,15 @@ class DiLoCo(LocalSGD):
         )
 
     def leader_weights(self) -> list[ray.ObjectRef]:
-        return [self._handles()[0].global_weights.remote()]
+        """The global weights, which every worker holds: worker 0's or, if it does not answer
+        (lost between two rounds: a chaos run's abort, as every retry asked it again), the
+        first other worker's that does; none: ``ActorTimeoutError`` (the evaluation waits for
+        the next round, which replaces them)."""
+        handles = self._handles()
+        for ranks in ([0], range(1, len(handles))):  # worker 0 alone first: one copy, as a rule
+            refs = [handles[r].global_weights.remote() for r in ranks]
+            replies = replies_or_deaths(refs, self.timeout_s, [f"worker {r}" for r in ranks], late_ok=True)
+            for ref, (_, died) in zip(refs, replies):
+                if not died:
+                    return [ref]
+        raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no global weights to evaluate")
