@@ -169,6 +169,46 @@ def test_a_diloco_evaluation_whose_worker_0_is_lost_reads_another_workers_global
     np.testing.assert_array_equal(held[1], held[0])
 
 
+def loses_its_coordinator_before_the_outer_state_copy(flag):
+    """A Worker class whose first ``load_outer_state`` (a replacement's copy of the others'
+    global weights and outer optimizers) SIGKILLs the coordinator (its pid in ``flag + ".pid"``)
+    and returns without loading: the coordinator was lost before it copied the state."""
+
+    class LosesTheCopy(Worker):
+        def load_outer_state(self, state):
+            if not os.path.exists(flag + ".copy"):
+                open(flag + ".copy", "w").close()
+                with open(flag + ".pid") as f:
+                    os.kill(int(f.read()), signal.SIGKILL)
+                return None
+            return super().load_outer_state(state)
+
+    return LosesTheCopy
+
+
+@pytest.mark.timeout(240)
+def test_a_diloco_replacement_whose_coordinator_was_lost_before_it_got_the_outer_state_gets_it(tmp_path):
+    """A chaos run's collapse to chance (DiLoCo): a replacement's coordinator was lost before it
+    copied the others' global weights and outer state to it; the new coordinator found nothing
+    lost, and the replacement's global weights stayed the initial ones (with no checkpoint to
+    restore). Each set-up now gives every worker whose copy differs that of the worker with the
+    most outer steps."""
+    cfg = config(tmp_path, "diloco", num_groups=2, workers_per_group=1, diloco=DiLoCoConfig(tau_global=16))
+    flag = str(tmp_path / "killed")
+    cls = type(
+        "KilledThenLosesTheCopy", (killed_at(1, 30, flag), loses_its_coordinator_before_the_outer_state_copy(flag)), {}
+    )
+    with Trainer(MODEL, DATA, cfg, worker_cls=cls) as trainer:
+        with open(flag + ".pid", "w") as f:
+            f.write(str(ray.get(trainer.global_leader.__ray_call__.remote(lambda _: os.getpid()))))
+        result = trainer.fit()
+        held = [ray.get(w.global_weights.remote()) for w in trainer.workers]
+    assert os.path.exists(flag + ".copy"), "no copy of the outer state was cut short"
+    assert [e["event"] for e in result.events] == ["worker_replaced", "coordinator_restarted"], result.events
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    np.testing.assert_array_equal(held[1], held[0])  # 96 is an outer step: one set of global weights
+
+
 @pytest.mark.timeout(240)
 def test_local_sgd_re_forms_its_group(tmp_path):
     cfg = config(tmp_path, "local_sgd", num_groups=2, local_sgd=LocalSGDConfig(tau=4, tau_global=16))

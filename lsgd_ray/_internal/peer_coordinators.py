@@ -289,17 +289,31 @@ class DiLoCo(LocalSGD):
 
     def _collective_source(self, rank: int, live: list[int], steps: dict[int, int]) -> tuple[list[Any], int, str]:
         # the global weights, which every worker holds: where every worker went on from at the
-        # last outer step (its outer state follows in _after_reform)
+        # last outer step (its outer state follows in the set-up, _share_outer_state)
         source = live[0]
         return [self._handles()[source].global_weights.remote()], steps[source], "the global weights"
 
-    def _after_reform(self, live: list[int]) -> None:
+    def setup(self) -> None:
+        super().setup()
+        self._share_outer_state()
+
+    def _share_outer_state(self) -> None:
+        """Every worker holds the same global weights and outer optimizers, as DiLoCo needs: at
+        every set-up (the run's, and after each re-form) a worker whose copy differs gets that
+        of the worker with the most outer steps. A replacement's comes from here; one whose
+        coordinator was lost before it copied it kept the initial global weights, and the
+        outer steps of workers holding different ones drove a chaos run to chance."""
         handles = self._handles()
-        fresh = [r for r in range(len(handles)) if r not in live]
-        state = handles[live[0]].outer_state.remote()
-        get_all(
-            [handles[r].load_outer_state.remote(state) for r in fresh], self.timeout_s, [f"worker {r}" for r in fresh]
-        )
+        names = [f"worker {r}" for r in range(len(handles))]
+        digests = get_all([h.outer_digest.remote() for h in handles], self.timeout_s, names)
+        source = max(range(len(handles)), key=lambda r: (digests[r][0], -r))
+        stale = [r for r, digest in enumerate(digests) if digest != digests[source]]
+        if stale:
+            state = handles[source].outer_state.remote()
+            get_all(
+                [handles[r].load_outer_state.remote(state) for r in stale], self.timeout_s, [names[r] for r in stale]
+            )
+            self.log.warning(f"worker(s) {stale}: global weights and outer state copied from worker {source}")
 
     def leader_weights(self) -> list[ray.ObjectRef]:
         """The global weights, which every worker holds: worker 0's or, if it does not answer

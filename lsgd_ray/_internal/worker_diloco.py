@@ -9,6 +9,7 @@ single optimizer would decay the momentum of the fragments not synchronised). Fl
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ class DiLoCoWorkerMixin:
     _mean_about_: Callable[[torch.Tensor, torch.Tensor, Any, int], None]
     _outer: list[tuple[int, int, nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
     _global_buffers: torch.Tensor | None = None
+    _outer_steps = 0  # outer steps taken (or those of the worker whose outer state was loaded)
 
     def _outer_init(self) -> None:
         """Global weights = these weights (every worker starts from the same), fresh optimizers."""
@@ -85,6 +87,7 @@ class DiLoCoWorkerMixin:
         if "local" in self._anchors:  # comm_dtype bfloat16: the group's anchor for the next group average
             self._anchors["local"][start:end].copy_(part)
         self.exchanges += 1
+        self._outer_steps += 1
 
     def _global_fragment(self, fragment: int) -> torch.Tensor:
         """The global weights of a fragment: its leaf, then its float buffers."""
@@ -103,6 +106,21 @@ class DiLoCoWorkerMixin:
             parts = [leaf.detach() for _, _, leaf, _ in self._outer if leaf is not None]
             return torch.cat([*parts, self._global_buffers]).cpu().numpy()
 
+    def outer_digest(self) -> tuple[int, str]:
+        """(outer steps taken, a hash of the global weights and outer optimizers' state): the
+        same on every worker, unless a replacement never got the others' outer state (its
+        coordinator lost before it copied it), which the coordinator's set-up mends."""
+        with self._lock:
+            snapshot = self._outer_snapshot()
+        digest = hashlib.blake2b(digest_size=16)
+        tensors = [t for t in snapshot["leaves"] if t is not None] + [snapshot["buffers"]]
+        for optimizer in snapshot["optimizers"]:
+            for buffers in (optimizer or {}).get("state", {}).values():
+                tensors += [v for _, v in sorted(buffers.items()) if isinstance(v, torch.Tensor)]
+        for tensor in tensors:
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return snapshot["outer_steps"], digest.hexdigest()
+
     def outer_state(self) -> dict[str, Any]:
         """The global weights and outer optimizers, to make a replacement hold exactly what the
         others hold."""
@@ -119,6 +137,7 @@ class DiLoCoWorkerMixin:
             "leaves": [None if leaf is None else leaf.detach().cpu().clone() for _, _, leaf, _ in self._outer],
             "optimizers": [None if o is None else _cpu(o.state_dict()) for _, _, _, o in self._outer],
             "buffers": self._global_buffers.detach().cpu().clone(),
+            "outer_steps": self._outer_steps,
         }
 
     def _load_outer(self, state: dict[str, Any]) -> None:  # under the worker's lock
@@ -131,6 +150,7 @@ class DiLoCoWorkerMixin:
                     leaf.copy_(saved)
                 optimizer.load_state_dict(saved_opt)
         self._global_buffers.copy_(state["buffers"])
+        self._outer_steps = int(state.get("outer_steps", 0))  # not in checkpoints before 2026-12-06
 
 
 def _cpu(state: dict[str, Any]) -> dict[str, Any]:
