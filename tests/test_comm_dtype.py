@@ -142,3 +142,48 @@ def test_local_sgd_averages_changes_in_bfloat16_and_falls_back_to_float32_when_a
     assert torch.equal(r0["after_2"], (r0["before_2"] + r1["before_2"]) / 2)
     assert torch.equal(r0["after_2"], r1["after_2"])
     assert r0["bytes_2"] == S + digest
+
+
+def _a_mean_cut_short_by_a_lost_member(rank: int, init: str, out: str) -> None:
+    """Two workers in a gloo world of two average 200 MB in float32; rank 1's process is
+    SIGKILLed 30 ms into it, as a chaos run strikes a worker mid-average."""
+    import os
+    import signal
+    import threading
+
+    torch.set_num_threads(1)
+    worker = _worker("float32", rank)
+    worker.setup_collective(init, 2, [[0, 1]], "gloo", allreduce_grads=False)
+    flat = torch.full((50_000_000,), float(rank + 1))
+    torch.distributed.barrier()  # both start the average together
+    if rank == 1:
+        threading.Timer(0.03, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    try:
+        worker._mean_(flat, "global", None, 2)
+        outcome = "completed"
+    except RuntimeError as exc:
+        outcome = f"failed: {exc}"
+    torch.save({"outcome": outcome, "values": torch.unique(flat)}, f"{out}/{rank}.pt")
+
+
+def test_an_average_cut_short_by_a_lost_member_leaves_the_weights_as_they_were(tmp_path):
+    """A DiLoCo chaos run's collapse: a gloo all-reduce that fails (a member lost mid-way)
+    leaves partial sums in its buffer; the survivor's weights were that buffer, and the round
+    done again averaged half-summed weights. The average now works on a copy."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_a_mean_cut_short_by_a_lost_member, args=(r, f"file://{tmp_path}/rendezvous", str(tmp_path))
+        )
+        for r in (0, 1)
+    ]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(120)
+    assert processes[1].exitcode == -9, processes[1].exitcode  # SIGKILLed
+    survivor = torch.load(tmp_path / "0.pt")
+    assert survivor["outcome"].startswith("failed"), "the all-reduce ended before the kill: nothing was cut short"
+    assert survivor["values"].tolist() == [1.0], survivor  # not 3.0 (1 + 2) where the sums had arrived

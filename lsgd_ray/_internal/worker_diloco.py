@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from lsgd_ray.algorithms import diloco
-from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
 from lsgd_ray.optim import build_optimizer
 
 if TYPE_CHECKING:
@@ -40,6 +39,7 @@ class DiLoCoWorkerMixin:
 
     _anchors: dict[str, torch.Tensor]
     _mean_about_: Callable[[torch.Tensor, torch.Tensor, Any, int], None]
+    _mean_exact_: Callable[[torch.Tensor, Any, int], None]
     _outer: list[tuple[int, int, nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
     _global_buffers: torch.Tensor | None = None
     _outer_steps = 0  # outer steps taken (or those of the worker whose outer state was loaded)
@@ -61,7 +61,6 @@ class DiLoCoWorkerMixin:
     def outer_sync(self, fragment: int) -> None:
         """Average fragment ``fragment`` over all workers, take the outer step on its parameter
         part, and continue from the new global fragment (its buffers: from their average)."""
-        import torch.distributed as dist
 
         assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
         start, end, leaf, optimizer = self._outer[fragment]
@@ -72,11 +71,7 @@ class DiLoCoWorkerMixin:
             # fragment (the same on every worker) minus the mean pseudo-gradient
             self._mean_about_(part, self._global_fragment(fragment), None, world)
         elif world > 1:
-            dist.all_reduce(part)
-            part.div_(world)
-            moved = ring_allreduce_bytes(part.numel() * part.element_size(), world)
-            self.bytes_sent += moved
-            self.bytes_received += moved
+            self._mean_exact_(part, None, world)
         params = self.state.num_params
         if leaf is not None and optimizer is not None:
             with torch.no_grad():

@@ -127,14 +127,23 @@ class PeerWorkerMixin:
         identically (x̄ = a + mean(x_i − a), exact for any common a), rounded to bfloat16. A
         24-byte all-reduce first checks that the anchors are identical (a replacement, a reset
         or a resume leaves them apart): if not, this one average is exact in float32."""
-        import torch.distributed as dist
 
         anchor = self._common_anchor(scope, group, size)
         if anchor is not None:
             self._mean_about_(flat, anchor, group, size)
             return
-        dist.all_reduce(flat, group=group)
-        flat.div_(size)
+        self._mean_exact_(flat, group, size)
+
+    def _mean_exact_(self, flat: torch.Tensor, group: Any, size: int) -> None:
+        """``flat`` ← its mean over ``group``, all-reduced as it is. On a copy: an all-reduce
+        that fails (a member lost mid-way) leaves partial sums in its buffer, and the weights
+        must stay as they were for the round done again (a DiLoCo chaos run went on from
+        survivors whose weights were half summed, and its outer steps drove it to chance)."""
+        import torch.distributed as dist
+
+        total = flat.clone()
+        dist.all_reduce(total, group=group)
+        torch.div(total, size, out=flat)
         moved = ring_allreduce_bytes(flat.numel() * flat.element_size(), size)
         self.bytes_sent += moved
         self.bytes_received += moved
