@@ -80,11 +80,12 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     state_path = tmp / STATE_FILE
-    with open(state_path, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+    fields = {"format": FORMAT, "step": step, "saved_at": time.time(), **meta}
+    with open(state_path, "wb") as f:  # the state seals meta.json's fields, which order the checkpoints
+        torch.save({"format": FORMAT, **state, "meta_digest": _fields_digest(fields)}, f)
         f.flush()
         os.fsync(f.fileno())
-    info = {"format": FORMAT, "step": step, "saved_at": time.time(), **meta, "sha256": _sha256(state_path)}
+    info = {**fields, "sha256": _sha256(state_path)}
     with open(tmp / META_FILE, "w") as f:
         json.dump(info, f, indent=2, default=str)
         f.flush()
@@ -146,7 +147,18 @@ def read_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{state_path}: refused by the weights-only loader ({first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{state_path}: not an lsgd-ray checkpoint of format {FORMAT}")
+    sealed = state.pop("meta_digest", None)  # None: written before 2026-12-06
+    if sealed is not None and sealed != _fields_digest({k: v for k, v in meta.items() if k != "sha256"}):
+        raise CheckpointError(f"{meta_path}: its fields do not match the digest in {STATE_FILE} (altered)")
     return state
+
+
+def _fields_digest(fields: dict[str, Any]) -> str:
+    """SHA-256 of meta.json's fields but the state's digest, as JSON gives them back: a damage
+    that leaves it valid JSON (a ``saved_at`` key or digit changed) made ``load_latest`` take an
+    older checkpoint while this one still read as sound."""
+    canonical = json.dumps(json.loads(json.dumps(fields, default=str)), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def load_latest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:

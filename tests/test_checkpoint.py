@@ -83,6 +83,23 @@ def test_a_truncated_checkpoint_is_refused_and_the_previous_one_used(tmp_path, c
         read_checkpoint(latest)
 
 
+def test_a_meta_json_altered_yet_still_json_is_refused_and_the_previous_one_used(tmp_path):
+    """Found by hypothesis (test_damaged_files): one byte of meta.json turned "saved_at" into
+    "saved_ t"; the newest checkpoint read as sound, but it sorted as the oldest and resuming
+    took the previous one. meta.json's fields are now sealed by a digest inside the state."""
+    save(tmp_path, 10, 1.0)
+    latest = save(tmp_path, 20, 2.0)
+    for old, new in (('"saved_at"', '"saved_ t"'), ('"step": 20', '"step": 21'), ("{", '{"note": 1, ')):
+        text = (latest / "meta.json").read_text()
+        (latest / "meta.json").write_text(text.replace(old, new, 1))
+        with pytest.raises(CheckpointError, match=r"meta\.json: its fields do not match the digest in state\.pt"):
+            read_checkpoint(latest)
+        state, where = load_latest(tmp_path)
+        assert where.name == "step-000000010" and state["workers"][0]["weights"][0] == 1.0
+        (latest / "meta.json").write_text(text)
+    assert read_checkpoint(latest)["workers"][0]["weights"][0] == 2.0  # as written, it reads
+
+
 def test_a_half_written_checkpoint_is_invisible(tmp_path):
     save(tmp_path, 10, 1.0)
     (tmp_path / "checkpoints" / ".tmp-step-000000020-123").mkdir()  # a crash mid-write
