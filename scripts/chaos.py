@@ -136,6 +136,7 @@ class Killer:
     group_ranks: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))  # every worker seen
     stop: threading.Event = field(default_factory=threading.Event)
     errors: list[str] = field(default_factory=list)
+    node_start_retries: list[str] = field(default_factory=list)  # fresh nodes that failed to start, tried again
 
     def run(self) -> None:
         """Strike until ``stop`` is set. Runs in the main thread: Ray adds a node only from there
@@ -145,8 +146,7 @@ class Killer:
             while not self.stop.is_set():
                 now = time.monotonic()
                 if self.spares_due and self.spares_due[0] <= now:
-                    self.spares_due.pop(0)
-                    self.cluster.add_node(num_cpus=self.cpus_per_node)
+                    self.join_due_spare()
                 elif now >= next_strike:
                     kind = self.rng.choice(self.kinds)
                     strike = self.strike(kind)
@@ -160,6 +160,17 @@ class Killer:
             self.errors.append(f"{type(exc).__name__}: {exc}")
             self.stop.set()
             raise
+
+    def join_due_spare(self) -> None:
+        """The fresh node whose turn came joins. One that does not start in time (Ray's "timed
+        out during startup": a DiLoCo chaos run's killer died of it on a machine at a load of 12)
+        is tried again ``spare_delay_s`` later; the run's report lists the retries."""
+        self.spares_due.pop(0)
+        try:
+            self.cluster.add_node(num_cpus=self.cpus_per_node)
+        except Exception as exc:  # Ray raises a bare Exception there
+            self.node_start_retries.append(f"{type(exc).__name__}: {exc}")
+            self.spares_due.append(time.monotonic() + self.spare_delay_s)
 
     def actors(self, class_name: str | None) -> list[dict[str, Any]]:
         """The live actors of a class (``None``: all) in this job, from the GCS actor table:
@@ -451,6 +462,7 @@ def chaos_run(name: str, args) -> dict[str, Any]:
         out["store"] = killer.store
         out["killer_errors"] = killer.errors
         out["store_sample_errors"] = len(killer.store_errors)
+        out["node_start_retries"] = killer.node_start_retries
         if result is not None:
             out.update(
                 steps_per_worker=result.steps_per_worker,

@@ -247,6 +247,34 @@ def test_the_undisturbed_run_waits_until_the_nodes_the_killer_removed_are_listed
         cluster.shutdown()
 
 
+def test_a_fresh_node_that_does_not_start_in_time_is_tried_again():
+    """A DiLoCo chaos run's killer died when Ray's ``add_node`` timed out during start-up on an
+    overloaded machine. The node is tried again ``spare_delay_s`` later, and the retry reported."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        killer = chaos.Killer(cluster, "GlobalLeader", ("node",), 5.0, random.Random(0), 1, spare=True)
+        real, calls = cluster.add_node, []
+
+        def fails_first(**kw):
+            calls.append(kw)
+            if len(calls) == 1:
+                raise Exception("The current node timed out during startup.")
+            return real(**kw)
+
+        cluster.add_node = fails_first
+        killer.spare_delay_s = 0.0
+        killer.spares_due = [time.monotonic()]
+        killer.join_due_spare()
+        assert len(killer.spares_due) == 1 and killer.node_start_retries == [
+            "Exception: The current node timed out during startup."
+        ]
+        killer.join_due_spare()
+        assert killer.spares_due == [] and len(calls) == 2
+        assert len(cluster.worker_nodes) == 1  # the second try started it
+    finally:
+        cluster.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_short_chaos_run_survives_every_strike_and_leaves_nothing_running(tmp_path):
