@@ -163,9 +163,13 @@ def _plasma_usage(at_most: tuple[int, int] | None = None, timeout_s: float = 20.
     a leak never does."""
     from ray._private.internal_api import memory_summary
 
+    # this module's own Ray: without an address Ray looks for the machine's clusters and refuses
+    # when it finds two (a clean-clone suite run failed here with a chaos run beside it)
+    address = ray.get_runtime_context().gcs_address
     deadline = time.perf_counter() + timeout_s
     while True:
-        match = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", memory_summary(stats_only=True))
+        summary = memory_summary(address=address, stats_only=True)
+        match = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", summary)
         usage = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
         done = at_most is None or (usage[0] <= at_most[0] and usage[1] <= at_most[1])
         if done or time.perf_counter() > deadline:
