@@ -61,7 +61,6 @@ class DiLoCoWorkerMixin:
     def outer_sync(self, fragment: int) -> None:
         """Average fragment ``fragment`` over all workers, take the outer step on its parameter
         part, and continue from the new global fragment (its buffers: from their average)."""
-
         assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
         start, end, leaf, optimizer = self._outer[fragment]
         part = self.state.flat[start:end]

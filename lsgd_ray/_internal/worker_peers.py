@@ -127,7 +127,6 @@ class PeerWorkerMixin:
         identically (x̄ = a + mean(x_i − a), exact for any common a), rounded to bfloat16. A
         24-byte all-reduce first checks that the anchors are identical (a replacement, a reset
         or a resume leaves them apart): if not, this one average is exact in float32."""
-
         anchor = self._common_anchor(scope, group, size)
         if anchor is not None:
             self._mean_about_(flat, anchor, group, size)
