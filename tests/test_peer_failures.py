@@ -3,6 +3,7 @@ from the weights its algorithm defines and the run completes; for data-parallel 
 the workers' torch.distributed group is re-formed with the new process. A LocalLeader killed is
 replaced with its workers; the coordinator killed is restarted from the last checkpoint."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,14 +11,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import ray
+import torch
 from ray import cloudpickle
 from ray.exceptions import OwnerDiedError
 
 from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
+from lsgd_ray._internal.peer_recovery import PeerRecovery
 from lsgd_ray._internal.worker import Worker
 from tests.helpers import kill_if_alive, once_checkpointed, stopped
 from tests.test_failures import DATA, MODEL, dead, pids, strike
@@ -134,6 +138,80 @@ def test_a_killed_diloco_worker_is_replaced_from_the_global_weights_and_outer_st
         np.testing.assert_array_equal(w, weights[0])
 
 
+def test_a_new_local_leader_pinned_to_a_node_just_lost_is_placed_again(tmp_path):
+    """A DiLoCo chaos run's abort: a group's node was removed but still listed alive, and the
+    group's new LocalLeader, pinned there, was refused by Ray (``ActorUnschedulableError``,
+    not an actor's death, so no second try). It is placed again once the cluster knows: here
+    ``placed`` names a node that never existed, then the live one."""
+    with Trainer(MODEL, DATA, config(tmp_path, "easgd")) as trainer:
+        factory, (plan,) = trainer._make_local_leader, trainer.topology.groups
+        answers = iter([dataclasses.replace(plan, node_id="ab" * 28), plan])
+
+        class StillListsTheLostNode:
+            def __call__(self, target, checkpoint=None):
+                return factory(target, checkpoint)
+
+            def placed(self, lost, plans):
+                return next(answers)
+
+        said = []
+        coordinator = SimpleNamespace(
+            make_local_leader=StillListsTheLostNode(), plans=[plan], last_checkpoint=None,
+            deadlines=trainer.deadlines, log=SimpleNamespace(warning=said.append),
+        )  # fmt: skip
+        leader, target = PeerRecovery._new_local_leader(coordinator, 0, plan, "its LocalLeader died")
+        try:
+            assert target == plan and ray.get(leader.ready.remote(), timeout=60) is not None
+        finally:
+            ray.kill(leader)
+    assert said == ["new LocalLeader 0 was lost before it was ready (ActorUnschedulableError): again"], said
+
+
+def replacement_starts_from_its_initial_weights(rank, step, flag):
+    """``killed_at(rank, step, flag)``, and the replacement ignores the weights its LocalLeader
+    hands it (as when they were lost with their owner and it fell back on the initial weights);
+    at its first round it records in ``flag + ".first"`` whether its weights were the global
+    weights then."""
+
+    class StartsFromItsInitialWeights(killed_at(rank, step, flag)):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.replacement = os.path.exists(flag)
+            self.handed = False
+
+        def reset_to(self, weights, steps=None):
+            if self.replacement and not self.handed:
+                self.handed, weights = True, None
+            return super().reset_to(weights, steps)
+
+        def train(self, *args, **kwargs):
+            if self.replacement and not os.path.exists(flag + ".first"):
+                same = torch.equal(self.state.flat, torch.from_numpy(self.global_weights()))
+                Path(flag + ".first").write_text(json.dumps({"same": same, "outer_steps": self._outer_steps}))
+            return super().train(*args, **kwargs)
+
+    return StartsFromItsInitialWeights
+
+
+@pytest.mark.timeout(240)
+def test_a_diloco_replacement_left_with_the_initial_weights_goes_on_from_the_global_weights(tmp_path):
+    """A chaos run's collapse to chance (DiLoCo): a replacement's source, the global weights,
+    was lost with the coordinator that owned it, and it started from the initial weights. The
+    set-up gave it the others' outer state, but it trained on from the initial weights, and
+    the next outer step averaged those in: with the outer Nesterov momentum the global weights
+    never recovered. A worker whose outer state was stale now goes on from the global ones."""
+    cfg = config(tmp_path, "diloco", num_groups=2, workers_per_group=1, diloco=DiLoCoConfig(tau_global=16))
+    flag = str(tmp_path / "killed")
+    with Trainer(MODEL, DATA, cfg, worker_cls=replacement_starts_from_its_initial_weights(1, 30, flag)) as trainer:
+        result = trainer.fit()
+        held = [ray.get(w.global_weights.remote()) for w in trainer.workers]
+    first = json.loads(Path(flag + ".first").read_text())
+    assert first == {"same": True, "outer_steps": 1}, first  # the outer step at 16, then its round again
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    np.testing.assert_array_equal(held[1], held[0])
+    assert result.final_test_accuracy > 0.6, result.final_test_accuracy
+
+
 def dies_when_its_global_weights_are_read(flag):
     """A Worker class whose rank 0 SIGKILLs itself the first time its global weights are read
     (``flag``, a file, tells the replacement not to do it again): as an evaluation reads them."""
@@ -170,18 +248,18 @@ def test_a_diloco_evaluation_whose_worker_0_is_lost_reads_another_workers_global
 
 
 def loses_its_coordinator_before_the_outer_state_copy(flag):
-    """A Worker class whose first ``load_outer_state`` (a replacement's copy of the others'
+    """A Worker class whose first ``restart_from_global`` (a replacement's copy of the others'
     global weights and outer optimizers) SIGKILLs the coordinator (its pid in ``flag + ".pid"``)
     and returns without loading: the coordinator was lost before it copied the state."""
 
     class LosesTheCopy(Worker):
-        def load_outer_state(self, state):
+        def restart_from_global(self, state):
             if not os.path.exists(flag + ".copy"):
                 open(flag + ".copy", "w").close()
                 with open(flag + ".pid") as f:
                     os.kill(int(f.read()), signal.SIGKILL)
                 return None
-            return super().load_outer_state(state)
+            return super().restart_from_global(state)
 
     return LosesTheCopy
 

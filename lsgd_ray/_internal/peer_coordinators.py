@@ -300,9 +300,10 @@ class DiLoCo(LocalSGD):
     def _share_outer_state(self) -> None:
         """Every worker holds the same global weights and outer optimizers, as DiLoCo needs: at
         every set-up (the run's, and after each re-form) a worker whose copy differs gets that
-        of the worker with the most outer steps. A replacement's comes from here; one whose
-        coordinator was lost before it copied it kept the initial global weights, and the
-        outer steps of workers holding different ones drove a chaos run to chance."""
+        of the worker with the most outer steps, and goes on from those global weights. A
+        replacement's comes from here; one whose coordinator was lost before it copied it kept
+        the initial global weights, and the outer steps of workers holding different ones
+        drove a chaos run to chance."""
         handles = self._handles()
         names = [f"worker {r}" for r in range(len(handles))]
         digests = get_all([h.outer_digest.remote() for h in handles], self.timeout_s, names)
@@ -311,9 +312,9 @@ class DiLoCo(LocalSGD):
         if stale:
             state = handles[source].outer_state.remote()
             get_all(
-                [handles[r].load_outer_state.remote(state) for r in stale], self.timeout_s, [names[r] for r in stale]
+                [handles[r].restart_from_global.remote(state) for r in stale], self.timeout_s, [names[r] for r in stale]
             )
-            self.log.warning(f"worker(s) {stale}: global weights and outer state copied from worker {source}")
+            self.log.warning(f"worker(s) {stale}: restarted from worker {source}'s global weights and outer state")
 
     def leader_weights(self) -> list[ray.ObjectRef]:
         """The global weights, which every worker holds: worker 0's or, if it does not answer

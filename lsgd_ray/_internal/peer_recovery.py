@@ -222,12 +222,12 @@ class PeerRecovery(Coordinator):
             try:
                 get_all([replacement.ready.remote()], self.deadlines.nested_start_s, [f"new LocalLeader {g}"])
                 return replacement, target
-            except ray.exceptions.RayActorError as exc:
-                # its node was lost too (one removed is still listed alive for a moment): again,
-                # placed anew once the cluster knows
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError) as exc:
+                # its node was lost too (one removed is still listed alive for a moment: it died,
+                # or was unschedulable, which ended a DiLoCo chaos run): again, placed anew
                 if isinstance(exc, ray.exceptions.RayTaskError) or attempt == REFORM_ATTEMPTS:
                     raise
-                self.log.warning(f"new LocalLeader {g} died before it was ready ({type(exc).__name__}): again")
+                self.log.warning(f"new LocalLeader {g} was lost before it was ready ({type(exc).__name__}): again")
                 time.sleep(REFORM_PAUSE_S)
         raise AssertionError("unreachable")
 

@@ -40,6 +40,7 @@ class DiLoCoWorkerMixin:
     _anchors: dict[str, torch.Tensor]
     _mean_about_: Callable[[torch.Tensor, torch.Tensor, Any, int], None]
     _mean_exact_: Callable[[torch.Tensor, Any, int], None]
+    _reset: Callable[[np.ndarray | None], None]
     _outer: list[tuple[int, int, nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
     _global_buffers: torch.Tensor | None = None
     _outer_steps = 0  # outer steps taken (or those of the worker whose outer state was loaded)
@@ -95,10 +96,8 @@ class DiLoCoWorkerMixin:
 
     def global_weights(self) -> np.ndarray:
         """The global weights (what DiLoCo evaluates), on the CPU."""
-        assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
         with self._lock:
-            parts = [leaf.detach() for _, _, leaf, _ in self._outer if leaf is not None]
-            return torch.cat([*parts, self._global_buffers]).cpu().numpy()
+            return self._global_flat().numpy()
 
     def outer_digest(self) -> tuple[int, str]:
         """(outer steps taken, a hash of the global weights and outer optimizers' state): the
@@ -124,6 +123,21 @@ class DiLoCoWorkerMixin:
     def load_outer_state(self, state: dict[str, Any]) -> None:
         with self._lock:
             self._load_outer(state)
+
+    def restart_from_global(self, state: dict[str, Any]) -> None:
+        """Load another worker's ``outer_state()`` and go on from its global weights, with a
+        fresh inner optimizer, as a replacement does. A worker whose copy differed may also hold
+        local weights of nothing the others hold: a replacement whose source was lost with its
+        owner starts from the initial weights, and averaging those into the next outer step
+        (Nesterov, lr 0.7) wrecked the global weights of a chaos run for good."""
+        with self._lock:
+            self._load_outer(state)
+            self._reset(self._global_flat().numpy())
+
+    def _global_flat(self) -> torch.Tensor:  # under the worker's lock
+        assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
+        parts = [leaf.detach() for _, _, leaf, _ in self._outer if leaf is not None]
+        return torch.cat([*parts, self._global_buffers]).cpu()
 
     def _outer_snapshot(self) -> dict[str, Any]:  # under the worker's lock (also for checkpoints)
         assert self._outer is not None and self._global_buffers is not None, "not a DiLoCo worker"
