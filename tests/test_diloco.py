@@ -128,12 +128,16 @@ def test_the_outer_state_survives_a_checkpoint_and_a_copy_exactly():
     again.set_state(deepcopy(saved))
     copy = _worker(fragments=2)
     copy.set_state({**deepcopy(saved), "outer": None})  # everything but the outer state...
-    copy.load_outer_state(deepcopy(worker.outer_state()))  # ... which comes from a peer, as for a replacement
-    for w in (worker, again, copy):
+    copy.restart_from_global(deepcopy(worker.outer_state()))  # ... which comes from a peer, as for a replacement
+    itself = _worker(fragments=2)  # what the copy must equal: the same state, gone on from its own global weights
+    itself.set_state(deepcopy(saved))
+    itself.restart_from_global(deepcopy(itself.outer_state()))
+    assert not torch.equal(itself.state.flat, worker.state.flat)  # the local weights were not the global ones
+    for w in (worker, again, copy, itself):
         w.train(2, outer=1)
         w.train(2, outer=0)
     assert torch.equal(again.state.flat, worker.state.flat)
-    assert torch.equal(copy.state.flat, worker.state.flat)
+    assert torch.equal(copy.state.flat, itself.state.flat)
     fresh = _worker(fragments=2)  # a fresh outer momentum would not give the same weights
     fresh.set_state({**deepcopy(saved), "outer": None})
     fresh.train(2, outer=1)

@@ -120,10 +120,6 @@ class DiLoCoWorkerMixin:
         with self._lock:
             return self._outer_snapshot()
 
-    def load_outer_state(self, state: dict[str, Any]) -> None:
-        with self._lock:
-            self._load_outer(state)
-
     def restart_from_global(self, state: dict[str, Any]) -> None:
         """Load another worker's ``outer_state()`` and go on from its global weights, with a
         fresh inner optimizer, as a replacement does. A worker whose copy differed may also hold
