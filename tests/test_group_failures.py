@@ -16,7 +16,7 @@ from lsgd_ray import LSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.protocol import node_id
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
-from lsgd_ray.topology import nodes_from_ray
+from lsgd_ray.topology import GroupPlan, nodes_from_ray
 from tests.helpers import once_checkpointed
 
 MODEL = functools.partial(mlp, (16,), 4, hidden=32)
@@ -286,6 +286,25 @@ def test_a_global_leader_killed_after_a_group_was_dropped_goes_on_with_the_rest(
     assert kinds.index("group_dropped") < kinds.index("coordinator_restarted")
     assert result.status == "completed" and [s["steps"] for s in stats] == [120, 120]
     assert result.final_test_accuracy > 0.6
+
+
+def test_a_drop_the_driver_read_but_whose_handles_died_with_the_coordinator_is_not_handed_on():
+    """The coordinator died after the driver read its ``group_dropped`` event but before it
+    read the new handles (the driver's refresh failed on the dead actor): the new coordinator
+    must not be built with the dropped group's dead LocalLeader (it dropped it again, in CI)."""
+    driver = Trainer.__new__(Trainer)  # only the driver's bookkeeping: no actor is called
+    driver.groups = [GroupPlan(0, "a", 2, 0), GroupPlan(1, "b", 2, 2), GroupPlan(2, "c", 1, 4)]
+    driver.local_leaders, driver.workers = ["LL0", "LL1", "LL2"], ["w0", "w1", "w2", "w3", "w4"]
+    known = [
+        {"event": "group_dropped", "group": 1, "ranks": [2, 3]},
+        {"event": "group_dropped", "group": 2, "ranks": [4]},
+        {"event": "group_rejoined", "group": 2, "ranks": [4]},
+    ]
+    driver._leave_out_dropped(known)
+    assert [p.group for p in driver.groups] == [0, 2]
+    assert driver.local_leaders == ["LL0", "LL2"] and driver.workers == ["w0", "w1", "w4"]
+    driver._leave_out_dropped(known)  # nothing more to leave out
+    assert driver.local_leaders == ["LL0", "LL2"] and driver.workers == ["w0", "w1", "w4"]
 
 
 @pytest.mark.timeout(420)

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from lsgd_ray._internal.coordinator import Coordinator
+from lsgd_ray._internal.protocol import groups_out
 from lsgd_ray._internal.waiting import LATE, get_all, replies_or_deaths
 from lsgd_ray.config import LSGDConfig
 from lsgd_ray.topology import GroupPlan
@@ -197,15 +198,9 @@ class LeaderRecovery(Coordinator):
     def _dropped_plans(self) -> list[GroupPlan]:
         """The groups dropped and not back, from the run's events (so a restarted coordinator
         knows them too); their node is unknown."""
-        dropped: dict[int, GroupPlan] = {}
-        for e in self.events:
-            if e["event"] == "group_dropped":
-                ranks = e["ranks"]
-                dropped[e["group"]] = GroupPlan(e["group"], "", len(ranks), ranks[0])
-            elif e["event"] == "group_rejoined":
-                dropped.pop(e["group"], None)
         in_run = {p.group for p in self.plans}
-        return [p for g, p in sorted(dropped.items()) if g not in in_run]
+        out = sorted((g, e["ranks"]) for g, e in groups_out(self.events).items() if g not in in_run)
+        return [GroupPlan(g, "", len(ranks), ranks[0]) for g, ranks in out]
 
     def rejoin_groups(self) -> dict[int, list[ray.ObjectRef | None]]:
         """Asynchronous mode, asked by the driver while a group is dropped: the dropped groups a

@@ -162,6 +162,17 @@ def event_key(event: dict[str, Any]) -> tuple[Any, ...]:
     return (event["event"], event.get("rank"), event.get("group"), event.get("time"))
 
 
+def groups_out(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The groups that ``events`` show dropped and not rejoined since, each with its drop's event."""
+    out: dict[int, dict[str, Any]] = {}
+    for e in events:
+        if e["event"] == "group_dropped":
+            out[e["group"]] = e
+        elif e["event"] == "group_rejoined":
+            out.pop(e["group"], None)
+    return out
+
+
 # ---------------------------------------------------------------- a LocalLeader's replies
 
 

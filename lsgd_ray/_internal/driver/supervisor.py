@@ -19,7 +19,7 @@ import ray
 
 from lsgd_ray._internal.driver.base import T
 from lsgd_ray._internal.driver.state import RunState
-from lsgd_ray._internal.protocol import EveryWorkerLost, Failure, FailureKind, ServerSilent, event_key
+from lsgd_ray._internal.protocol import EveryWorkerLost, Failure, FailureKind, ServerSilent, event_key, groups_out
 from lsgd_ray._internal.waiting import answers, get_all
 from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.checkpoint import load_latest
@@ -53,8 +53,21 @@ class Supervisor(RunState):
             with contextlib.suppress(ray.exceptions.RayActorError):
                 ray.get(ll.settle.remote(), timeout=self.deadlines.start_s)
         known = self._events_known  # the dead coordinator's events, as last seen here
+        self._leave_out_dropped(known)
         self.global_leader = self._make_coordinator()
         self._continue(reason, known, "coordinator_restarted", f"coordinator {reason}: restarted")
+
+    def _leave_out_dropped(self, known: list[dict[str, Any]]) -> None:
+        """The groups that ``known`` shows dropped leave the handles here, which a new
+        coordinator is built from: the dead one may have died after this driver read its drop
+        but before it read its new handles (the new one then dropped the group again, in CI)."""
+        out = groups_out(known)
+        if not any(plan.group in out for plan in self.groups):
+            return
+        by_rank = dict(zip(self._ranks(), self.workers))
+        kept = [(plan, ll) for plan, ll in zip(self.groups, self.local_leaders) if plan.group not in out]
+        self.groups, self.local_leaders = [plan for plan, _ in kept], [ll for _, ll in kept]
+        self.workers = [by_rank[r] for plan in self.groups for r in plan.ranks]
 
     def _restore_in_place(self, reason: str) -> None:
         """A peer's round lost every worker at once (``EveryWorkerLost``): the same coordinator
