@@ -126,6 +126,38 @@ def test_data_parallel_re_forms_its_group_and_its_workers_stay_equal(tmp_path):
         np.testing.assert_array_equal(w, weights[0])
 
 
+def slow_to_join_once(flag, delay_s):
+    """``killed_at(1, 21, flag)``, and worker 0's first ``setup_collective`` after the kill
+    takes ``delay_s`` and returns without joining (once per run: ``flag.slow``): the group's
+    set-up times out with no worker lost, and worker 1's join fails on its own (no store)."""
+
+    class SlowToJoin(killed_at(1, 21, flag)):
+        def setup_collective(self, *args):
+            if self.rank == 0 and os.path.exists(flag) and not os.path.exists(flag + ".slow"):
+                open(flag + ".slow", "w").close()
+                time.sleep(delay_s)
+                return None
+            return super().setup_collective(*args)
+
+    return SlowToJoin
+
+
+@pytest.mark.timeout(240)
+def test_a_collective_set_up_that_times_out_with_no_worker_lost_is_tried_again(tmp_path):
+    """A DiLoCo chaos run's abort: on a busy machine the group's set-up after a re-formation
+    timed out, no actor was lost, and the run ended. It is tried again once every worker's
+    join has ended (a try whose join outlived it broke the next tries' handshakes)."""
+    flag = str(tmp_path / "killed")
+    cfg = config(tmp_path, "data_parallel", actor_timeout_s=10.0)
+    with Trainer(MODEL, DATA, cfg, worker_cls=slow_to_join_once(flag, 12.0)) as trainer:
+        result = trainer.fit()
+        weights = trainer.worker_weights()
+    assert os.path.exists(flag + ".slow"), "worker 0 was never slow to join"
+    assert result.status == "completed" and result.steps_per_worker == 96, result.error
+    assert [e["rank"] for e in result.events if e["event"] == "worker_replaced"] == [1], result.events
+    np.testing.assert_array_equal(weights[1], weights[0])  # the group that formed at last works
+
+
 @pytest.mark.timeout(240)
 def test_a_killed_diloco_worker_is_replaced_from_the_global_weights_and_outer_state(tmp_path):
     """Killed after step 30, between outer steps (every 16): the new worker starts from the

@@ -23,6 +23,7 @@ from lsgd_ray._internal.waiting import ActorTimeoutError, answers, get_all, repl
 from lsgd_ray.algorithms import diloco, local_sgd
 
 ROUND_STEPS = 16  # data-parallel SGD has no period of its own: rounds only pace evaluation
+SETUP_TRIES = 3  # forming the collective group, while no worker is lost (``_setup_collective``)
 
 
 class PeerCoordinator(PeerRecovery):
@@ -49,20 +50,42 @@ class PeerCoordinator(PeerRecovery):
 
     def _setup_collective(self, allreduce_grads: bool) -> None:
         """Form the workers' torch.distributed group at a fresh address, after every worker has
-        left the one it was in (a group a dead peer broke, or a dead coordinator's)."""
-        handles = self._handles()
-        get_all([h.close_collective.remote() for h in handles], self.timeout_s, self._worker_names())
-        address = get_all([handles[0].collective_address.remote()], self.timeout_s, ["worker 0"])[0]
+        left the one it was in (a group a dead peer broke, or a dead coordinator's). A set-up
+        that failed with no worker lost (one too slow to join on a busy machine: a chaos run's
+        abort) is tried again once every worker's join has ended, so that none runs into the
+        next try's; a worker that died or still hangs is left to the caller's recovery."""
+        handles, names = self._handles(), self._worker_names()
         backend = "nccl" if self.cfg.gpus_per_worker >= 1 else "gloo"
-        get_all(
-            [
-                h.setup_collective.remote(address, self.num_workers, self.group_ranks, backend, allreduce_grads)
-                for h in handles
-            ],
-            self.timeout_s,
-            self._worker_names(),
-            hint="torch.distributed could not form its process group",
-        )
+        for attempt in range(1, SETUP_TRIES + 1):
+            get_all([h.close_collective.remote() for h in handles], self.timeout_s, names)
+            address = get_all([handles[0].collective_address.remote()], self.timeout_s, ["worker 0"])[0]
+            args = (address, self.num_workers, self.group_ranks, backend, allreduce_grads)
+            joins = [h.setup_collective.remote(*args) for h in handles]
+            try:
+                get_all(joins, self.timeout_s, names, hint="torch.distributed could not form its process group")
+                return
+            except (ActorTimeoutError, ray.exceptions.RayTaskError) as exc:
+                if attempt == SETUP_TRIES or not self._joins_ended(joins):
+                    raise
+                why = exc if isinstance(exc, ActorTimeoutError) else exc.cause
+                self.log.warning(f"the collective group did not form ({why}), no worker lost: formed again")
+
+    def _joins_ended(self, joins: list[ray.ObjectRef]) -> bool:
+        """Whether every worker's ``setup_collective`` call ended, joined or failed, within a
+        join's longest time (its store's connection, its handshake and each group's, each
+        bounded by the collective timeout), with none of them dead."""
+        bound_s = (3 + len(self.group_ranks)) * self.timeout_s
+        _, pending = ray.wait(joins, num_returns=len(joins), timeout=bound_s)
+        if pending:
+            return False
+        for join in joins:
+            try:
+                ray.get(join)
+            except ray.exceptions.RayTaskError:  # its own failure to join: it is free to try again
+                continue
+            except ray.exceptions.RayError:  # it died (or its reply was lost with its node)
+                return False
+        return True
 
     # ------------------------------------------------------------------ synchronous rounds
 

@@ -97,6 +97,9 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
         self._async = False
         self._stop = threading.Event()
         self._loop_lock = threading.Lock()  # asynchronous mode: one loop at a time
+        # one join or leave of the collective group at a time: a join that outlived its caller's
+        # wait must not interleave with the next try's leave and join (``setup_collective``)
+        self._collective_lock = threading.Lock()
         self._reports: list[Any] = []  # asynchronous mode: reports the LocalLeader may not have handled yet
 
     # ------------------------------------------------------------------ information

@@ -51,6 +51,7 @@ class PeerWorkerMixin:
     bytes_sent: float
     bytes_received: float
     _lock: threading.Lock
+    _collective_lock: threading.Lock
     train: Callable[..., dict[str, Any]]
     estimate: Callable[[], float]
 
@@ -76,11 +77,18 @@ class PeerWorkerMixin:
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=self.spec.collective_timeout_s)
-        dist.init_process_group(backend, init_method=address, rank=self.rank, world_size=world_size, timeout=timeout)
-        for ranks in groups:
-            group = dist.new_group(ranks, timeout=timeout)
-            if self.rank in ranks:
-                self._dist_group, self._group_size = group, len(ranks)
+        with self._collective_lock:
+            try:
+                dist.init_process_group(
+                    backend, init_method=address, rank=self.rank, world_size=world_size, timeout=timeout
+                )
+                for ranks in groups:
+                    group = dist.new_group(ranks, timeout=timeout)
+                    if self.rank in ranks:
+                        self._dist_group, self._group_size = group, len(ranks)
+            except BaseException:
+                self._leave_collective()  # free to join again (the coordinator tries again)
+                raise
         self._world_size = world_size
         self._allreduce_grads = allreduce_grads
         # identical on every worker at a fresh start; after a re-formation _mean_ finds out
@@ -182,10 +190,21 @@ class PeerWorkerMixin:
 
     def close_collective(self) -> None:
         """Leave the process group (also one a dead peer broke: the group is then re-formed)."""
+        with self._collective_lock:
+            self._leave_collective()
+
+    def _leave_collective(self) -> None:
+        """Leave the process group, and what a failed join leaves behind: torch names each
+        group after a per-process counter that a join advances before it meets its peers and
+        that only destroying the world group resets, so a worker whose join failed would name
+        the next try's groups apart from its peers' and every handshake would time out (a
+        chaos run's abort: each try of a set-up failed after one worker had been slow)."""
         import torch.distributed as dist
+        from torch.distributed import distributed_c10d
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        distributed_c10d._world.group_count = 0  # what destroying the world group does
         self._dist_group = None
 
     def replica_state(self) -> dict[str, Any]:
