@@ -146,7 +146,8 @@ def slow_to_join_once(flag, delay_s):
 def test_a_collective_set_up_that_times_out_with_no_worker_lost_is_tried_again(tmp_path):
     """A DiLoCo chaos run's abort: on a busy machine the group's set-up after a re-formation
     timed out, no actor was lost, and the run ended. It is tried again once every worker's
-    join has ended (a try whose join outlived it broke the next tries' handshakes)."""
+    join has ended; worker 1's failed join must not leave torch's group-name counter advanced,
+    or every later try's handshake times out (the retry alone failed all three tries)."""
     flag = str(tmp_path / "killed")
     cfg = config(tmp_path, "data_parallel", actor_timeout_s=10.0)
     with Trainer(MODEL, DATA, cfg, worker_cls=slow_to_join_once(flag, 12.0)) as trainer:
