@@ -284,13 +284,10 @@ def test_a_short_chaos_run_survives_every_strike_and_leaves_nothing_running(tmp_
         "--mtbf", "6", "--nodes", "2", "--workers-per-node", "1", "--actor-timeout", "5", "--checkpoint-every", "5",
         "--eval-every", "5", "--seed", "187", "--out", str(out), "--tmp", str(tmp_path / "tmp"),
     ]  # fmt: skip
-    # seed 187 draws each of the six kinds once in its first six strikes (in pytest alone at idle:
-    # 6 strikes, 119 s; with one core kept busy: 11 strikes, every kind, 155 s). The old seed 1 at
-    # a 4 s mtbf drew 34 strikes, because the coordinator's restarts are outside the budget and
-    # strikes go on meanwhile: 221-289 s at idle, for no kind more. 30 s of training instead of 45
-    # drew only 5 strikes with one core busy, too near the 4 asked for. With both cores kept busy
-    # the 30 s run went past 560 s: each restart took longer than the gap between strikes there,
-    # as Ray runs its workers at niceness 15 (docs/changelog.md, seventeenth session)
+    # seed 187 draws each of the six kinds once in its first six strikes; seed 1 at a 4 s mtbf drew
+    # 34 (strikes go on while the coordinator restarts, outside the budget) for no kind more. 45 s
+    # of training, not 30: with one core busy 30 s drew 5 strikes, too near the 4 asked for.
+    # Figures, and why both cores busy still fail: docs/changelog.md, seventeenth session
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=560, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
