@@ -68,8 +68,10 @@ ALGORITHM_OF = {
     "lsgd_async": "lsgd", "lsgd_reference": "lsgd", "lsgd_bf16": "lsgd", "diloco_flat": "diloco",
     "diloco_streaming": "diloco", "data_parallel_powersgd": "data_parallel",
 }  # fmt: skip
-# a variant that only changes the wire format runs on its algorithm's tuned settings
-TUNED_AS = {"lsgd_bf16": "lsgd"}
+# variants that run on another contender's tuned settings: one that only changes the wire format,
+# and asynchronous LSGD (the same λ, τ and lr; tuned on its own it would cost 5 more runs of the
+# six hours the sweep may take: see docs/benchmarks-bandwidth.md, "The sweep's cells")
+TUNED_AS = {"lsgd_bf16": "lsgd", "lsgd_async": "lsgd"}
 LAYOUT_RATES = {"2x2": ["none", "1gbit", "100mbit", "30mbit"], "2x1": ["none", "100mbit"]}
 LR_GRID = [0.1, 0.05, 0.02]
 PERIOD_GRID = [4, 16, 64]

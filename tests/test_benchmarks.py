@@ -164,7 +164,7 @@ def test_the_bandwidth_tuning_searches_by_coordinates_and_cuts_runs_that_cannot_
     import bench_bandwidth as bw
 
     args = argparse.Namespace(tune=True, tune_rate="100mbit", tune_seed=100, time_budget=300.0, eval_every=15.0,
-                              contenders=["lsgd", "lsgd_bf16", "data_parallel", "plain"])  # fmt: skip
+                              contenders=["lsgd", "lsgd_bf16", "lsgd_async", "data_parallel", "plain"])  # fmt: skip
     report: dict = {"runs": []}
 
     def planned(name):
@@ -176,7 +176,7 @@ def test_the_bandwidth_tuning_searches_by_coordinates_and_cuts_runs_that_cannot_
 
     assert planned("lsgd") == [(0.05, 16), (0.1, 16), (0.02, 16)]
     assert planned("data_parallel") == [(0.05, 16), (0.1, 16), (0.02, 16)]
-    assert planned("lsgd_bf16") == [] and planned("plain") == []  # bf16 runs on lsgd's choice
+    assert planned("lsgd_bf16") == planned("lsgd_async") == planned("plain") == []  # both run on lsgd's choice
     assert bw.tuning_budget(report, "lsgd", args) == 300.0  # nothing measured yet: the full budget
     ran(0.05, 16, 120.0, 0.89)
     assert bw.tuning_budget(report, "lsgd", args) == 135.0
@@ -189,7 +189,7 @@ def test_the_bandwidth_tuning_searches_by_coordinates_and_cuts_runs_that_cannot_
     assert bw.tuning_budget(report, "lsgd", args) == 105.0
     report["tuning"] = {"chosen": bw.choose(report, args)}
     assert report["tuning"]["chosen"]["lsgd"] == {"lr": 0.1, "period": 4, "time_to_target_s": 90.0}
-    assert bw.chosen_settings(report, "lsgd_bf16") == (0.1, 4, True)
+    assert bw.chosen_settings(report, "lsgd_bf16") == bw.chosen_settings(report, "lsgd_async") == (0.1, 4, True)
 
 
 def test_under_load_runs_the_command_beside_spinning_processes_and_stops_them_however_it_ends():
