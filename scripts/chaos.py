@@ -64,7 +64,15 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.core.generated import gcs_pb2  # noqa: E402
 
-from lsgd_ray import EASGDConfig, LSGDConfig, OptimizerConfig, TrainConfig, Trainer  # noqa: E402
+from lsgd_ray import (  # noqa: E402
+    DataParallelConfig,
+    DiLoCoConfig,
+    EASGDConfig,
+    LSGDConfig,
+    OptimizerConfig,
+    TrainConfig,
+    Trainer,
+)
 from lsgd_ray.algorithms.registry import ALGORITHMS  # noqa: E402
 from lsgd_ray.data import dataset_factory, dataset_spec  # noqa: E402
 from lsgd_ray.models import model_factory  # noqa: E402
@@ -72,7 +80,9 @@ from lsgd_ray.models import model_factory  # noqa: E402
 KINDS = ("worker_kill", "worker_stop", "local_leader", "coordinator", "evaluator", "node", "server", "server_stop")
 SERVER_KINDS = ("server", "server_stop")  # struck only in the runs of SERVED
 SERVED = {"easgd", "downpour"}  # the algorithms with a ParameterServer
-# name -> (algorithm, settings): every algorithm, sync and async where it has both
+# name -> (algorithm, settings): every algorithm, sync and async where it has both, and the
+# variants with state of their own to recover (Streaming DiLoCo's fragment schedule, PowerSGD's
+# error feedback and low-rank factors)
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "lsgd": ("lsgd", {"lsgd": LSGDConfig(tau=4, tau_global=16)}),
     "lsgd_async": ("lsgd", {"lsgd": LSGDConfig(tau=4, tau_global=16, mode="async")}),
@@ -84,6 +94,8 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpsgd": ("dpsgd", {}),
     "aldsgd": ("aldsgd", {}),
     "diloco": ("diloco", {}),
+    "diloco_streaming": ("diloco", {"diloco": DiLoCoConfig(fragments=4)}),
+    "data_parallel_powersgd": ("data_parallel", {"data_parallel": DataParallelConfig(compression="powersgd")}),
 }
 # what each kind's recovery is recorded as
 RECOVERED_BY = {
