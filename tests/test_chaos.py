@@ -195,6 +195,20 @@ def test_a_server_strike_is_recovered_by_the_servers_replacement_or_a_coordinato
     assert "server_stop" in chaos.STOPS  # SIGSTOPped, and SIGCONTed after the run if it outlived it
 
 
+def test_the_chaos_runs_cover_every_algorithm_and_the_variants_with_recovery_state_of_their_own(tmp_path):
+    """Every algorithm has a run; Streaming DiLoCo and PowerSGD data-parallel have their own, as
+    their fragment schedule and error feedback are state a recovery must carry."""
+    import argparse
+
+    args = argparse.Namespace(nodes=2, workers_per_node=1, eval_every=10.0, actor_timeout=5.0, checkpoint_every=10.0,
+                              seed=8)  # fmt: skip
+    configs = {name: chaos.config_for(name, args, str(tmp_path), time_budget_s=60.0) for name in chaos.RUNS}
+    assert {c.algorithm for c in configs.values()} == set(ALGORITHMS)
+    assert configs["diloco_streaming"].diloco.fragments == 4 and configs["diloco"].diloco.fragments == 1
+    assert configs["data_parallel_powersgd"].data_parallel.compression == "powersgd"
+    assert configs["data_parallel"].data_parallel.compression == "none"
+
+
 def test_a_process_is_named_by_its_pid_and_start_so_a_reused_pid_is_not_taken_for_it():
     """A data-parallel chaos run reported an evaluator it had killed as left running: its pid
     had been given to a new process by then."""
