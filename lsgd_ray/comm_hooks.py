@@ -139,12 +139,14 @@ class FlatGradientHook:
             "numel": [s.total_numel_before_compression, s.total_numel_after_compression],
         }
 
-    def load_state_dict(self, saved: dict[str, Any] | None, device: torch.device) -> None:
+    def load_state_dict(self, saved: dict[str, Any] | None, device: torch.device, error: bool = True) -> None:
+        """``error=False``: everything but the error feedback, which starts again from zero (a
+        replica; see ``Worker.load_replica``)."""
         s = self.state
         if s is None or saved is None:
             return
         s.iter = int(saved["iter"])
-        s.error_dict = {int(k): v.to(device) for k, v in saved["error"].items()}
+        s.error_dict = {int(k): v.to(device) for k, v in saved["error"].items()} if error else {}
         s.p_memory_dict = {int(k): v.to(device) for k, v in saved["p"].items()}
         s.q_memory_dict = {int(k): v.to(device) for k, v in saved["q"].items()}
         name, keys, pos, has_gauss, cached = saved["rng"]

@@ -20,7 +20,15 @@ import torch
 from ray import cloudpickle
 from ray.exceptions import OwnerDiedError
 
-from lsgd_ray import DiLoCoConfig, EASGDConfig, LocalSGDConfig, OptimizerConfig, TrainConfig, Trainer
+from lsgd_ray import (
+    DataParallelConfig,
+    DiLoCoConfig,
+    EASGDConfig,
+    LocalSGDConfig,
+    OptimizerConfig,
+    TrainConfig,
+    Trainer,
+)
 from lsgd_ray._internal.peer_recovery import PeerRecovery
 from lsgd_ray._internal.worker import Worker
 from tests.helpers import kill_if_alive, once_checkpointed, stopped
@@ -124,6 +132,42 @@ def test_data_parallel_re_forms_its_group_and_its_workers_stay_equal(tmp_path):
     check_replaced(result, old_pid, node, new, "worker 0's weights and optimizer state")
     for w in weights[1:]:  # one gradient all-reduce per step again: the group really re-formed
         np.testing.assert_array_equal(w, weights[0])
+
+
+def gradients_logged(flag, log):
+    """``killed_at(1, 100, flag)``, each worker appending the norm of the gradient it applied at
+    each step to ``log.<rank>``."""
+
+    class GradientsLogged(killed_at(1, 100, flag)):
+        def _after_backward(self):
+            super()._after_backward()
+            with open(f"{log}.{self.rank}", "a") as f:
+                f.write(f"{self.steps + 1} {float(self.state.grad.norm())}\n")
+
+    return GradientsLogged
+
+
+@pytest.mark.timeout(240)
+def test_a_powersgd_group_re_formed_starts_its_error_feedback_afresh(tmp_path):
+    """Each worker's PowerSGD error feedback is its own residual, and the residuals largely
+    cancel in the mean. A replica given a survivor's had it applied whole at the next step: here
+    a gradient 30x the largest of the 21 before it; a chaos run went to
+    chance."""
+    cfg = config(tmp_path, "data_parallel", max_steps=130,
+                 data_parallel=DataParallelConfig(compression="powersgd", powersgd_start=4))  # fmt: skip
+    log = str(tmp_path / "grad")
+    with Trainer(MODEL, DATA, cfg, worker_cls=gradients_logged(str(tmp_path / "killed"), log)) as trainer:
+        result = trainer.fit()
+        weights = trainer.worker_weights()
+    assert result.status == "completed", result.error
+    assert [e["rank"] for e in result.events if e["event"] == "worker_replaced"] == [1], result.events
+    np.testing.assert_array_equal(weights[0], weights[1])
+    norms = {}
+    for line in Path(log + ".0").read_text().split("\n")[:-1]:
+        step, norm = line.split()
+        norms[int(step)] = float(norm)  # a step done again (the round cut by the kill) counts once
+    before = max(norms[s] for s in range(80, 101))
+    assert max(norms[s] for s in range(101, 111)) < 5 * before, (before, [norms[s] for s in range(101, 111)])
 
 
 def slow_to_join_once(flag, delay_s):

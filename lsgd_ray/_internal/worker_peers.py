@@ -223,13 +223,18 @@ class PeerWorkerMixin:
             }
 
     def load_replica(self, replica: dict[str, Any]) -> None:
-        """Become a replica of the worker ``replica_state()`` came from."""
+        """Become a replica of the worker ``replica_state()`` came from, but for PowerSGD's
+        error feedback, which every member of the group starts again from zero. Each worker's
+        error is its own residual; they largely cancel in the group's mean, which is what is
+        still owed to the weights. Copied to every worker, one survivor's residual was applied
+        whole at the next step (a gradient 500x its size on the tests' model), and a chaos run
+        whose group re-formed every few seconds went to chance."""
         with self._lock:
             self.state.load(self.on_device(replica["weights"]))
             self.optimizer.load_state_dict(replica["optimizer"])
             self.steps = int(replica["steps"])
             if self._grad_hook is not None:
-                self._grad_hook.load_state_dict(replica["hook"], self.device)
+                self._grad_hook.load_state_dict(replica["hook"], self.device, error=False)
 
     # ------------------------------------------------------------------ EASGD (synchronous)
 
