@@ -151,8 +151,7 @@ def gradients_logged(flag, log):
 def test_a_powersgd_group_re_formed_starts_its_error_feedback_afresh(tmp_path):
     """Each worker's PowerSGD error feedback is its own residual, and the residuals largely
     cancel in the mean. A replica given a survivor's had it applied whole at the next step: here
-    a gradient 30x the largest of the 21 before it; a chaos run went to
-    chance."""
+    a gradient 30x the largest of the 21 before it; a chaos run went to chance."""
     cfg = config(tmp_path, "data_parallel", max_steps=130,
                  data_parallel=DataParallelConfig(compression="powersgd", powersgd_start=4))  # fmt: skip
     log = str(tmp_path / "grad")
