@@ -124,29 +124,29 @@ class FlatGradientHook:
             wire = (self.state.total_numel_after_compression - before) * flat_grad.element_size()
         return ring_allreduce_bytes(wire, world)
 
-    def state_dict(self) -> dict[str, Any] | None:
-        """Tensors and plain values only (checkpoints load with ``weights_only``)."""
+    def state_dict(self, error: bool = True) -> dict[str, Any] | None:
+        """Tensors and plain values only (checkpoints load with ``weights_only``). ``error=False``:
+        no error feedback, which a worker loading it starts again from zero (a replica; see
+        ``replica_state``)."""
         s = self.state
         if s is None:
             return None
         name, keys, pos, has_gauss, cached = s.rng.get_state()
         return {
             "iter": s.iter,
-            "error": {k: v.detach().cpu().clone() for k, v in s.error_dict.items()},
+            "error": {k: v.detach().cpu().clone() for k, v in s.error_dict.items()} if error else {},
             "p": {k: v.detach().cpu().clone() for k, v in s.p_memory_dict.items()},
             "q": {k: v.detach().cpu().clone() for k, v in s.q_memory_dict.items()},
             "rng": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "numel": [s.total_numel_before_compression, s.total_numel_after_compression],
         }
 
-    def load_state_dict(self, saved: dict[str, Any] | None, device: torch.device, error: bool = True) -> None:
-        """``error=False``: everything but the error feedback, which starts again from zero (a
-        replica; see ``Worker.load_replica``)."""
+    def load_state_dict(self, saved: dict[str, Any] | None, device: torch.device) -> None:
         s = self.state
         if s is None or saved is None:
             return
         s.iter = int(saved["iter"])
-        s.error_dict = {int(k): v.to(device) for k, v in saved["error"].items()} if error else {}
+        s.error_dict = {int(k): v.to(device) for k, v in saved["error"].items()}
         s.p_memory_dict = {int(k): v.to(device) for k, v in saved["p"].items()}
         s.q_memory_dict = {int(k): v.to(device) for k, v in saved["q"].items()}
         name, keys, pos, has_gauss, cached = saved["rng"]

@@ -164,7 +164,7 @@ def test_a_powersgd_group_re_formed_starts_its_error_feedback_afresh(tmp_path):
     norms = {}
     for line in Path(log + ".0").read_text().split("\n")[:-1]:
         step, norm = line.split()
-        norms[int(step)] = float(norm)  # a step done again (the round cut by the kill) counts once
+        norms[int(step)] = float(norm)  # a step done again after the re-form: its last norm
     before = max(norms[s] for s in range(80, 101))
     assert max(norms[s] for s in range(101, 111)) < 5 * before, (before, [norms[s] for s in range(101, 111)])
 

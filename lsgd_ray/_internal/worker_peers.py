@@ -208,13 +208,19 @@ class PeerWorkerMixin:
         self._dist_group = None
 
     def replica_state(self) -> dict[str, Any]:
-        """Data-parallel SGD: what makes another worker an exact replica of this one (weights,
-        optimizer state, step count), on the CPU; for a group re-formed after a failure."""
+        """Data-parallel SGD: what makes another worker a replica of this one (weights, optimizer
+        state, step count, and PowerSGD's state but for its error feedback), on the CPU; for a
+        group re-formed after a failure. Every member of that group starts error feedback again
+        from zero: each worker's error is its own residual, and the residuals largely cancel in
+        the group's mean, which is what is still owed to the weights. Copied to every worker, one
+        survivor's residual was applied whole at the next step (on the tests' model a gradient 30x
+        the largest of the 21 steps before), and a chaos run whose group re-formed every few
+        seconds went to chance."""
         from lsgd_ray.checkpoint import map_leaves
 
         with self._lock:
             optimizer = map_leaves(copy.deepcopy(self.optimizer.state_dict()), torch.Tensor, torch.Tensor.cpu)
-            hook = self._grad_hook.state_dict() if self._grad_hook is not None else None
+            hook = self._grad_hook.state_dict(error=False) if self._grad_hook is not None else None
             return {
                 "weights": self.state.to_numpy(copy=True),
                 "optimizer": optimizer,
@@ -223,18 +229,13 @@ class PeerWorkerMixin:
             }
 
     def load_replica(self, replica: dict[str, Any]) -> None:
-        """Become a replica of the worker ``replica_state()`` came from, but for PowerSGD's
-        error feedback, which every member of the group starts again from zero. Each worker's
-        error is its own residual; they largely cancel in the group's mean, which is what is
-        still owed to the weights. Copied to every worker, one survivor's residual was applied
-        whole at the next step (a gradient 500x its size on the tests' model), and a chaos run
-        whose group re-formed every few seconds went to chance."""
+        """Become a replica of the worker ``replica_state()`` came from."""
         with self._lock:
             self.state.load(self.on_device(replica["weights"]))
             self.optimizer.load_state_dict(replica["optimizer"])
             self.steps = int(replica["steps"])
             if self._grad_hook is not None:
-                self._grad_hook.load_state_dict(replica["hook"], self.device, error=False)
+                self._grad_hook.load_state_dict(replica["hook"], self.device)
 
     # ------------------------------------------------------------------ EASGD (synchronous)
 
