@@ -484,8 +484,9 @@ def table(report: dict) -> str:
     for layout, rates in report["summary"].items():
         lines += [
             f"\n{layout}: time to {target:.0%}, median (min-max, seeds reached); link kB per worker-step\n",
-            "| rate | contender | time to target | reached | samples/s | link kB/worker-step | LSGD over it |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+            "| rate | contender | time to target | reached | samples to target | samples/s | link kB/worker-step "
+            "| LSGD over it |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for rate in sorted(rates, key=lambda r: -(parse_rate(r) or 1e12)):
             cells = rates[rate]
@@ -495,8 +496,11 @@ def table(report: dict) -> str:
                 ratio = f"{ours['median'] / t['median']:.2f}" if ours and t else "n/a"
                 rate_cell = cell["samples_per_s"]["median"] if cell["samples_per_s"] else 0
                 link = "-" if per_step is None else f"{per_step['median'] / 1e3:.1f}"
+                samples = cell["samples_to_target"]
+                to_target = "-" if samples is None or name.endswith("(leader)") else f"{samples['median']:,.0f}"
                 lines.append(
-                    f"| {rate} | {name} | {fmt(t)} | {cell['reached']}/{cell['runs']} | {rate_cell:,.0f} | {link} | {ratio} |"
+                    f"| {rate} | {name} | {fmt(t)} | {cell['reached']}/{cell['runs']} | {to_target} | {rate_cell:,.0f} "
+                    f"| {link} | {ratio} |"
                 )
     return "\n".join(lines)
 
