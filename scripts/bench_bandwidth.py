@@ -567,7 +567,7 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="run the lr/period grid on --tune-seed, then choose")
     p.add_argument("--tune-seed", type=int, default=100)
     p.add_argument("--tune-rate", default="100mbit")
-    p.add_argument("--report", action="store_true", help="print the table and goals, plot from --out")
+    p.add_argument("--report", action="store_true", help="no runs: the table, goals and plot from --out")
     p.add_argument("--out", default="runs/bench_bandwidth.json")
     p.add_argument("--plot", default=None, help="default: --out with .png")
     p.add_argument("--tmp", default="runs/bench_bandwidth_tmp")
