@@ -584,6 +584,8 @@ def main() -> None:
     settings = {"data": "fashion-mnist" if args.data_dir else "digits", "model": args.model, "batch": args.batch,
                 "target": args.target, "eval_every_s": args.eval_every, "time_budget_s": args.time_budget}  # fmt: skip
     report: dict = {"runs": [], "commands": []}
+    if args.report and not os.path.exists(args.out):
+        raise SystemExit(f"--report: no sweep at {args.out} (give the JSON a sweep wrote with --out)")
     if os.path.exists(args.out):
         with open(args.out) as f:
             report = json.load(f)

@@ -224,6 +224,17 @@ def test_the_bandwidth_goals_compare_the_authors_lsgd_with_ddp_and_the_fastest_o
     assert only_ours[0]["lsgd"] == "lsgd (center)" and only_ours[0]["met"] is True
 
 
+def test_the_bandwidth_report_of_a_missing_sweep_says_so(tmp_path):
+    missing = tmp_path / "none.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_bandwidth.py"), "--report", "--out", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and f"no sweep at {missing}" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_under_load_runs_the_command_beside_spinning_processes_and_stops_them_however_it_ends():
     probe = 'for p in $LOAD_PIDS; do grep -q "^State:.R" /proc/$p/status && echo running $p; done; exit 3'
     done = subprocess.run(
