@@ -398,7 +398,10 @@ def summarize(report: dict) -> dict:
                     "runs": len(runs),
                     "wall_s": spread([r["wall_s"] for r in runs]),
                     "samples_per_s": spread([r["samples_per_s"] for r in runs]),
-                    "samples_to_target": spread([r["samples_to_target"] for r in runs if r.get("samples_to_target")]),
+                    # a run's samples to target are its evaluated model's (LSGD: the center's), not the leader's
+                    "samples_to_target": None
+                    if name.endswith("(leader)")
+                    else spread([r["samples_to_target"] for r in runs if r.get("samples_to_target")]),
                     "link_bytes_per_worker_step": spread(
                         [
                             r["link_bytes_per_worker_step"]
@@ -497,7 +500,7 @@ def table(report: dict) -> str:
                 rate_cell = cell["samples_per_s"]["median"] if cell["samples_per_s"] else 0
                 link = "-" if per_step is None else f"{per_step['median'] / 1e3:.1f}"
                 samples = cell["samples_to_target"]
-                to_target = "-" if samples is None or name.endswith("(leader)") else f"{samples['median']:,.0f}"
+                to_target = "-" if samples is None else f"{samples['median']:,.0f}"
                 lines.append(
                     f"| {rate} | {name} | {fmt(t)} | {cell['reached']}/{cell['runs']} | {to_target} | {rate_cell:,.0f} "
                     f"| {link} | {ratio} |"

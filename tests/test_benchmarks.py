@@ -224,6 +224,19 @@ def test_the_bandwidth_goals_compare_the_authors_lsgd_with_ddp_and_the_fastest_o
     assert only_ours[0]["lsgd"] == "lsgd (center)" and only_ours[0]["met"] is True
 
 
+def test_the_bandwidth_summary_gives_lsgds_samples_to_target_to_its_center_not_its_leader():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_bandwidth as bw
+
+    run = {"layout": "2x2", "rate": "30mbit", "contender": "lsgd", "seed": 0, "time_to_target_s": 50.0,
+           "center_time_to_target_s": 50.0, "leader_time_to_target_s": 65.0, "samples_to_target": 1024,
+           "wall_s": 90.0, "samples_per_s": 20.0, "link_bytes_per_worker_step": 3e4}  # fmt: skip
+    cells = bw.summarize({"runs": [run]})["2x2"]["30mbit"]
+    assert cells["lsgd (center)"]["samples_to_target"]["median"] == 1024
+    assert cells["lsgd (leader)"]["samples_to_target"] is None  # the run's samples are the center's
+    assert cells["lsgd (leader)"]["time_to_target_s"]["median"] == 65.0
+
+
 def test_the_bandwidth_report_of_a_missing_sweep_says_so(tmp_path):
     missing = tmp_path / "none.json"
     done = subprocess.run(
