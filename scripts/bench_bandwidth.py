@@ -462,7 +462,7 @@ def summarize(report: dict) -> dict:
 
 
 def fmt(s: dict | None) -> str:
-    """A censored time spread: its median ("> m" when only a lower bound) and the reaching runs' range."""
+    """A censored time spread: its median (">= m" when only a lower bound) and the reaching runs' range."""
     if s is None:
         return "-"
     median = f">= {s['median']:.1f} s" if s["censored"] else f"{s['median']:.1f} s"
@@ -502,10 +502,10 @@ def goals(report: dict, layout: str = "2x2") -> list[dict]:
         others = {n: c["time_to_target_s"] for n, c in cells.items() if not n.startswith("lsgd") and n != "plain"}
         others = {n: t for n, t in others.items() if t}
         fastest = min(others, key=lambda n: others[n]["median"]) if others else None
-        met = within(ours, ddp, bound)
-        if rate != "none" and others:
-            below = [within(ours, t, 1.0, strict=True) for t in others.values()]
-            met = False if met is False or False in below else None if met is None or None in below else True
+        decisions = [within(ours, ddp, bound)]
+        if rate != "none":
+            decisions += [within(ours, t, 1.0, strict=True) for t in others.values()]
+        met = False if False in decisions else None if None in decisions else True  # a three-valued "and"
         rows.append({"rate": rate, "lsgd": name, "lsgd_s": ours and ours["median"],
                      "over_ddp": ratio_text(ours, ddp), "bound": bound, "fastest_other": fastest,
                      "over_fastest": ratio_text(ours, others.get(fastest or "")), "met": met})  # fmt: skip
@@ -577,8 +577,8 @@ def plot(report: dict, path: str) -> None:
                 continue
             xs = [p[0] for p in points]
             # the reaching runs' range; a censored median (a lower bound) gets an upward triangle
-            low = [p[1]["median"] - min(p[1]["min"] if p[1]["n"] else p[1]["median"], p[1]["median"]) for p in points]
-            high = [max((p[1]["max"] or 0) - p[1]["median"], 0) for p in points]
+            low = [max(p[1]["median"] - p[1]["min"], 0) for p in points]
+            high = [max(p[1]["max"] - p[1]["median"], 0) for p in points]
             line = ax.errorbar(
                 xs, [p[1]["median"] for p in points], yerr=[low, high],
                 marker="o", capsize=3, label=name, linestyle="--" if name == "plain" else "-",
