@@ -564,6 +564,14 @@ def plot(report: dict, path: str) -> None:
     layouts = list(report["summary"])
     fig, axes = plt.subplots(1, len(layouts), figsize=(6.5 * len(layouts), 4.5), squeeze=False)
     unshaped = 10e9  # where "none" sits on the axis
+    # one style per contender in every panel: the authors' LSGD black, DDP red, the plain process
+    # grey; the others tab10's remaining colours, then the same colours with square markers
+    fixed = {"lsgd_reference (center)": "black", "lsgd_reference (leader)": "dimgrey", "ray_train_ddp": "tab:red",
+             "plain": "tab:gray"}  # fmt: skip
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    every = sorted({n for rates in report["summary"].values() for cells in rates.values() for n in cells} - set(fixed))
+    style = {name: (color, "o") for name, color in fixed.items()}
+    style |= {name: (palette[i % len(palette)], "os"[i // len(palette) % 2]) for i, name in enumerate(every)}
     for ax, layout in zip(axes[0], layouts):
         rates = report["summary"][layout]
         names = sorted({n for cells in rates.values() for n in cells})
@@ -581,7 +589,9 @@ def plot(report: dict, path: str) -> None:
             high = [max(p[1]["max"] - p[1]["median"], 0) for p in points]
             line = ax.errorbar(
                 xs, [p[1]["median"] for p in points], yerr=[low, high],
-                marker="o", capsize=3, label=name, linestyle="--" if name == "plain" else "-",
+                marker=style[name][1], capsize=3, label=name, linestyle="--" if name == "plain" else "-",
+                color=style[name][0], linewidth=2.5 if name == "lsgd_reference (center)" else 1.5,
+                zorder=1.5 if name == "lsgd_reference (center)" else 2,  # a contender level with it shows on top
             )  # fmt: skip
             bounds = [p for p in points if p[1]["censored"]]
             if bounds:
