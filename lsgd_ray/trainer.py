@@ -25,7 +25,7 @@ from lsgd_ray._internal.driver.placement import connect, on_driver_node, place
 from lsgd_ray._internal.driver.state import resumed_run_dir
 from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.local_leader import LEADER_CONCURRENCY, LocalLeaderFactory
-from lsgd_ray._internal.protocol import WorkerSpec, actor_class
+from lsgd_ray._internal.protocol import Unopened, WorkerSpec, actor_class
 from lsgd_ray._internal.schedule import Schedule
 from lsgd_ray._internal.waiting import get_all
 from lsgd_ray._internal.worker import Worker
@@ -127,8 +127,13 @@ class Trainer(Loops):
             step_delay_s=dict(cfg.straggler_delay_s),
             collective_timeout_s=cfg.actor_timeout_s,
         )
-        self._make_local_leader = LocalLeaderFactory(
-            spec, self.model_factory, self.dataset_factory, self.optimizer_factory, self.worker_cls, cfg.actor_timeout_s
+        self._make_local_leader = LocalLeaderFactory(  # the factories unpickled in the Workers only
+            spec,
+            Unopened.put(self.model_factory),
+            Unopened.put(self.dataset_factory),
+            Unopened.put(self.optimizer_factory),
+            self.worker_cls,
+            cfg.actor_timeout_s,
         )
         self.groups = list(topo.groups)  # the groups still in the run (a dropped one leaves)
         self.local_leaders = [self._make_local_leader(plan) for plan in self.groups]

@@ -111,6 +111,30 @@ def _worker_steps_equal_plain(tmp_path, groups, per_group, lsgd, steps=12, redea
         assert torch.equal(torch.from_numpy(weights[rank].copy()), expected), f"worker {rank} differs"
 
 
+def torch_loaded(actor) -> bool:
+    """Whether torch has been executed in ``actor``'s process (its module object may be there
+    unexecuted: the Worker's modules name it lazily)."""
+    return ray.get(actor.__ray_call__.remote(lambda _: "torch._C" in __import__("sys").modules))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_leaders_never_load_torch_though_they_hold_worker_handles(tmp_path, mode):
+    """Start-up: torch's import costs each process about 2 s of CPU. The LocalLeaders create
+    Workers and the GlobalLeader holds their handles, which makes Ray import the Worker's module
+    there; that module names torch lazily and the model and dataset factories pass through them
+    unopened, so only the Workers (and the evaluator) load torch, through a whole run."""
+    cfg = config(tmp_path, time_budget_s=3.0, eval_every_s=1.0, lsgd=LSGDConfig(mode=mode, tau=2, tau_global=4))
+    with Trainer(MODEL, DATA, cfg) as trainer:
+        trainer.start()
+        leaders = [*trainer.local_leaders, trainer.global_leader]
+        assert not any(torch_loaded(a) for a in leaders)
+        result = trainer.fit()
+        assert result.status == "completed" and result.final_test_accuracy > 0.4
+        assert [torch_loaded(a) for a in leaders] == [False] * 3
+        assert all(torch_loaded(w) for w in trainer.workers) and torch_loaded(trainer.evaluator)
+
+
 @pytest.mark.timeout(180)
 def test_zero_pull_strength_with_shards_redealt_is_exactly_sgd_on_torchs_distributed_sampler(tmp_path):
     """12 steps of 32 cross the end of a 256-sample share: the second epoch is dealt anew."""

@@ -29,6 +29,7 @@ from lsgd_ray._internal.protocol import (
     FailureKind,
     GroupCall,
     GroupRound,
+    Unopened,
     WorkerSpec,
     actor_class,
     actor_log,
@@ -52,9 +53,9 @@ class LocalLeaderFactory:
     GlobalLeader's replacement when one dies."""
 
     spec: WorkerSpec
-    model_factory: Any
-    dataset_factory: Any
-    optimizer_factory: Any
+    model_factory: Unopened
+    dataset_factory: Unopened
+    optimizer_factory: Unopened  # of None: the spec's optimizer
     worker_cls: type
     timeout_s: float
 
@@ -98,9 +99,9 @@ class LocalLeader(AsyncGroup):
         self,
         plan: GroupPlan,
         spec: WorkerSpec,
-        model_factory: Any,
-        dataset_factory: Any,
-        optimizer_factory: Any = None,
+        model_factory: Unopened,
+        dataset_factory: Unopened,
+        optimizer_factory: Unopened,
         worker_cls: type = Worker,
         timeout_s: float = 120.0,
         checkpoint: str | None = None,
@@ -117,8 +118,8 @@ class LocalLeader(AsyncGroup):
             max_concurrency=WORKER_CONCURRENCY,
             scheduling_strategy=pinned,
         )
-        self._spawn = lambda index, rank: remote_cls.remote(
-            rank, plan.group, index, model_factory, dataset_factory, spec, optimizer_factory
+        self._spawn = lambda index, rank: remote_cls.remote(  # the factories resolved in the Worker only
+            rank, plan.group, index, model_factory.ref, dataset_factory.ref, spec, optimizer_factory.ref
         )
         self.ranks = list(plan.ranks)
         self.workers = [self._spawn(index, rank) for index, rank in enumerate(self.ranks)]

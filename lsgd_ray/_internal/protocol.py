@@ -1,10 +1,11 @@
 """What the actors tell each other about the run: the workers' spec, the standing orders a
 coordinator gives asynchronous workers, and how actors are made and find their node.
 
-Nothing here imports torch. Note for start-up work: Ray imports an actor's class module wherever
-a handle to it is unpickled, so every process that holds Worker handles (the LocalLeaders, and
-the coordinators, which pull and replace workers directly) imports the Worker's module and torch;
-keeping a coordinator free of torch at start only moved that import into the training
+Nothing here imports torch. Ray imports an actor's class module wherever a handle to it is
+unpickled, so every process that holds Worker handles (the LocalLeaders, and the coordinators,
+which pull and replace workers directly) imports the Worker's module: that module names torch
+lazily (``lazy.py``), and the model, dataset and optimizer factories reach the Workers through
+the LocalLeaders ``Unopened``, so neither kind of process loads torch
 (``scripts/startup_breakdown.py`` measures where start-up goes).
 """
 
@@ -42,6 +43,20 @@ class WorkerSpec:
     data_parallel: DataParallelConfig | None = None  # data-parallel runs only: gradient compression
     step_delay_s: dict[int, float] = field(default_factory=dict)
     collective_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Unopened:
+    """A value that LocalLeaders and coordinators hand on to Workers without unpickling it, so
+    what it needs (torch, the model's module) is never imported there: its object reference
+    travels nested in this box, which Ray leaves unresolved, and becomes the value itself where
+    it is a top-level argument of a Worker's creation."""
+
+    ref: ray.ObjectRef
+
+    @classmethod
+    def put(cls, value: Any) -> Unopened:
+        return cls(ray.put(value))
 
 
 def actor_class(cls: type, **options: Any) -> Any:

@@ -4,6 +4,10 @@ A plain class, made remote where it is spawned (by its LocalLeader), so tests ca
 It runs with ``max_concurrency > 1``: in asynchronous mode (``worker_async.py``) its training
 loop occupies one thread while pulls, weight requests and ``stop`` arrive on others; the peers'
 exchanges are in ``worker_peers.py``.
+
+torch, and the package's modules that import it, are named through ``lazy_module``: a LocalLeader
+or coordinator, which imports this module only to hold Worker handles, never loads them
+(``lazy.py``); the Worker itself loads them first thing in ``__init__``.
 """
 
 from __future__ import annotations
@@ -12,23 +16,30 @@ import math
 import os
 import threading
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from lsgd_ray._internal.lazy import lazy_module, load
 from lsgd_ray._internal.protocol import WorkerSpec, node_id, node_ip
 from lsgd_ray._internal.worker_async import AsyncWorkerMixin
 from lsgd_ray._internal.worker_diloco import DiLoCoWorkerMixin
 from lsgd_ray._internal.worker_peers import PeerWorkerMixin
 from lsgd_ray._internal.worker_state import WorkerStateMixin
 from lsgd_ray.algorithms.lsgd import LossWindow, ProximalTargets, pull_toward
-from lsgd_ray.comm_hooks import FlatGradientHook
-from lsgd_ray.data import DatasetFactory, ImageFiles, batch_stream, resident, worker_seed
-from lsgd_ray.flat import FlatState, all_finite, encode
-from lsgd_ray.models import ModelFactory
-from lsgd_ray.optim import OptimizerFactory, build_optimizer
+from lsgd_ray.wire import encode
+
+if TYPE_CHECKING:
+    import torch
+
+    from lsgd_ray import comm_hooks, flat, optim
+    from lsgd_ray import data as datasets
+    from lsgd_ray.data import DatasetFactory
+    from lsgd_ray.models import ModelFactory
+    from lsgd_ray.optim import OptimizerFactory
+else:
+    torch = lazy_module("torch")
+    comm_hooks, datasets, flat, optim = (lazy_module(f"lsgd_ray.{m}") for m in ("comm_hooks", "data", "flat", "optim"))
 
 
 class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMixin):
@@ -43,22 +54,27 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
         optimizer_factory: OptimizerFactory | None = None,
     ) -> None:
         self.rank, self.group, self.index, self.spec = rank, group, index, spec
+        load(torch, comm_hooks, datasets, flat, optim)
         torch.set_num_threads(max(1, round(spec.cpus)))
         if spec.gpus > 0 and not torch.cuda.is_available():
             raise RuntimeError(f"worker {rank} was given GPUs but torch.cuda is not available in its process")
         self.device = torch.device("cuda" if spec.gpus > 0 else "cpu")
         torch.manual_seed(spec.seed)  # every worker starts from the same initial weights
         self.model = model_factory().to(self.device)
-        self.state = FlatState(self.model)
-        self.optimizer = (optimizer_factory or (lambda p: build_optimizer(p, spec.optimizer)))(self.model.parameters())
+        self.state = flat.FlatState(self.model)
+        self.optimizer = (optimizer_factory or (lambda p: optim.build_optimizer(p, spec.optimizer)))(
+            self.model.parameters()
+        )
         data = dataset_factory()
         n = len(data.y_train)
-        shard, self.stream = batch_stream(n, spec.batch_size, spec.seed, spec.num_workers, rank, spec.redeal_shards)
-        self.x = resident(data.x_train, self.device, shard)  # ImageFiles: a lazy subset, streamed
-        self.streamed = isinstance(self.x, ImageFiles)
+        shard, self.stream = datasets.batch_stream(
+            n, spec.batch_size, spec.seed, spec.num_workers, rank, spec.redeal_shards
+        )
+        self.x = datasets.resident(data.x_train, self.device, shard)  # ImageFiles: a lazy subset, streamed
+        self.streamed = isinstance(self.x, datasets.ImageFiles)
         self.y = (data.y_train if shard is None else data.y_train[shard]).to(self.device)
         self.augment = data.augment  # whole-batch crop/flip on the worker's device (the fast path)
-        self.augment_rng = torch.Generator().manual_seed(worker_seed(spec.seed, rank) + 1)
+        self.augment_rng = torch.Generator().manual_seed(datasets.worker_seed(spec.seed, rank) + 1)
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
         if spec.lsgd.leader_estimate == "val_batch":
             # The same batch for every worker: a fixed seeded draw from the training set.
@@ -88,7 +104,7 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
         self._outer_init()  # DiLoCo: the global weights and outer optimizers
         if spec.data_parallel is not None and spec.data_parallel.compression != "none":
             c = spec.data_parallel
-            self._grad_hook = FlatGradientHook(
+            self._grad_hook = comm_hooks.FlatGradientHook(
                 c.compression, c.powersgd_rank, c.powersgd_start, c.error_feedback, c.warm_start
             )
         self._lock = threading.Lock()  # guards the pull and snapshot queues and the mode flag
@@ -153,14 +169,14 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
         """One optimizer step on the next batch; returns its loss."""
         index = self.stream.next()
         if self.streamed:  # decoded from disk, per-sample transforms seeded from augment_rng
-            files = cast(ImageFiles, self.x)
+            files = cast(datasets.ImageFiles, self.x)
             x, index = files.load(index, self.augment_rng).to(self.device), index.to(self.device)
         else:  # the fast path: the shard is on the device, augmented a whole batch at a time
             index = index.to(self.device)
             x = self.x[index]
             if self.augment is not None:
                 x = self.augment(x, self.augment_rng)
-        loss = F.cross_entropy(self.model(x), self.y[index])
+        loss = torch.nn.functional.cross_entropy(self.model(x), self.y[index])
         self.state.zero_grad()
         loss.backward()
         self._after_backward()
@@ -182,7 +198,7 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
             return self.window.mean()
         self.model.eval()
         with torch.no_grad():
-            value = F.cross_entropy(self.model(self.val[0]), self.val[1]).item()
+            value = torch.nn.functional.cross_entropy(self.model(self.val[0]), self.val[1]).item()
         self.model.train()
         return value if math.isfinite(value) else math.inf
 
@@ -279,7 +295,7 @@ class Worker(WorkerStateMixin, AsyncWorkerMixin, PeerWorkerMixin, DiLoCoWorkerMi
             return
         start = time.perf_counter()
         source = self.on_device(leader)  # on a GPU: one host-to-device copy
-        if not all_finite(source):  # the leader diverged after it was chosen (its last step)
+        if not flat.all_finite(source):  # the leader diverged after it was chosen (its last step)
             self.skipped_pulls += 1 if strength > 0 else 0
             return
         if strength > 0:

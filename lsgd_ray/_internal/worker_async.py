@@ -9,13 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from lsgd_ray._internal.protocol import WorkerSpec
-from lsgd_ray.flat import FlatState
+if TYPE_CHECKING:  # no torch at import: see lazy.py
+    import torch
+
+    from lsgd_ray._internal.protocol import WorkerSpec
+    from lsgd_ray.flat import FlatState
 
 
 class AsyncWorkerMixin:

@@ -15,15 +15,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
+from lsgd_ray._internal.lazy import lazy_module
 from lsgd_ray.algorithms import diloco
-from lsgd_ray.optim import build_optimizer
 
 if TYPE_CHECKING:
+    import torch
+
+    from lsgd_ray import optim
     from lsgd_ray._internal.protocol import WorkerSpec
     from lsgd_ray.flat import FlatState
+else:  # loaded by the Worker's __init__ (lazy.py)
+    torch, optim = lazy_module("torch"), lazy_module("lsgd_ray.optim")
 
 
 class DiLoCoWorkerMixin:
@@ -41,7 +44,7 @@ class DiLoCoWorkerMixin:
     _mean_about_: Callable[[torch.Tensor, torch.Tensor, Any, int], None]
     _mean_exact_: Callable[[torch.Tensor, Any, int], None]
     _reset: Callable[[np.ndarray | None], None]
-    _outer: list[tuple[int, int, nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
+    _outer: list[tuple[int, int, torch.nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
     _global_buffers: torch.Tensor | None = None
     _outer_steps = 0  # outer steps taken (or those of the worker whose outer state was loaded)
 
@@ -54,8 +57,8 @@ class DiLoCoWorkerMixin:
         self._outer = []
         for start, end in diloco.fragment_bounds(flat.numel(), cfg.fragments):
             stop = min(end, params)
-            leaf = nn.Parameter(flat[start:stop].detach().clone(), requires_grad=False) if stop > start else None
-            optimizer = build_optimizer([leaf], cfg.outer) if leaf is not None else None
+            leaf = torch.nn.Parameter(flat[start:stop].detach().clone(), requires_grad=False) if stop > start else None
+            optimizer = optim.build_optimizer([leaf], cfg.outer) if leaf is not None else None
             self._outer.append((start, end, leaf, optimizer))
         self._global_buffers = flat[params:].detach().clone()
 

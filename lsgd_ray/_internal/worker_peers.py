@@ -15,17 +15,21 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from lsgd_ray._internal.lazy import lazy_module
 from lsgd_ray.algorithms import easgd
 from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
 from lsgd_ray.algorithms.gossip import mix_
-from lsgd_ray.flat import as_tensor, decode, encode
+from lsgd_ray.wire import encode
 
 if TYPE_CHECKING:
+    import torch
+
     from lsgd_ray._internal.protocol import WorkerSpec
     from lsgd_ray.comm_hooks import FlatGradientHook
     from lsgd_ray.flat import FlatState
+else:  # loaded by the Worker's __init__ (lazy.py)
+    torch = lazy_module("torch")
 
 
 def free_address() -> str:
@@ -274,6 +278,8 @@ class PeerWorkerMixin:
         """Weights that arrived (a view of the object store on the CPU), as a tensor on this
         worker's device in its dtype: no copy for float32 on the CPU; bfloat16 (``comm_dtype``)
         crosses to the device as it travelled and is widened there."""
+        from lsgd_ray.flat import as_tensor, decode  # loaded by the Worker's __init__ (lazy.py)
+
         source = decode(as_tensor(array))
         if source.device != self.device:
             source = source.to(self.device)

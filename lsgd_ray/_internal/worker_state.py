@@ -6,15 +6,19 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from lsgd_ray._internal.lazy import lazy_module
 from lsgd_ray.algorithms.lsgd import LossWindow, ProximalTargets
-from lsgd_ray.checkpoint import map_leaves
-from lsgd_ray.comm_hooks import FlatGradientHook
-from lsgd_ray.data import BatchStream
-from lsgd_ray.flat import FlatState
+
+if TYPE_CHECKING:
+    import torch
+
+    from lsgd_ray.comm_hooks import FlatGradientHook
+    from lsgd_ray.data import BatchStream
+    from lsgd_ray.flat import FlatState
+else:  # loaded by the Worker's __init__ (lazy.py)
+    torch = lazy_module("torch")
 
 
 class WorkerStateMixin:
@@ -62,6 +66,8 @@ class WorkerStateMixin:
         return self._between_steps("state")
 
     def _checkpoint_state(self) -> dict[str, Any]:
+        from lsgd_ray.checkpoint import map_leaves  # imports torch (lazy.py)
+
         self._flush_losses()
         return {
             "rank": self.rank,
