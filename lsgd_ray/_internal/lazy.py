@@ -17,6 +17,7 @@ of ``sys.modules``: every import goes through Python's own, locked import.
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -43,8 +44,6 @@ class LazyModule:
 
 def lazy_module(name: str) -> Any:
     """``name``, imported at its first use (the module itself where it is already imported)."""
-    import sys
-
     return sys.modules.get(name) or LazyModule(name)
 
 
