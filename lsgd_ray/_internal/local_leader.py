@@ -55,7 +55,7 @@ class LocalLeaderFactory:
     spec: WorkerSpec
     model_factory: Unopened
     dataset_factory: Unopened
-    optimizer_factory: Unopened  # of None: the spec's optimizer
+    optimizer_factory: Unopened  # may hold None: then the spec's optimizer
     worker_cls: type
     timeout_s: float
 
