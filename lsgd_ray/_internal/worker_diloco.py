@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from lsgd_ray import optim
     from lsgd_ray._internal.protocol import WorkerSpec
     from lsgd_ray.flat import FlatState
-else:  # loaded by the Worker's __init__ (lazy.py)
+else:  # imported on first use; the Worker's __init__ has imported torch by then (lazy.py)
     torch, optim = lazy_module("torch"), lazy_module("lsgd_ray.optim")
 
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from lsgd_ray._internal.protocol import WorkerSpec
     from lsgd_ray.comm_hooks import FlatGradientHook
     from lsgd_ray.flat import FlatState
-else:  # loaded by the Worker's __init__ (lazy.py)
+else:  # imported on first use; the Worker's __init__ has imported torch by then (lazy.py)
     torch = lazy_module("torch")
 
 
@@ -278,7 +278,7 @@ class PeerWorkerMixin:
         """Weights that arrived (a view of the object store on the CPU), as a tensor on this
         worker's device in its dtype: no copy for float32 on the CPU; bfloat16 (``comm_dtype``)
         crosses to the device as it travelled and is widened there."""
-        from lsgd_ray.flat import as_tensor, decode  # loaded by the Worker's __init__ (lazy.py)
+        from lsgd_ray.flat import as_tensor, decode  # imported by the Worker's __init__: a lookup here (lazy.py)
 
         source = decode(as_tensor(array))
         if source.device != self.device:

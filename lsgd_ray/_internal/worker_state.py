@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from lsgd_ray.comm_hooks import FlatGradientHook
     from lsgd_ray.data import BatchStream
     from lsgd_ray.flat import FlatState
-else:  # loaded by the Worker's __init__ (lazy.py)
+else:  # imported on first use; the Worker's __init__ has imported torch by then (lazy.py)
     torch = lazy_module("torch")
 
 
