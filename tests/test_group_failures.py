@@ -109,6 +109,34 @@ def test_a_coordinator_dead_when_a_sync_checkpoint_starts_is_restarted(local_ray
     assert result.status == "completed" and steps == [120] * 4
 
 
+@ray.remote(num_cpus=0)
+class StandIn:
+    """A coordinator in the driver's eyes: one whose ``__init__`` raises, or one alive."""
+
+    def __init__(self, broken):
+        if broken:
+            raise ValueError("no group to coordinate")
+
+    def local_leader_handles(self):
+        return []
+
+
+def test_a_coordinator_whose_init_raised_is_not_taken_for_dead(local_ray, tmp_path):
+    """A new coordinator whose own ``__init__`` raised would raise the same if started again: its
+    error ends the run (CI built 25 in a row, each raising, until the test's timeout); one
+    killed is dead, and restarted."""
+    driver = Trainer.__new__(Trainer)  # only the driver's judgement: no run
+    driver.config = config(tmp_path)
+    for broken, died in ((True, False), (False, True)):
+        driver.global_leader = StandIn.remote(broken)
+        if not broken:
+            ray.get(driver.global_leader.local_leader_handles.remote())
+            ray.kill(driver.global_leader)
+        with pytest.raises(ray.exceptions.RayActorError) as caught:
+            ray.get(driver.global_leader.local_leader_handles.remote())
+        assert driver._coordinator_died(caught.value) is died
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # a removed node is declared dead after ~3 missed 1 s health checks (Ray's default: ~25 s here)
@@ -128,6 +156,12 @@ def add_nodes(c, count=1):
     c.wait_for_nodes()
     ray.shutdown()
     ray.init(address=c.address, logging_level="WARNING")
+    # wait_for_nodes counts live nodes: a node the last test removed, not yet marked dead, can
+    # stand in for one added here that has not registered yet, and the run would plan on it
+    expected, deadline = {n.node_id for n in c.list_all_nodes()}, time.time() + 60
+    while {n["NodeID"] for n in ray.nodes() if n["Alive"]} != expected:
+        assert time.time() < deadline, "the cluster's live nodes are not the ones added and left"
+        time.sleep(0.1)
     return nodes
 
 
@@ -305,6 +339,28 @@ def test_a_drop_the_driver_read_but_whose_handles_died_with_the_coordinator_is_n
     assert driver.local_leaders == ["LL0", "LL2"] and driver.workers == ["w0", "w1", "w4"]
     driver._leave_out_dropped(known)  # nothing more to leave out
     assert driver.local_leaders == ["LL0", "LL2"] and driver.workers == ["w0", "w1", "w4"]
+    # events that show every group dropped contradict the handles (a coordinator keeps its last
+    # group): said at once, not 25 new coordinators built with no group, each failing (CI)
+    with pytest.raises(RuntimeError, match=r"every group dropped \(\[0, 1, 2\]\)"):
+        driver._leave_out_dropped([*known, {"event": "group_dropped", "group": 0, "ranks": [0, 1]}, known[1]])
+    assert driver.local_leaders == ["LL0", "LL2"]
+
+
+def test_a_coordinator_pairs_each_group_with_its_own_local_leader(tmp_path):
+    """Read while a group is dropped in another thread of the actor (one list changed, not the
+    other yet), the groups and their LocalLeaders come paired, and a coordinator refuses a
+    layout without a LocalLeader for each group."""
+    from lsgd_ray._internal.coordinator import Coordinator
+
+    cfg = config(tmp_path)
+    plans = [GroupPlan(0, "a", 2, 0), GroupPlan(1, "b", 2, 2)]
+    coordinator = Coordinator(["LL0", "LL1"], plans, cfg, 1.0)
+    del coordinator.local_leaders[0]  # halfway through a drop
+    threading.Timer(0.2, lambda: coordinator.plans.pop(0)).start()
+    assert coordinator.groups_now() == ([plans[1]], ["LL1"])
+    for leaders, layout in ((["LL0"], plans), ([], [])):
+        with pytest.raises(ValueError, match="a LocalLeader for each of its groups"):
+            Coordinator(leaders, layout, cfg, 1.0)
 
 
 @pytest.mark.timeout(420)

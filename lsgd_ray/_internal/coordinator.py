@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from lsgd_ray._internal.group_repair import checkpoint_source
@@ -42,6 +43,10 @@ class Coordinator:
         timeout_s: float,
         make_local_leader: LocalLeaderFactory | None = None,
     ) -> None:
+        if not plans or len(plans) != len(local_leaders):
+            raise ValueError(
+                f"a coordinator needs a LocalLeader for each of its groups: {len(local_leaders)} for {plans}"
+            )
         self.local_leaders, self.plans, self.timeout_s = list(local_leaders), list(plans), timeout_s
         self.config = config
         self.deadlines = Deadlines(timeout_s)
@@ -106,3 +111,13 @@ class Coordinator:
     def group_plans(self) -> list[GroupPlan]:
         """The groups in the run now (LSGD drops a group no node can take; the peers never do)."""
         return self.plans
+
+    def groups_now(self) -> tuple[list[GroupPlan], list[Any]]:
+        """The groups in the run and their LocalLeaders, in one answer that pairs them: a group
+        dropped or rejoining changes both lists one after the other, in another thread of this
+        actor's, and two calls read between them paired a group with another's LocalLeader."""
+        while True:
+            plans, leaders = list(self.plans), list(self.local_leaders)
+            if len(plans) == len(leaders):
+                return plans, leaders
+            time.sleep(0.001)

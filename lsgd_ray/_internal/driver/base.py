@@ -100,8 +100,7 @@ class DriverBase:
         round or loop restart) leaves its workers' old handles here: calls on them fail as on
         any lost worker's."""
         old = dict(zip([r for g in self.groups for r in g.ranks], self.workers))
-        self.local_leaders = ray.get(self.global_leader.local_leader_handles.remote())
-        self.groups = ray.get(self.global_leader.group_plans.remote()) or self.groups
+        self.groups, self.local_leaders = ray.get(self.global_leader.groups_now.remote())
         calls = [ll.worker_handles.remote() for ll in self.local_leaders]
         replies = replies_or_deaths(calls, self.config.actor_timeout_s, [f"LocalLeader {p.group}" for p in self.groups])
         workers: list[Any] = []

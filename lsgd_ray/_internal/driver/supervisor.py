@@ -66,6 +66,8 @@ class Supervisor(RunState):
             return
         by_rank = dict(zip(self._ranks(), self.workers))
         kept = [(plan, ll) for plan, ll in zip(self.groups, self.local_leaders) if plan.group not in out]
+        if not kept:  # a coordinator never drops its last group: these handles and events disagree
+            raise RuntimeError(f"the run's events show every group dropped ({sorted(out)}): no group to go on with")
         self.groups, self.local_leaders = [plan for plan, _ in kept], [ll for _, ll in kept]
         self.workers = [by_rank[r] for plan in self.groups for r in plan.ranks]
 
@@ -178,6 +180,8 @@ class Supervisor(RunState):
         DOWNPOUR's ParameterServer, which a worker's loop calls): the coordinator is asked."""
         if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc.cause, ray.exceptions.RayActorError):
             return False
+        if not isinstance(exc, ray.exceptions.RayTaskError) and exc.actor_init_failed:
+            return False  # its own __init__ raised (CI: 25 new coordinators in a row, each raising the same)
         try:
             ray.get(self.global_leader.local_leader_handles.remote(), timeout=self.config.actor_timeout_s)
             return False
