@@ -29,7 +29,7 @@ from lsgd_ray import (
     TrainConfig,
     Trainer,
 )
-from lsgd_ray._internal.peer_recovery import PeerRecovery
+from lsgd_ray._internal.peer_groups import PeerGroups
 from lsgd_ray._internal.worker import Worker
 from tests.helpers import kill_if_alive, once_checkpointed, stopped
 from tests.test_failures import DATA, MODEL, dead, pids, strike
@@ -235,7 +235,7 @@ def test_a_new_local_leader_pinned_to_a_node_just_lost_is_placed_again(tmp_path)
             make_local_leader=StillListsTheLostNode(), plans=[plan], last_checkpoint=None,
             deadlines=trainer.deadlines, log=SimpleNamespace(warning=said.append),
         )  # fmt: skip
-        leader, target = PeerRecovery._new_local_leader(coordinator, 0, plan, "its LocalLeader died")
+        leader, target = PeerGroups._new_local_leader(coordinator, 0, plan, "its LocalLeader died")
         try:
             assert target == plan and ray.get(leader.ready.remote(), timeout=60) is not None
         finally:

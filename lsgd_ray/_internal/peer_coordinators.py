@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from lsgd_ray._internal.peer_recovery import REPLACE_PASSES, PeerRecovery, wrapped_weights
+from lsgd_ray._internal.peer_groups import REPLACE_PASSES
+from lsgd_ray._internal.peer_recovery import PeerRecovery, wrapped_weights
 from lsgd_ray._internal.protocol import Failure
 from lsgd_ray._internal.waiting import ActorTimeoutError, answers, get_all, replies_or_deaths, worker_handles
 from lsgd_ray.algorithms import diloco, local_sgd
