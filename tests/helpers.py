@@ -10,10 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from lsgd_ray.config import TrainConfig
+from lsgd_ray.config import OptimizerConfig, TrainConfig
 from lsgd_ray.data import BatchStream, shard_indices, worker_seed
 from lsgd_ray.flat import flatten_state
 from lsgd_ray.optim import build_optimizer
+
+
+def torch_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names as plain ``torch.optim`` builds it: the workers' SGD on CPU is
+    lsgd_ray's own (``lsgd_ray.optim.SGD``), which the references hold to torch's."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    return build_optimizer(params, cfg)  # torch.optim's own for the others
 
 
 def plain_loop(rank: int, num_workers: int, steps: int, cfg: TrainConfig, model_fn, data_fn):
@@ -36,7 +46,7 @@ def big_batch_loop(num_workers: int, steps: int, cfg: TrainConfig, model_fn, dat
     try:
         torch.manual_seed(cfg.seed)
         model = model_fn()
-        optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+        optimizer = torch_optimizer(model.parameters(), cfg.optimizer)
         data = data_fn()
         shards = [shard_indices(len(data.y_train), num_workers, r, cfg.seed) for r in range(num_workers)]
         streams = [BatchStream(len(s), cfg.batch_size, worker_seed(cfg.seed, r)) for r, s in enumerate(shards)]
@@ -73,7 +83,7 @@ class StepLoop:
     def __init__(self, rank: int, num_workers: int, cfg: TrainConfig, model_fn, data_fn) -> None:
         torch.manual_seed(cfg.seed)
         self.model = model_fn()
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
+        self.optimizer = torch_optimizer(self.model.parameters(), cfg.optimizer)
         data = data_fn()
         n = len(data.y_train)
         if cfg.redeal_shards:
@@ -160,3 +170,10 @@ def stopped(pid: int, after_s: float = 0.0) -> Iterator[None]:
         if timer is not None:
             timer.cancel()
         kill_if_alive(pid)
+
+
+def loaded(actor, module: str) -> bool:
+    """Whether ``module`` is imported in ``actor``'s process (asked through ``__ray_call__``)."""
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda _: module in __import__("sys").modules))

@@ -18,7 +18,7 @@ from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import sync_round
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
-from tests.helpers import plain_loop
+from tests.helpers import loaded, plain_loop
 
 MODEL = functools.partial(mlp, (16,), 4, hidden=32)
 DATA = functools.partial(synthetic, n_train=1024, n_test=512)
@@ -114,7 +114,7 @@ def _worker_steps_equal_plain(tmp_path, groups, per_group, lsgd, steps=12, redea
 def torch_loaded(actor) -> bool:
     """Whether torch has been executed in ``actor``'s process (its module object may be there
     unexecuted: the Worker's modules name it lazily)."""
-    return ray.get(actor.__ray_call__.remote(lambda _: "torch._C" in __import__("sys").modules))
+    return loaded(actor, "torch._C")
 
 
 @pytest.mark.timeout(180)
@@ -123,7 +123,9 @@ def test_the_leaders_never_load_torch_though_they_hold_worker_handles(tmp_path, 
     """Start-up: torch's import costs each process about 2 s of CPU. The LocalLeaders create
     Workers and the GlobalLeader holds their handles, which makes Ray import the Worker's module
     there; that module names torch lazily and the model and dataset factories pass through them
-    unopened, so only the Workers (and the evaluator) load torch, through a whole run."""
+    unopened, so only the Workers (and the evaluator) load torch, through a whole run. The
+    Workers' SGD is lsgd_ray's own, so none loads torch._dynamo (another 1.1 CPU-s each), which
+    every ``torch.optim`` optimizer imports."""
     cfg = config(tmp_path, time_budget_s=3.0, eval_every_s=1.0, lsgd=LSGDConfig(mode=mode, tau=2, tau_global=4))
     with Trainer(MODEL, DATA, cfg) as trainer:
         trainer.start()
@@ -133,6 +135,7 @@ def test_the_leaders_never_load_torch_though_they_hold_worker_handles(tmp_path, 
         assert result.status == "completed" and result.final_test_accuracy > 0.4
         assert [torch_loaded(a) for a in leaders] == [False] * 3
         assert all(torch_loaded(w) for w in trainer.workers) and torch_loaded(trainer.evaluator)
+        assert not any(loaded(a, "torch._dynamo") for a in [*trainer.workers, trainer.evaluator, *leaders])
 
 
 @pytest.mark.timeout(180)

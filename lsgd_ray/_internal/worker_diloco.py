@@ -44,7 +44,7 @@ class DiLoCoWorkerMixin:
     _mean_about_: Callable[[torch.Tensor, torch.Tensor, Any, int], None]
     _mean_exact_: Callable[[torch.Tensor, Any, int], None]
     _reset: Callable[[np.ndarray | None], None]
-    _outer: list[tuple[int, int, torch.nn.Parameter | None, torch.optim.Optimizer | None]] | None = None
+    _outer: list[tuple[int, int, torch.nn.Parameter | None, optim.Optimizer | None]] | None = None
     _global_buffers: torch.Tensor | None = None
     _outer_steps = 0  # outer steps taken (or those of the worker whose outer state was loaded)
 

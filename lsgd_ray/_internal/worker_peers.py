@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from lsgd_ray._internal.protocol import WorkerSpec
     from lsgd_ray.comm_hooks import FlatGradientHook
     from lsgd_ray.flat import FlatState
+    from lsgd_ray.optim import Optimizer
 else:  # imported on first use; the Worker's __init__ has imported torch by then (lazy.py)
     torch = lazy_module("torch")
 
@@ -50,7 +51,7 @@ class PeerWorkerMixin:
     spec: WorkerSpec
     state: FlatState
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     device: torch.device
     bytes_sent: float
     bytes_received: float

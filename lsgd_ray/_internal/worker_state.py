@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from lsgd_ray.comm_hooks import FlatGradientHook
     from lsgd_ray.data import BatchStream
     from lsgd_ray.flat import FlatState
+    from lsgd_ray.optim import Optimizer
 else:  # imported on first use; the Worker's __init__ has imported torch by then (lazy.py)
     torch = lazy_module("torch")
 
@@ -28,7 +29,7 @@ class WorkerStateMixin:
     device: torch.device
     model: torch.nn.Module
     state: FlatState
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     steps: int
     stream: BatchStream  # or DealtStream, its subclass
     augment_rng: torch.Generator

@@ -30,6 +30,8 @@ from lsgd_ray.algorithms.data_parallel import ring_allreduce_bytes
 if TYPE_CHECKING:  # no torch at run time: the coordinator imports this module
     import torch
 
+    from lsgd_ray.optim import Optimizer
+
 
 def fragment_bounds(n: int, fragments: int) -> list[tuple[int, int]]:
     """``fragments`` contiguous [start, end) ranges covering ``range(n)``, sizes differing by at most 1."""
@@ -63,7 +65,7 @@ def next_sync_step(step: int, tau: int | None, tau_global: int, fragments: int =
     return min((step // p + 1) * p for p in periods)
 
 
-def outer_step(global_: torch.Tensor, optimizer: torch.optim.Optimizer, averaged: torch.Tensor) -> None:
+def outer_step(global_: torch.Tensor, optimizer: Optimizer, averaged: torch.Tensor) -> None:
     """One outer step: ``global_`` (a leaf tensor, the optimizer's only parameter) moves along the
     pseudo-gradient ``global_ − averaged``; ``averaged`` (the workers' mean) is then overwritten
     with the new global weights, which is where every worker continues from."""
