@@ -4,6 +4,7 @@ they drag in: torch, the dataset's modules) and its ``__init__``.
 
     .venv/bin/python scripts/startup_breakdown.py                 # the README's main job
     .venv/bin/python scripts/startup_breakdown.py --json out.json
+    .venv/bin/python scripts/startup_breakdown.py --nodes 2       # on a 2-node ray.cluster_utils.Cluster
 
 Run it on an idle machine: the phases compete for the same cores. The times come from Ray's own
 task events (what ``ray.timeline`` shows), not from the actors.
@@ -12,6 +13,7 @@ task events (what ``ray.timeline`` shows), not from the actors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -82,28 +84,59 @@ def complete_phases(t0: float, expected: int, within_s: float = 30.0) -> list[di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None, help="also write the breakdown here")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="Ray nodes: 1, a local Ray (the main job); more, a ray.cluster_utils.Cluster of that many "
+        "nodes sharing the workers' CPUs (its head has none), one group per node",
+    )
     parser.add_argument("train_args", nargs="*", help="`lsgd-ray train` flags after --, e.g. -- --groups 1")
     args = parser.parse_args()
+    if args.nodes < 1:
+        parser.error(f"--nodes must be at least 1, got {args.nodes}")
+    cluster = None
     with tempfile.TemporaryDirectory() as tmp:
         train = build_parser().parse_args(["train", "--quiet", "--output-dir", tmp, *args.train_args])
         config = config_from_args(train)
+        cores = os.cpu_count() or 1
+        workers = (config.num_groups or 1) * (config.workers_per_group or 1)
+        if args.nodes > 1:  # the topology's default: one group per node, a worker per CPU
+            config = dataclasses.replace(config, num_groups=None, workers_per_group=None)
         spec = dataset_spec(train.dataset, train.data_dir, train.image_size)
         model = model_factory(train.model, spec.model_input_shape(train.augment), spec.num_classes)
         data = dataset_factory(train.dataset, train.data_dir, augment=train.augment, image_size=train.image_size)
-        workers = (config.num_groups or 1) * (config.workers_per_group or 1)
         t0 = time.time()
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False)
+        if args.nodes == 1:
+            ray.init(address="local", num_cpus=max(cores, workers), include_dashboard=False)
+        else:
+            from ray.cluster_utils import Cluster
+
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+            for _ in range(args.nodes):  # the workers' CPUs shared out, as the local Ray oversubscribes them
+                cluster.add_node(num_cpus=max(1, max(cores, workers) // args.nodes))
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address)
         ray_s = time.time() - t0
         trainer = Trainer(model, data, config)
         try:
             trainer.start()
             total_s = time.time() - t0
             rows = complete_phases(t0, expected=len(trainer.workers) + len(trainer.local_leaders) + 2)
+            groups = [  # where each group's LocalLeader and workers run, as they said
+                {"group": g["group"], "node_id": g["node_id"], "worker_nodes": [w["node_id"] for w in g["workers"]]}
+                for g in trainer.group_infos
+            ]
         finally:
             trainer.shutdown()
             ray.shutdown()
-    print(f"{train.dataset}, {workers} workers, {os.cpu_count()} cores; seconds from the start of ray.init")
-    print(f"ray.init: {ray_s:.2f}; every actor ready: {total_s:.2f} (Trainer.start: {trainer.startup_s:.2f})")
+            if cluster is not None:
+                cluster.shutdown()
+    workers = len(trainer.workers)
+    where = "a local Ray" if cluster is None else f"a {args.nodes}-node Cluster"
+    print(f"{train.dataset}, {workers} workers, {cores} cores, {where}; seconds from the start of ray.init")
+    start = "ray.init" if cluster is None else "the Cluster and ray.init"
+    print(f"{start}: {ray_s:.2f}; every actor ready: {total_s:.2f} (Trainer.start: {trainer.startup_s:.2f})")
     print(f"{'actor':<22}{'asked':>7}{'waited':>8}{'loading':>9}{'init':>7}{'ready':>7}")
     for r in rows:
         print(
@@ -113,7 +146,13 @@ def main() -> int:
     print("waited: asked for until its process ran it (Ray starts at most one process per core at once);")
     print("loading: unpickling its arguments and class (imports); init: the rest of __init__")
     if args.json:
-        report = {"command": " ".join([sys.executable, *sys.argv]), "ray_init_s": ray_s, "total_s": total_s}
+        report = {
+            "command": " ".join([sys.executable, *sys.argv]),
+            "nodes": args.nodes,
+            "groups": groups,
+            "ray_init_s": ray_s,
+            "total_s": total_s,
+        }
         with open(args.json, "w") as f:
             json.dump({**report, "startup_s": trainer.startup_s, "actors": rows}, f, indent=2)
     return 0

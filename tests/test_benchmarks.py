@@ -111,13 +111,17 @@ def test_bench_core_throughput(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_startup_breakdown_names_every_actor_and_its_phases(tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_startup_breakdown_names_every_actor_and_its_phases(tmp_path, nodes):
+    """On a local Ray (1 group of 2), and on a 2-node Cluster (a group of 1 on each node)."""
     out = tmp_path / "startup.json"
     argv = ("--", "--dataset", "synthetic", "--groups", "1", "--workers-per-group", "2")
-    done = run_script("startup_breakdown.py", "--json", str(out), *argv, timeout=270)
+    done = run_script("startup_breakdown.py", "--json", str(out), "--nodes", str(nodes), *argv, timeout=270)
     report = json.loads(out.read_text())
     actors = sorted(row["actor"] for row in report["actors"])
-    assert actors == ["Evaluator", "GlobalLeader", "LocalLeader", "Worker", "Worker"], report
+    assert actors == ["Evaluator", "GlobalLeader", *["LocalLeader"] * nodes, "Worker", "Worker"], report
+    assert report["nodes"] == nodes and len({g["node_id"] for g in report["groups"]}) == nodes, report
+    assert all(set(g["worker_nodes"]) == {g["node_id"]} for g in report["groups"]), report  # a group's node
     for row in report["actors"]:
         assert 0 <= row["asked_s"] <= row["ready_at_s"] <= report["total_s"], row
         assert row["waited_for_process_s"] >= 0 and row["loading_arguments_s"] >= 0 and row["init_s"] >= 0, row
