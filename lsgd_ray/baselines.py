@@ -4,10 +4,10 @@
 - :func:`ray_train_ddp`: Ray Train v2's ``TorchTrainer``, every rank a DistributedDataParallel
   replica on its own shard (gloo on CPU).
 
-Both use the library's own pieces (``batch_stream``, ``worker_seed``, ``build_optimizer``;
-``redeal_shards`` as ``TrainConfig``'s), evaluate on the test split every ``eval_every_s`` seconds of *training*
-time (evaluation is off the clock), stop at the first evaluation reaching ``target_accuracy`` or
-at the budget, and return a :class:`BaselineResult` whose ``history`` has the same records as
+Both use the library's own pieces (``batch_stream``, ``worker_seed``; ``redeal_shards`` as
+``TrainConfig``'s) and torch's own optimizer (``torch_optimizer``: what a plain PyTorch loop
+runs), evaluate on the test split every ``eval_every_s`` seconds of *training* time (evaluation
+is off the clock), stop at the first evaluation reaching ``target_accuracy`` or at the budget, and return a :class:`BaselineResult` whose ``history`` has the same records as
 ``FitResult.history`` (``train_s``, ``samples``, ``step``, ``test_accuracy``, ``test_loss``).
 """
 
@@ -31,7 +31,7 @@ from lsgd_ray.config import OptimizerConfig
 from lsgd_ray.data import DatasetFactory, ImageFiles, batch_stream, resident, worker_seed
 from lsgd_ray.flat import flatten_state
 from lsgd_ray.models import ModelFactory
-from lsgd_ray.optim import build_optimizer
+from lsgd_ray.optim import torch_optimizer
 
 
 @dataclass
@@ -94,7 +94,7 @@ class _Shard:
     ) -> None:  # fmt: skip
         torch.manual_seed(seed)  # same initial weights on every rank
         self.model = model_factory()
-        self.optimizer = build_optimizer(self.model.parameters(), opt)
+        self.optimizer = torch_optimizer(self.model.parameters(), opt)
         data = dataset_factory()
         n = len(data.y_train)
         shard, self.stream = batch_stream(n, batch_size, seed, num_workers, rank, redeal_shards)

@@ -38,10 +38,20 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> Optimizer:
+    """A worker's optimizer: this module's ``SGD`` for SGD on CPU, else ``torch_optimizer``'s."""
     params = list(params)
+    if cfg.name == "sgd" and all(p.device.type == "cpu" for p in params):
+        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch_optimizer(params, cfg)
+
+
+def torch_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, as ``torch.optim`` builds it: what a plain PyTorch loop runs
+    (the baselines the benchmarks compare with, and the exactness tests' references)."""
     if cfg.name == "sgd":
-        kind: Any = SGD if all(p.device.type == "cpu" for p in params) else torch.optim.SGD
-        return kind(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":

@@ -43,7 +43,7 @@ from lsgd_ray.data import (  # noqa: E402
     worker_seed,
 )
 from lsgd_ray.models import small_cnn  # noqa: E402
-from lsgd_ray.optim import build_optimizer  # noqa: E402
+from lsgd_ray.optim import torch_optimizer  # noqa: E402
 
 # --------------------------------------------------------------------------- 1. throughput
 
@@ -55,7 +55,7 @@ def plain_loop(rank: int, num_workers: int, steps: int, batch: int, data_fn, mod
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = model_fn()
-    optimizer = build_optimizer(model.parameters(), opt_cfg)
+    optimizer = torch_optimizer(model.parameters(), opt_cfg)  # a plain PyTorch loop's
     data = data_fn()
     shard = shard_indices(len(data.y_train), num_workers, rank, 0)
     x, y = data.x_train[shard], data.y_train[shard]

@@ -10,20 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from lsgd_ray.config import OptimizerConfig, TrainConfig
+from lsgd_ray.config import TrainConfig
 from lsgd_ray.data import BatchStream, shard_indices, worker_seed
 from lsgd_ray.flat import flatten_state
-from lsgd_ray.optim import build_optimizer
-
-
-def torch_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer ``cfg`` names as plain ``torch.optim`` builds it: the workers' SGD on CPU is
-    lsgd_ray's own (``lsgd_ray.optim.SGD``), which the references hold to torch's."""
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-        )
-    return build_optimizer(params, cfg)  # torch.optim's own for the others
+from lsgd_ray.optim import torch_optimizer  # torch's own: the workers' SGD is held to it
 
 
 def plain_loop(rank: int, num_workers: int, steps: int, cfg: TrainConfig, model_fn, data_fn):

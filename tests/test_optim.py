@@ -11,7 +11,7 @@ import torch
 from lsgd_ray.config import OptimizerConfig
 from lsgd_ray.flat import FlatState
 from lsgd_ray.models import small_cnn
-from lsgd_ray.optim import SGD, build_optimizer
+from lsgd_ray.optim import SGD, build_optimizer, torch_optimizer
 
 SETTINGS = [  # (momentum, nesterov, weight_decay)
     (0.0, False, 0.0),
@@ -103,6 +103,7 @@ def test_sgd_is_torchs_off_the_cpu_and_the_other_optimizers_are_torchs():
     assert type(build_optimizer(cpu, OptimizerConfig(name="sgd"))) is SGD
     assert type(build_optimizer(meta, OptimizerConfig(name="sgd"))) is torch.optim.SGD
     assert type(build_optimizer(cpu, OptimizerConfig(name="adam"))) is torch.optim.Adam
+    assert type(torch_optimizer(cpu, OptimizerConfig(name="sgd"))) is torch.optim.SGD  # the baselines' own
 
 
 def test_stepping_the_workers_sgd_never_imports_torch_dynamo():
