@@ -100,7 +100,7 @@ def main() -> int:
         train = build_parser().parse_args(["train", "--quiet", "--output-dir", tmp, *args.train_args])
         config = config_from_args(train)
         cores = os.cpu_count() or 1
-        workers = (config.num_groups or 1) * (config.workers_per_group or 1)
+        asked = (config.num_groups or 1) * (config.workers_per_group or 1)  # the local Ray's CPUs
         if args.nodes > 1:  # the topology's default: one group per node, a worker per CPU
             config = dataclasses.replace(config, num_groups=None, workers_per_group=None)
         spec = dataset_spec(train.dataset, train.data_dir, train.image_size)
@@ -108,13 +108,13 @@ def main() -> int:
         data = dataset_factory(train.dataset, train.data_dir, augment=train.augment, image_size=train.image_size)
         t0 = time.time()
         if args.nodes == 1:
-            ray.init(address="local", num_cpus=max(cores, workers), include_dashboard=False)
+            ray.init(address="local", num_cpus=max(cores, asked), include_dashboard=False)
         else:
             from ray.cluster_utils import Cluster
 
             cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
             for _ in range(args.nodes):  # the workers' CPUs shared out, as the local Ray oversubscribes them
-                cluster.add_node(num_cpus=max(1, max(cores, workers) // args.nodes))
+                cluster.add_node(num_cpus=max(1, max(cores, asked) // args.nodes))
             cluster.wait_for_nodes()
             ray.init(address=cluster.address)
         ray_s = time.time() - t0

@@ -167,3 +167,9 @@ def loaded(actor, module: str) -> bool:
     import ray
 
     return ray.get(actor.__ray_call__.remote(lambda _: module in __import__("sys").modules))
+
+
+def torch_loaded(actor) -> bool:
+    """Whether torch has been executed in ``actor``'s process (asked of ``torch._C``: a lazy
+    name for torch in the Worker's modules is not an import)."""
+    return loaded(actor, "torch._C")

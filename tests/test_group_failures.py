@@ -214,10 +214,10 @@ def test_a_dropped_group_rejoins_when_a_node_with_room_joins(cluster, tmp_path, 
             time.sleep(1.5)  # the node goes; once the driver knows of the drop, a new one joins
             c.remove_node(victim)
             deadline = time.time() + 60
-            while len(ray.get(trainer.global_leader.group_plans.remote())) > 1 and time.time() < deadline:
+            while len(ray.get(trainer.global_leader.groups_now.remote())[0]) > 1 and time.time() < deadline:
                 time.sleep(0.05)
             assert "error" not in box, box["error"]
-            assert len(ray.get(trainer.global_leader.group_plans.remote())) == 1, (
+            assert len(ray.get(trainer.global_leader.groups_now.remote())[0]) == 1, (
                 f"group {gone} not dropped within 60 s of its node's removal"
             )
             joined.append(c.add_node(num_cpus=2))
@@ -305,7 +305,7 @@ def test_a_global_leader_killed_after_a_group_was_dropped_goes_on_with_the_rest(
             def strike():  # once the driver knows of the drop (the new coordinator must not re-drop the group)
                 c.remove_node(victim)
                 deadline = time.time() + 60
-                while len(ray.get(trainer.global_leader.group_plans.remote())) > 1 and time.time() < deadline:
+                while len(ray.get(trainer.global_leader.groups_now.remote())[0]) > 1 and time.time() < deadline:
                     time.sleep(0.05)
                 ray.kill(coordinator)
 

@@ -18,7 +18,7 @@ from lsgd_ray._internal.worker import Worker
 from lsgd_ray.algorithms.lsgd import sync_round
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
-from tests.helpers import loaded, plain_loop
+from tests.helpers import loaded, plain_loop, torch_loaded
 
 MODEL = functools.partial(mlp, (16,), 4, hidden=32)
 DATA = functools.partial(synthetic, n_train=1024, n_test=512)
@@ -109,12 +109,6 @@ def _worker_steps_equal_plain(tmp_path, groups, per_group, lsgd, steps=12, redea
     for rank in range(n):
         expected, _ = plain_loop(rank, n, steps, cfg, MODEL, DATA)
         assert torch.equal(torch.from_numpy(weights[rank].copy()), expected), f"worker {rank} differs"
-
-
-def torch_loaded(actor) -> bool:
-    """Whether torch has been executed in ``actor``'s process (its module object may be there
-    unexecuted: the Worker's modules name it lazily)."""
-    return loaded(actor, "torch._C")
 
 
 @pytest.mark.timeout(180)

@@ -108,14 +108,11 @@ class Coordinator:
     def local_leader_handles(self) -> list[Any]:
         return list(self.local_leaders)
 
-    def group_plans(self) -> list[GroupPlan]:
-        """The groups in the run now (LSGD drops a group no node can take; the peers never do)."""
-        return self.plans
-
     def groups_now(self) -> tuple[list[GroupPlan], list[Any]]:
-        """The groups in the run and their LocalLeaders, in one answer that pairs them: a group
-        dropped or rejoining changes both lists one after the other, in another thread of this
-        actor's, and two calls read between them paired a group with another's LocalLeader."""
+        """The groups in the run now (LSGD drops a group no node can take; the peers never do)
+        and their LocalLeaders, in one answer that pairs them: a group dropped or rejoining
+        changes both lists one after the other, in another thread of this actor's, and two calls
+        read between them paired a group with another's LocalLeader."""
         while True:
             plans, leaders = list(self.plans), list(self.local_leaders)
             if len(plans) == len(leaders):
