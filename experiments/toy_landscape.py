@@ -106,10 +106,10 @@ for k, (start_name, start) in enumerate(starts.items()):
     # synchronise (the basin contracts, the noise is common) and print identical numbers.
     noise = {"grad_noise": args.grad_noise, "seed": args.seed + k}
     runs[start_name] = {
-        "LGD": toy.run_lgd(start, lam=args.lam, **common),
-        "LSGD": toy.run_lsgd(start, lam=args.lam, value_noise=args.value_noise, **common, **noise),
-        "EAGD": toy.run_eagd(start, alpha=args.alpha, **common),
-        "EASGD": toy.run_easgd(start, alpha=args.alpha, **common, **noise),
+        "LGD": toy.run_landscape(start, "lgd", strength=args.lam, **common),
+        "LSGD": toy.run_landscape(start, "lgd", strength=args.lam, value_noise=args.value_noise, **common, **noise),
+        "EAGD": toy.run_landscape(start, "eagd", strength=args.alpha, **common),
+        "EASGD": toy.run_landscape(start, "eagd", strength=args.alpha, **common, **noise),
     }
 
 # Trajectories, long format: one row per (run, step, worker), the center as one more "worker".
@@ -169,7 +169,10 @@ for start_name, by_method in runs.items():
 trials = []
 for trial in range(args.trials):
     start = toy.random_start(args.workers, seed=args.seed + 1 + trial)
-    lgd, eagd = toy.run_lgd(start, lam=args.lam, **common), toy.run_eagd(start, alpha=args.alpha, **common)
+    lgd, eagd = (
+        toy.run_landscape(start, "lgd", strength=args.lam, **common),
+        toy.run_landscape(start, "eagd", strength=args.alpha, **common),
+    )
     trials.append(
         {
             "lgd_leader_grad_norm": grad_norm(lgd.positions[-1, lgd.leaders[-1]]),

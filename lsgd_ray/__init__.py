@@ -53,18 +53,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from lsgd_ray.algorithms import ALGORITHMS  # noqa: F401
-    from lsgd_ray.config import (  # noqa: F401
-        ConfigError,
-        DataParallelConfig,
-        DiLoCoConfig,
-        DownpourConfig,
-        EASGDConfig,
-        GossipConfig,
-        LocalSGDConfig,
-        LSGDConfig,
-        OptimizerConfig,
-        TrainConfig,
-    )
+    from lsgd_ray.config import *  # noqa: F403  (the configs and ConfigError: config's __all__)
     from lsgd_ray.data import DATASETS, Dataset, DatasetNotFoundError, dataset_factory  # noqa: F401
     from lsgd_ray.models import MODELS, model_factory  # noqa: F401
     from lsgd_ray.presets import preset_config  # noqa: F401

@@ -6,14 +6,8 @@ import argparse
 
 from lsgd_ray.algorithms import ALGORITHMS
 from lsgd_ray.augment import AUGMENTS
-from lsgd_ray.config import (
-    COMM_DTYPES,
-    MODES,
-    OPTIMIZERS,
-    ConfigError,
-    OptimizerConfig,
-    TrainConfig,
-)
+from lsgd_ray.config import ConfigError, OptimizerConfig, TrainConfig
+from lsgd_ray.config_checks import COMM_DTYPES, MODES, OPTIMIZERS
 from lsgd_ray.data import DATASETS
 from lsgd_ray.models import MODELS
 from lsgd_ray.presets import PRESETS, flag_defaults

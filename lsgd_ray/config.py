@@ -2,8 +2,8 @@
 
 Every check runs in ``__post_init__`` so a bad value is refused where it is written, long
 before any Ray actor starts, with a message that says what to change. ``TrainConfig`` is here;
-the settings of each algorithm and of the optimizer are in ``lsgd_ray.settings``, the shared
-checks in ``lsgd_ray.config_checks`` (both re-exported here).
+the settings of each algorithm and of the optimizer are in ``lsgd_ray.settings`` (re-exported
+here), the shared checks and the choices they allow in ``lsgd_ray.config_checks``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ from typing import Any
 
 from lsgd_ray.config_checks import (
     COMM_DTYPES,
-    DOWNPOUR_RULES,
-    EVALUATED_MODELS,
-    GRADIENT_COMPRESSIONS,
-    LEADER_ESTIMATES,
-    MODES,
-    OPTIMIZERS,
     ConfigError,
     _check,
     _check_bool,
@@ -42,13 +36,6 @@ from lsgd_ray.settings import (
 )
 
 __all__ = [
-    "COMM_DTYPES",
-    "DOWNPOUR_RULES",
-    "GRADIENT_COMPRESSIONS",
-    "EVALUATED_MODELS",
-    "LEADER_ESTIMATES",
-    "MODES",
-    "OPTIMIZERS",
     "ConfigError",
     "DataParallelConfig",
     "DiLoCoConfig",
@@ -59,7 +46,6 @@ __all__ = [
     "LocalSGDConfig",
     "OptimizerConfig",
     "TrainConfig",
-    "check_choice",
 ]
 
 

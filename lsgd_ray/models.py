@@ -162,7 +162,7 @@ IMAGE_MODELS = ("cnn", "cnn7", "resnet20", "vgg16", "resnet50")
 
 def model_factory(name: str, input_shape: tuple[int, ...], num_classes: int) -> ModelFactory:
     """A picklable factory for a named model (see ``MODELS``)."""
-    from lsgd_ray.config import ConfigError, check_choice
+    from lsgd_ray.config_checks import ConfigError, check_choice
 
     check_choice("model", name, sorted(MODELS))
     if name in IMAGE_MODELS and len(input_shape) != 3:

@@ -26,7 +26,7 @@ run in about a second on one CPU core. The sum is not divided by |Ω|, so learni
 units of 1/‖M‖₂ (≈ 0.05 works here).
 
 Everything is numpy, float64, and seeded: the same arguments give bit-identical runs. The update
-loops (``leader_steps``, ``elastic_steps``) take any vectorised gradient and objective over a
+loops (``leader_steps``, ``elastic_steps``, on a shared ``Schedule``) take any vectorised gradient and objective over a
 (workers, dim) array, so both problems share them.
 """
 
@@ -78,43 +78,46 @@ def random_start(workers: int = 4, scale: float = 1.5, seed: int = 0) -> np.ndar
 # Update loops shared by both problems: x has shape (workers, dim).
 
 
-def _check(steps: int, tau: int, strength: float, upper: float, name: str) -> None:
-    if steps < 0 or tau < 1:
-        raise ValueError(f"need steps >= 0 and tau >= 1, got steps={steps}, tau={tau}")
+@dataclass(frozen=True)
+class Schedule:
+    """What both methods' loops share: ``steps`` gradient steps of rate ``lr``, the pull every
+    ``tau`` steps, gradient noise σ_g (0: exact gradients) and the seed of every draw."""
+
+    steps: int
+    lr: float
+    tau: int
+    grad_noise: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.tau < 1:
+            raise ValueError(f"need steps >= 0 and tau >= 1, got steps={self.steps}, tau={self.tau}")
+
+    def run(
+        self, x: np.ndarray, grad_fn: Callable[[np.ndarray], np.ndarray], rng: np.random.Generator
+    ) -> Iterator[bool]:
+        """``steps`` noisy gradient steps on ``x`` in place, x ← x − η(∇f(x) + σ_g ξ), yielding
+        after each whether it is a communication step (every τ-th), so the caller pulls in between."""
+        for t in range(1, self.steps + 1):
+            g = grad_fn(x)
+            if self.grad_noise:
+                g = g + self.grad_noise * rng.standard_normal(x.shape)
+            x -= self.lr * g
+            yield t % self.tau == 0
+
+
+def _check_strength(strength: float, upper: float, name: str) -> None:
     if not 0.0 <= strength <= upper:
         raise ValueError(f"{name} must lie in [0, {upper:g}] for the pull to contract, got {strength}")
-
-
-def _sgd_steps(
-    x: np.ndarray,
-    grad_fn: Callable[[np.ndarray], np.ndarray],
-    steps: int,
-    lr: float,
-    grad_noise: float,
-    rng: np.random.Generator,
-) -> Iterator[int]:
-    """``steps`` noisy gradient steps on ``x`` in place, x ← x − η(∇f(x) + σ_g ξ), yielding each
-    step's number (from 1) after it, so the caller communicates in between."""
-    for t in range(1, steps + 1):
-        g = grad_fn(x)
-        if grad_noise:
-            g = g + grad_noise * rng.standard_normal(x.shape)
-        x -= lr * g
-        yield t
 
 
 def leader_steps(
     x0: np.ndarray,
     grad_fn: Callable[[np.ndarray], np.ndarray],
     value_fn: Callable[[np.ndarray], np.ndarray],
-    *,
-    steps: int,
-    lr: float,
+    schedule: Schedule,
     lam: float,
-    tau: int,
-    grad_noise: float = 0.0,
     value_noise: float = 0.0,
-    seed: int = 0,
 ) -> Iterator[tuple[np.ndarray, int]]:
     """L(S)GD: yield (workers, leader) at step 0 and after every step.
 
@@ -122,8 +125,8 @@ def leader_steps(
     with the lowest (noisy, σ_f) objective and everyone does x ← x − λ(x − x_leader). The leader
     is only known at election time, so the yielded index is the last elected one.
     """
-    _check(steps, tau, lam, 1.0, "lam")
-    rng = np.random.default_rng(seed)
+    _check_strength(lam, 1.0, "lam")
+    rng = np.random.default_rng(schedule.seed)
     x = np.array(x0, dtype=np.float64)
 
     def elect() -> int:
@@ -135,8 +138,8 @@ def leader_steps(
 
     leader = elect()
     yield x.copy(), leader
-    for t in _sgd_steps(x, grad_fn, steps, lr, grad_noise, rng):
-        if t % tau == 0:
+    for communicate in schedule.run(x, grad_fn, rng):
+        if communicate:
             leader = elect()
             x -= lam * (x - x[leader])
         yield x.copy(), leader
@@ -145,13 +148,8 @@ def leader_steps(
 def elastic_steps(
     x0: np.ndarray,
     grad_fn: Callable[[np.ndarray], np.ndarray],
-    *,
-    steps: int,
-    lr: float,
+    schedule: Schedule,
     alpha: float,
-    tau: int,
-    grad_noise: float = 0.0,
-    seed: int = 0,
     center: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """EA(S)GD: yield (workers, center) at step 0 and after every step.
@@ -161,12 +159,12 @@ def elastic_steps(
     unless given. α·p ≤ 1 keeps the center's update from overshooting the workers' mean.
     """
     x = np.array(x0, dtype=np.float64)
-    _check(steps, tau, alpha, 1.0 / len(x), "alpha (at most 1/workers)")
-    rng = np.random.default_rng(seed)
+    _check_strength(alpha, 1.0 / len(x), "alpha (at most 1/workers)")
+    rng = np.random.default_rng(schedule.seed)
     c = x.mean(axis=0) if center is None else np.array(center, dtype=np.float64)
     yield x.copy(), c.copy()
-    for t in _sgd_steps(x, grad_fn, steps, lr, grad_noise, rng):
-        if t % tau == 0:
+    for communicate in schedule.run(x, grad_fn, rng):
+        if communicate:
             diff = x - c
             x -= alpha * diff
             c += alpha * diff.sum(axis=0)
@@ -188,53 +186,37 @@ class LandscapeRun:
     center_values: np.ndarray | None = None  # (steps + 1,)
 
 
-def run_lsgd(
+STRENGTHS = {"lgd": 0.2, "eagd": 0.1}  # λ and α by default
+
+
+def run_landscape(
     start: np.ndarray,
+    method: str,
+    *,
     steps: int = 500,
     lr: float = 0.02,
-    lam: float = 0.2,
+    strength: float | None = None,
     tau: int = 10,
-    grad_noise: float = 0.5,
-    value_noise: float = 0.1,
+    grad_noise: float = 0.0,
+    value_noise: float = 0.0,
     seed: int = 0,
 ) -> LandscapeRun:
-    """LSGD on the 2-D landscape: noisy gradients and a leader elected on noisy values."""
-    steps_taken = leader_steps(
-        start, gradient, objective, steps=steps, lr=lr, lam=lam, tau=tau,
-        grad_noise=grad_noise, value_noise=value_noise, seed=seed,
-    )  # fmt: skip
-    path, leaders = zip(*steps_taken)
-    positions = np.stack(path)
-    return LandscapeRun(positions, objective(positions), leaders=np.array(leaders))
-
-
-def run_lgd(start: np.ndarray, steps: int = 500, lr: float = 0.02, lam: float = 0.2, tau: int = 10) -> LandscapeRun:
-    """LGD: the batch version, exact gradients and exact leader election."""
-    return run_lsgd(start, steps, lr, lam, tau, grad_noise=0.0, value_noise=0.0)
-
-
-def run_easgd(
-    start: np.ndarray,
-    steps: int = 500,
-    lr: float = 0.02,
-    alpha: float = 0.1,
-    tau: int = 10,
-    grad_noise: float = 0.5,
-    seed: int = 0,
-) -> LandscapeRun:
-    """EASGD on the 2-D landscape, center started at the workers' mean."""
-    positions, center = map(
-        np.stack,
-        zip(
-            *elastic_steps(start, gradient, steps=steps, lr=lr, alpha=alpha, tau=tau, grad_noise=grad_noise, seed=seed)
-        ),
-    )
+    """One run on the 2-D landscape with "lgd" (``strength`` = λ, 0.2 by default) or "eagd"
+    (``strength`` = α, 0.1), EAGD's center started at the workers' mean. Exact gradients and an
+    exact leader election unless ``grad_noise`` (σ_g) or, for the leader, ``value_noise`` (σ_f)
+    make it the stochastic version, L(S)GD or EA(S)GD."""
+    if method not in STRENGTHS:
+        raise ValueError(f"method must be 'lgd' or 'eagd', got {method!r}")
+    if method == "eagd" and value_noise:
+        raise ValueError("value_noise is the leader election's: EA(S)GD elects no one")
+    strength = STRENGTHS[method] if strength is None else strength
+    schedule = Schedule(steps, lr, tau, grad_noise, seed)
+    if method == "lgd":
+        path, leaders = zip(*leader_steps(start, gradient, objective, schedule, strength, value_noise))
+        positions = np.stack(path)
+        return LandscapeRun(positions, objective(positions), leaders=np.array(leaders))
+    positions, center = map(np.stack, zip(*elastic_steps(start, gradient, schedule, strength)))
     return LandscapeRun(positions, objective(positions), center=center, center_values=objective(center))
-
-
-def run_eagd(start: np.ndarray, steps: int = 500, lr: float = 0.02, alpha: float = 0.1, tau: int = 10) -> LandscapeRun:
-    """EAGD: the batch version of EASGD."""
-    return run_easgd(start, steps, lr, alpha, tau, grad_noise=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,11 +291,12 @@ def run_completion(
     """
     n, m = problem.target.shape
     x0 = init_scale * np.random.default_rng(seed).standard_normal((workers, (n + m) * problem.rank))
+    schedule = Schedule(steps, lr, tau)
     if method == "lgd":
-        leader_states = leader_steps(x0, problem.gradient, problem.objective, steps=steps, lr=lr, lam=strength, tau=tau)
+        leader_states = leader_steps(x0, problem.gradient, problem.objective, schedule, strength)
         states: Iterator[tuple[np.ndarray, np.ndarray]] = ((x, x[leader]) for x, leader in leader_states)
     elif method == "eagd":
-        states = elastic_steps(x0, problem.gradient, steps=steps, lr=lr, alpha=strength, tau=tau)
+        states = elastic_steps(x0, problem.gradient, schedule, strength)
     else:
         raise ValueError(f"method must be 'lgd' or 'eagd', got {method!r}")
 

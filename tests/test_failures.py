@@ -191,7 +191,7 @@ def test_a_hung_worker_is_detected_named_and_replaced(tmp_path, mode):
 
 def test_a_worker_hung_when_the_center_is_evaluated_is_left_out_of_it(tmp_path):
     """Each LocalLeader waits up to the actor timeout on its workers for the group mean; the
-    GlobalLeader waits on the LocalLeaders longer than that (``Deadlines.group_call_s``), so a
+    GlobalLeader waits on the LocalLeaders longer than that (``Deadlines.through_leader(call_s)``), so a
     hung worker is left out of the center instead of timing its LocalLeader out."""
     with Trainer(MODEL, DATA, config(tmp_path, actor_timeout_s=3.0)) as trainer:
         others = [ray.get(w.get_weights.remote(count=False)) for r, w in enumerate(trainer.workers) if r != 2]

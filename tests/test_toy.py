@@ -59,14 +59,14 @@ def test_one_round_matches_the_update_equations():
     lr, lam, alpha = 0.05, 0.3, 0.2
     after_gd = x0 - lr * toy.gradient(x0)
 
-    states = list(toy.leader_steps(x0, toy.gradient, toy.objective, steps=1, lr=lr, lam=lam, tau=1))
+    states = list(toy.leader_steps(x0, toy.gradient, toy.objective, toy.Schedule(1, lr, 1), lam))
     assert len(states) == 2  # step 0, then step 1
     x1, leader = states[1]
     assert leader == np.argmin(toy.objective(after_gd))
     np.testing.assert_allclose(x1, after_gd - lam * (after_gd - after_gd[leader]), rtol=0, atol=1e-15)
 
     center = np.array([0.1, 0.1])
-    (_, c0), (x1, c1) = toy.elastic_steps(x0, toy.gradient, steps=1, lr=lr, alpha=alpha, tau=1, center=center)
+    (_, c0), (x1, c1) = toy.elastic_steps(x0, toy.gradient, toy.Schedule(1, lr, 1), alpha, center)
     np.testing.assert_array_equal(c0, center)
     np.testing.assert_allclose(x1, after_gd - alpha * (after_gd - center), rtol=0, atol=1e-15)
     np.testing.assert_allclose(c1, center + alpha * (after_gd - center).sum(axis=0), rtol=0, atol=1e-15)
@@ -76,8 +76,8 @@ def test_one_round_matches_the_update_equations():
 def test_without_coupling_lgd_and_eagd_are_independent_gradient_descent():
     start = toy.random_start(5, seed=7)
     expected = independent_gd(start, steps=120, lr=0.02)
-    lgd = toy.run_lgd(start, steps=120, lr=0.02, lam=0.0, tau=3)
-    eagd = toy.run_eagd(start, steps=120, lr=0.02, alpha=0.0, tau=3)
+    lgd = toy.run_landscape(start, "lgd", steps=120, lr=0.02, strength=0.0, tau=3)
+    eagd = toy.run_landscape(start, "eagd", steps=120, lr=0.02, strength=0.0, tau=3)
     np.testing.assert_allclose(lgd.positions, expected, rtol=0, atol=1e-14)
     np.testing.assert_allclose(eagd.positions, expected, rtol=0, atol=1e-14)
     np.testing.assert_array_equal(eagd.center, np.broadcast_to(start.mean(axis=0), eagd.center.shape))
@@ -86,24 +86,26 @@ def test_without_coupling_lgd_and_eagd_are_independent_gradient_descent():
 @pytest.mark.timeout(30)
 def test_runs_are_deterministic_and_the_seed_matters():
     start = toy.random_start(4, seed=1)
+    noisy = {"grad_noise": 0.5, "value_noise": 0.1}  # LSGD: noisy gradients and a noisy election
     a, b, c = (
-        toy.run_lsgd(start, steps=50, seed=5),
-        toy.run_lsgd(start, steps=50, seed=5),
-        toy.run_lsgd(start, steps=50, seed=6),
+        toy.run_landscape(start, "lgd", steps=50, **noisy, seed=5),
+        toy.run_landscape(start, "lgd", steps=50, **noisy, seed=5),
+        toy.run_landscape(start, "lgd", steps=50, **noisy, seed=6),
     )
     np.testing.assert_array_equal(a.positions, b.positions)
     np.testing.assert_array_equal(a.leaders, b.leaders)
     assert not np.array_equal(a.positions, c.positions)
-    e1, e2 = toy.run_easgd(start, steps=50, seed=5), toy.run_easgd(start, steps=50, seed=5)
+    e1, e2 = (
+        toy.run_landscape(start, "eagd", steps=50, grad_noise=0.5, seed=5),
+        toy.run_landscape(start, "eagd", steps=50, grad_noise=0.5, seed=5),
+    )
     np.testing.assert_array_equal(e1.center, e2.center)
 
 
 @pytest.mark.timeout(30)
 def test_a_nan_worker_never_leads():
     x0 = np.array([[0.5, 0.5], [0.9, 0.9], [np.nan, np.nan]])
-    leaders = [
-        leader for _, leader in toy.leader_steps(x0, toy.gradient, toy.objective, steps=4, lr=0.01, lam=0.1, tau=2)
-    ]
+    leaders = [leader for _, leader in toy.leader_steps(x0, toy.gradient, toy.objective, toy.Schedule(4, 0.01, 2), 0.1)]
     assert 2 not in leaders
 
 
@@ -112,18 +114,24 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="multiple of 4"):
         toy.symmetric_start(6)
     with pytest.raises(ValueError, match="alpha"):
-        toy.run_eagd(toy.symmetric_start(4), alpha=0.3)  # 4 · 0.3 > 1
+        toy.run_landscape(toy.symmetric_start(4), "eagd", strength=0.3)  # 4 · 0.3 > 1
     with pytest.raises(ValueError, match="lam"):
-        toy.run_lgd(toy.symmetric_start(4), lam=1.5)
+        toy.run_landscape(toy.symmetric_start(4), "lgd", strength=1.5)
     with pytest.raises(ValueError, match="method"):
         toy.run_completion(toy.make_completion_problem(8, 8, 1), "sgd", steps=1)
+    with pytest.raises(ValueError, match="method"):
+        toy.run_landscape(toy.symmetric_start(4), "lsgd")  # the stochastic version is "lgd" with noise
+    with pytest.raises(ValueError, match="elects no one"):
+        toy.run_landscape(toy.symmetric_start(4), "eagd", value_noise=0.1)
+    with pytest.raises(ValueError, match="tau >= 1"):
+        toy.Schedule(steps=10, lr=0.1, tau=0)
 
 
 @pytest.mark.timeout(30)
 def test_symmetric_start_traps_the_eagd_center_on_the_maximum_but_not_the_lgd_leader():
     start = toy.symmetric_start(4, radius=0.5)
     np.testing.assert_array_equal(start.sum(axis=0), 0.0)  # exactly symmetric, not up to rounding
-    lgd, eagd = toy.run_lgd(start, steps=500), toy.run_eagd(start, steps=500)
+    lgd, eagd = toy.run_landscape(start, "lgd", steps=500), toy.run_landscape(start, "eagd", steps=500)
     leader = lgd.positions[-1, lgd.leaders[-1]]
     assert toy.objective(leader) < 1e-12
     assert np.linalg.norm(toy.gradient(leader)) < 1e-8
@@ -138,7 +146,7 @@ def test_symmetric_start_traps_the_eagd_center_on_the_maximum_but_not_the_lgd_le
 @pytest.mark.timeout(30)
 def test_asymmetric_start_leaves_the_eagd_center_off_any_stationary_point():
     start = toy.random_start(4, seed=0)  # workers end in three different basins
-    lgd, eagd = toy.run_lgd(start, steps=500), toy.run_eagd(start, steps=500)
+    lgd, eagd = toy.run_landscape(start, "lgd", steps=500), toy.run_landscape(start, "eagd", steps=500)
     assert np.linalg.norm(toy.gradient(lgd.positions[-1, lgd.leaders[-1]])) < 1e-8
     assert np.linalg.norm(toy.gradient(eagd.center[-1])) > 1.0
     assert np.min(np.linalg.norm(toy.STATIONARY_POINTS - eagd.center[-1], axis=1)) > 0.3

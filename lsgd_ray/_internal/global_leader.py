@@ -198,7 +198,7 @@ class GlobalLeader(LeaderRecovery):
         left out of this center."""
         calls = [ll.group_mean.remote() for ll in self.local_leaders]
         # each waits call_s on its workers; a group that does not answer (its node unreachable) is left out
-        replies = self._gather_groups(calls, self.deadlines.group_call_s, late_ok=True)
+        replies = self._gather_groups(calls, self.deadlines.through_leader(self.deadlines.call_s), late_ok=True)
         replies = [reply for reply in replies if reply["count"]]  # a group with no worker answering: left out
         if not replies:
             raise ActorTimeoutError(f"no worker answered within {self.timeout_s:g}s: no center to evaluate")

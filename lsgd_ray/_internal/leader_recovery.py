@@ -192,7 +192,11 @@ class LeaderRecovery(Coordinator):
         """``leader``'s workers set to a survivor's weights (not ``plan``'s own ranks) at
         ``steps``; returns where the weights came from."""
         source, origin = self._survivor_source(exclude=plan.ranks)
-        get_all([leader.reset_workers.remote(source, steps)], self.deadlines.group_first_call_s, [label])
+        get_all(
+            [leader.reset_workers.remote(source, steps)],
+            self.deadlines.through_leader(self.deadlines.first_call_s),
+            [label],
+        )
         return origin
 
     def _dropped_plans(self) -> list[GroupPlan]:

@@ -94,7 +94,9 @@ class PeerRecovery(PeerGroups):
             for g, (indexes, a) in by_group.items()
         ]
         # the LocalLeaders wait at most (twice, for collectives) the timeout for their workers
-        timeout = self.deadlines.group_collective_s if self.collective else self.deadlines.group_call_s
+        timeout = self.deadlines.through_leader(
+            self.deadlines.collective_s if self.collective else self.deadlines.call_s
+        )
         replies = replies_or_deaths(calls, timeout, [f"LocalLeader {g}" for g in by_group])
         answers: Answers = {}
         failures: list[Failure] = []

@@ -46,20 +46,11 @@ class Deadlines:
         on a node that may be busy with other starts)."""
         return self.call_s + MARGIN_S
 
-    @property
-    def group_first_call_s(self) -> float:
-        """A LocalLeader's first call on its group's new workers (a re-formed group's reset)."""
-        return self.first_call_s + MARGIN_S
-
-    @property
-    def group_call_s(self) -> float:
-        """A LocalLeader's call on its workers (it waits ``call_s`` for them, then reports)."""
-        return self.call_s + MARGIN_S
-
-    @property
-    def group_collective_s(self) -> float:
-        """The same for a call that runs a collective."""
-        return self.collective_s + MARGIN_S
+    @staticmethod
+    def through_leader(seconds: float) -> float:
+        """A call on a LocalLeader that waits ``seconds`` on its workers (``call_s``,
+        ``first_call_s`` on a re-formed group's new workers, ``collective_s``), then reports."""
+        return seconds + MARGIN_S
 
     @property
     def server_s(self) -> float:

@@ -112,7 +112,7 @@ def dataset_factory(
     """A picklable factory for a named dataset (see ``DATASETS``). ``augment`` (a name from
     ``lsgd_ray.augment.AUGMENTS``) overrides the dataset's default training augmentation.
     ``image_size`` (imagenet only, default 224): the side of the training crop and test view."""
-    from lsgd_ray.config import ConfigError, check_choice
+    from lsgd_ray.config_checks import ConfigError, check_choice
 
     check_choice("dataset", name, sorted(DATASETS))
     if image_size is not None and name != "imagenet":
