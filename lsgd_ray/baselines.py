@@ -6,8 +6,8 @@
 
 Both use the library's own pieces (``batch_stream``, ``worker_seed``; ``redeal_shards`` as
 ``TrainConfig``'s) and torch's own optimizer (``torch_optimizer``: what a plain PyTorch loop
-runs), evaluate on the test split every ``eval_every_s`` seconds of *training* time (evaluation
-is off the clock), stop at the first evaluation reaching ``target_accuracy`` or at the budget, and return a :class:`BaselineResult` whose ``history`` has the same records as
+runs), evaluate on the test split and stop as their :class:`Budget` says (evaluation is off the
+training clock), and return a :class:`BaselineResult` whose ``history`` has the same records as
 ``FitResult.history`` (``train_s``, ``samples``, ``step``, ``test_accuracy``, ``test_loss``).
 """
 
@@ -61,28 +61,41 @@ class BaselineResult:
         return {**asdict(self), "samples_per_s": self.samples_per_s}
 
 
-def _check(
-    batch_size: int,
-    time_budget_s: float | None,
-    eval_every_s: float,
-    target_accuracy: float | None,
-    max_steps: int | None,
-    warmup_steps: int,
-) -> None:
+@dataclass(frozen=True)
+class Budget:
+    """When a baseline evaluates and stops: ``time_budget_s`` seconds of training (evaluation is
+    off the clock) and/or ``max_steps`` steps, an evaluation every ``eval_every_s`` training
+    seconds and at the stop, and an early stop at the first evaluation reaching
+    ``target_accuracy``. ``warmup_steps`` run first, off the clock and uncounted."""
+
+    time_budget_s: float | None = None
+    max_steps: int | None = None
+    eval_every_s: float = 5.0
+    target_accuracy: float | None = None
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 seconds (or None with max_steps), got {self.time_budget_s!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.time_budget_s is None and self.max_steps is None:
+            raise ValueError("give a budget: time_budget_s (training seconds) and/or max_steps")
+        if not self.eval_every_s > 0:
+            raise ValueError(f"eval_every_s must be > 0 seconds, got {self.eval_every_s!r}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+
+    def reached(self, record: dict[str, Any]) -> bool:
+        """Whether the evaluation ``record`` reached the target (never, without one)."""
+        return self.target_accuracy is not None and record["test_accuracy"] >= self.target_accuracy
+
+
+def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if time_budget_s is not None and not time_budget_s > 0:
-        raise ValueError(f"time_budget_s must be > 0 seconds (or None with max_steps), got {time_budget_s!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-    if time_budget_s is None and max_steps is None:
-        raise ValueError("give a budget: time_budget_s (training seconds) and/or max_steps")
-    if not eval_every_s > 0:
-        raise ValueError(f"eval_every_s must be > 0 seconds, got {eval_every_s!r}")
-    if target_accuracy is not None and not 0 < target_accuracy <= 1:
-        raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy!r}")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
 
 
 class _Shard:
@@ -131,12 +144,12 @@ class _Shard:
 class _Clock:
     """The training clock and the evaluate/stop schedule both contenders share."""
 
-    def __init__(self, time_budget_s: float | None, eval_every_s: float, max_steps: int | None) -> None:
-        self.budget = math.inf if time_budget_s is None else time_budget_s
-        self.max_steps = max_steps or 2**62
-        self.eval_every_s = eval_every_s
+    def __init__(self, budget: Budget) -> None:
+        self.budget = math.inf if budget.time_budget_s is None else budget.time_budget_s
+        self.max_steps = budget.max_steps or 2**62
+        self.eval_every_s = budget.eval_every_s
         self.train_s = self.eval_s = 0.0
-        self.next_eval = eval_every_s
+        self.next_eval = budget.eval_every_s
         self._since = time.perf_counter()
 
     def pause(self) -> None:
@@ -164,31 +177,23 @@ def _record(clock: _Clock, shard: _Shard, step: int, samples: int) -> dict[str, 
     return {"train_s": clock.train_s, "samples": samples, "step": step, **scores, "eval_s": eval_s}
 
 
-def _reached(record: dict[str, Any], target: float | None) -> bool:
-    return target is not None and record["test_accuracy"] >= target
-
-
 def plain_loop(
     model_factory: ModelFactory,
     dataset_factory: DatasetFactory,
     *,
     batch_size: int,
     optimizer: OptimizerConfig,
+    budget: Budget,
     seed: int = 0,
-    time_budget_s: float | None = None,
-    eval_every_s: float = 5.0,
-    target_accuracy: float | None = None,
-    max_steps: int | None = None,
     threads: int | None = None,
-    warmup_steps: int = 0,
     return_weights: bool = False,
     redeal_shards: bool = False,
 ) -> BaselineResult:
     """One PyTorch process training on the whole training set (shard 0 of 1, lsgd-ray's batch
-    order for rank 0, or its re-dealt order with ``redeal_shards``), with ``threads`` torch threads (default: torch's). ``warmup_steps`` run
-    first, off the clock and uncounted. With ``return_weights``, ``extra["weights"]`` holds the
+    order for rank 0, or its re-dealt order with ``redeal_shards``), with ``threads`` torch
+    threads (default: torch's), for ``budget``. With ``return_weights``, ``extra["weights"]`` holds the
     final flat weights (``lsgd_ray.flat.flatten_state``)."""
-    _check(batch_size, time_budget_s, eval_every_s, target_accuracy, max_steps, warmup_steps)
+    _check_batch_size(batch_size)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     wall = time.perf_counter()
@@ -197,15 +202,15 @@ def plain_loop(
     try:
         shard = _Shard(model_factory, dataset_factory, optimizer, batch_size, seed, 0, 1, redeal_shards)
         shard.model.train()
-        for _ in range(warmup_steps):
+        for _ in range(budget.warmup_steps):
             shard.step(shard.model)
-        clock, history, step = _Clock(time_budget_s, eval_every_s, max_steps), [], 0
+        clock, history, step = _Clock(budget), [], 0
         while True:
             evaluate, stop = clock.decide(step)
             if evaluate:
                 clock.pause()
                 history.append(_record(clock, shard, step, step * batch_size))
-                stop = stop or _reached(history[-1], target_accuracy)
+                stop = stop or budget.reached(history[-1])
                 clock.resume()
             if stop:
                 break
@@ -248,11 +253,12 @@ def ddp_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     ddp = DistributedDataParallel(shard.model)  # broadcasts rank 0's weights; gloo on CPU
     register_comm_hook(ddp, config.get("comm_hook"), config.get("powersgd_rank", 2), config.get("powersgd_start", 10))
     ddp.train()
-    for _ in range(config["warmup_steps"]):
+    budget: Budget = config["budget"]
+    for _ in range(budget.warmup_steps):
         shard.step(ddp)
     dist.barrier()
     first_step_time = time.time()
-    clock = _Clock(config["time_budget_s"], config["eval_every_s"], config["max_steps"])
+    clock = _Clock(budget)
     history: list[dict[str, Any]] = []
     flags, step, batch, every = torch.zeros(2), 0, config["batch_size"], config["decide_every"]
     while True:
@@ -265,7 +271,7 @@ def ddp_train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 clock.pause()
                 if rank == 0:
                     history.append(_record(clock, shard, step, step * batch * world))  # the module, no collectives
-                    flags[1] = float(stop or _reached(history[-1], config["target_accuracy"]))
+                    flags[1] = float(stop or budget.reached(history[-1]))
                 dist.broadcast(flags, 0)
                 stop = bool(flags[1])
                 clock.resume()
@@ -299,14 +305,10 @@ def ray_train_ddp(
     num_workers: int,
     batch_size: int,
     optimizer: OptimizerConfig,
+    budget: Budget,
     seed: int = 0,
-    time_budget_s: float | None = None,
-    eval_every_s: float = 5.0,
-    target_accuracy: float | None = None,
-    max_steps: int | None = None,
     cpus_per_worker: int = 1,
     use_gpu: bool = False,
-    warmup_steps: int = 0,
     decide_every: int = 4,
     return_weights: bool = False,
     storage_path: str | None = None,
@@ -323,9 +325,9 @@ def ray_train_ddp(
     ``decide_every``: steps between rank 0's (evaluate, stop) broadcasts. ``extra`` of the result
     holds every rank's digest of its final parameters (equal if the ranks stayed in step) and,
     with ``return_weights``, rank 0's flat final weights. ``startup_s``: ``fit()`` called until
-    the first timed step (after ``warmup_steps``). ``comm_hook``: gradient compression with one of
+    the first timed step (after the budget's ``warmup_steps``). ``comm_hook``: gradient compression with one of
     torch's DDP communication hooks (:func:`register_comm_hook`)."""
-    _check(batch_size, time_budget_s, eval_every_s, target_accuracy, max_steps, warmup_steps)
+    _check_batch_size(batch_size)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
     if not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
@@ -352,12 +354,8 @@ def ray_train_ddp(
         "batch_size": batch_size,
         "seed": seed,
         "redeal_shards": redeal_shards,
-        "time_budget_s": time_budget_s,
-        "eval_every_s": eval_every_s,
-        "target_accuracy": target_accuracy,
-        "max_steps": max_steps,
+        "budget": budget,
         "threads": cpus_per_worker,
-        "warmup_steps": warmup_steps,
         "decide_every": decide_every,
         "result_file": result_file,
         "return_weights": return_weights,

@@ -87,7 +87,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from lsgd_ray import OptimizerConfig, fit
-    from lsgd_ray.baselines import plain_loop, ray_train_ddp
+    from lsgd_ray.baselines import Budget, plain_loop, ray_train_ddp
     from lsgd_ray.data import dataset_factory, dataset_spec
     from lsgd_ray.models import model_factory
 
@@ -105,15 +105,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
     begin = time.perf_counter()
     if name == "plain":
-        r = plain_loop(model_fn, data_fn, batch_size=spec["batch"], optimizer=opt, seed=spec["seed"],
-                       threads=min(workers, os.cpu_count() or 1), **common)  # fmt: skip
+        r = plain_loop(model_fn, data_fn, batch_size=spec["batch"], optimizer=opt, budget=Budget(**common),
+                       seed=spec["seed"], threads=min(workers, os.cpu_count() or 1))  # fmt: skip
         history, startup, samples, train_s, steps = r.history, 0.0, r.samples, r.train_s, r.steps * workers
     elif name.startswith("ray_train"):
         ray.init(logging_level="WARNING")
         r = ray_train_ddp(
-            model_fn, data_fn, num_workers=workers, batch_size=spec["batch"], optimizer=opt, seed=spec["seed"],
-            storage_path=spec["tmp"], name=spec["tag"], comm_hook="powersgd" if name.endswith("powersgd") else None,
-            **common,
+            model_fn, data_fn, num_workers=workers, batch_size=spec["batch"], optimizer=opt, budget=Budget(**common),
+            seed=spec["seed"], storage_path=spec["tmp"], name=spec["tag"],
+            comm_hook="powersgd" if name.endswith("powersgd") else None,
         )  # fmt: skip
         history, startup, samples, train_s, steps = r.history, r.startup_s, r.samples, r.train_s, r.steps * workers
     else:

@@ -54,7 +54,7 @@ from lsgd_ray import (  # noqa: E402
     TrainConfig,
     fit,
 )
-from lsgd_ray.baselines import plain_loop, ray_train_ddp  # noqa: E402
+from lsgd_ray.baselines import Budget, plain_loop, ray_train_ddp  # noqa: E402
 from lsgd_ray.data import (  # noqa: E402
     dataset_factory,
     dataset_spec,
@@ -97,6 +97,9 @@ def run_one(name: str, workers: int, seed: int, args, data_fn, model_fn, part: s
     target = args.target if part == "tta" else None
     budget = args.time_budget if part == "tta" else None
     steps = args.steps if part == "throughput" else None
+    baseline_budget = Budget(
+        time_budget_s=budget, max_steps=steps, eval_every_s=args.eval_every, target_accuracy=target
+    )
     tag = f"{part}-w{workers}-{name}-s{seed}-{time.strftime('%H%M%S')}"
     begin = time.perf_counter()
     if name in LIBRARY:
@@ -125,16 +128,15 @@ def run_one(name: str, workers: int, seed: int, args, data_fn, model_fn, part: s
         samples, train_s = result.samples, result.timings["train_s"]
     elif name == "ray_train_ddp":
         result = ray_train_ddp(
-            model_fn, data_fn, num_workers=workers, batch_size=args.batch, optimizer=opt, seed=seed,
-            time_budget_s=budget, max_steps=steps, eval_every_s=args.eval_every, target_accuracy=target,
-            storage_path=os.path.abspath(args.tmp), name=tag,
+            model_fn, data_fn, num_workers=workers, batch_size=args.batch, optimizer=opt, budget=baseline_budget,
+            seed=seed, storage_path=os.path.abspath(args.tmp), name=tag,
         )  # fmt: skip
         history, startup, samples, train_s = result.history, result.startup_s, result.samples, result.train_s
     elif name == "plain":
         threads = min(workers, os.cpu_count() or 1)
         result = plain_loop(
-            model_fn, data_fn, batch_size=args.batch, optimizer=opt, seed=seed, time_budget_s=budget,
-            max_steps=steps, eval_every_s=args.eval_every, target_accuracy=target, threads=threads,
+            model_fn, data_fn, batch_size=args.batch, optimizer=opt, budget=baseline_budget, seed=seed,
+            threads=threads,
         )  # fmt: skip
         history, startup, samples, train_s = result.history, 0.0, result.samples, result.train_s
     else:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lsgd_ray import OptimizerConfig, TrainConfig
-from lsgd_ray.baselines import plain_loop, ray_train_ddp
+from lsgd_ray.baselines import Budget, plain_loop, ray_train_ddp
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
 from tests.helpers import big_batch_loop
@@ -54,8 +54,8 @@ def test_plain_loop_is_the_reference_loop_and_counts_steps():
     """Same seed, shard (all of it), batch order and optimizer as a lsgd-ray worker alone."""
     cfg = TrainConfig(batch_size=16, seed=3, optimizer=SGD, epochs=1)
     result = plain_loop(
-        MODEL, DATA, batch_size=16, optimizer=SGD, seed=3, max_steps=25, eval_every_s=0.01, threads=1,
-        return_weights=True,
+        MODEL, DATA, batch_size=16, optimizer=SGD, budget=Budget(max_steps=25, eval_every_s=0.01), seed=3,
+        threads=1, return_weights=True,
     )  # fmt: skip
     expected, _ = reference_loop(0, 1, 25, cfg, MODEL, DATA)
     assert torch.equal(result.extra["weights"], expected)  # evaluations in between change nothing
@@ -68,8 +68,8 @@ def test_plain_loop_with_shards_redealt_is_a_loop_over_torchs_distributed_sample
     cfg = TrainConfig(batch_size=16, seed=3, optimizer=SGD, epochs=1, redeal_shards=True)
     steps = 2 * len(DATA().y_train) // 16 + 3  # into a third epoch
     result = plain_loop(
-        MODEL, DATA, batch_size=16, optimizer=SGD, seed=3, max_steps=steps, eval_every_s=30.0, threads=1,
-        return_weights=True, redeal_shards=True,
+        MODEL, DATA, batch_size=16, optimizer=SGD, budget=Budget(max_steps=steps, eval_every_s=30.0), seed=3,
+        threads=1, return_weights=True, redeal_shards=True,
     )  # fmt: skip
     expected, _ = reference_loop(0, 1, steps, cfg, MODEL, DATA)
     assert torch.equal(result.extra["weights"], expected)
@@ -78,9 +78,8 @@ def test_plain_loop_with_shards_redealt_is_a_loop_over_torchs_distributed_sample
 
 
 def test_plain_loop_stops_at_the_first_evaluation_reaching_the_target():
-    result = plain_loop(
-        MODEL, DATA, batch_size=16, optimizer=SGD, time_budget_s=30, eval_every_s=0.05, target_accuracy=0.85, threads=1
-    )
+    budget = Budget(time_budget_s=30, eval_every_s=0.05, target_accuracy=0.85)
+    result = plain_loop(MODEL, DATA, batch_size=16, optimizer=SGD, budget=budget, threads=1)
     accuracies = [r["test_accuracy"] for r in result.history]
     assert accuracies[-1] >= 0.85 and all(a < 0.85 for a in accuracies[:-1]), accuracies
     assert result.train_s < 30 and result.time_to(0.85) == result.history[-1]["train_s"]
@@ -91,7 +90,8 @@ def test_plain_loop_stops_at_the_first_evaluation_reaching_the_target():
 def test_plain_loop_keeps_evaluation_off_the_clock():
     # Each evaluation sleeps 0.5 s; were it on the clock, evaluations would be >= 0.5 s apart
     # and the 1 s budget would end after two of them.
-    result = plain_loop(SlowEval, DATA, batch_size=16, optimizer=SGD, time_budget_s=1.0, eval_every_s=0.2, threads=1)
+    budget = Budget(time_budget_s=1.0, eval_every_s=0.2)
+    result = plain_loop(SlowEval, DATA, batch_size=16, optimizer=SGD, budget=budget, threads=1)
     assert len(result.history) >= 5 and result.eval_s >= 2.5, (len(result.history), result.eval_s)
     assert 1.0 <= result.train_s < 1.45, result.train_s  # the budget is training time only
     assert result.wall_s >= result.train_s + result.eval_s
@@ -104,23 +104,28 @@ def test_plain_loop_keeps_evaluation_off_the_clock():
     "kwargs, message",
     [
         ({"time_budget_s": -1.0}, "time_budget_s"),
-        ({"time_budget_s": None}, "budget"),
+        ({"time_budget_s": None}, "give a budget"),
         ({"eval_every_s": 0.0}, "eval_every_s"),
         ({"target_accuracy": 1.5}, "target_accuracy"),
-        ({"batch_size": 0}, "batch_size"),
         ({"max_steps": 0}, "max_steps"),
+        ({"warmup_steps": -1}, "warmup_steps"),
     ],
 )
-def test_bad_input_is_refused_with_a_clear_message(kwargs, message):
-    base = {"batch_size": 16, "optimizer": SGD, "time_budget_s": 1.0}
+def test_a_bad_budget_is_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        plain_loop(MODEL, DATA, **{**base, **kwargs})
-    with pytest.raises(ValueError, match=message):
-        ray_train_ddp(MODEL, DATA, num_workers=2, **{**base, **kwargs})
+        Budget(**{"time_budget_s": 1.0, **kwargs})
+
+
+def test_a_bad_batch_size_is_refused_by_both_baselines():
+    base = {"batch_size": 0, "optimizer": SGD, "budget": Budget(time_budget_s=1.0)}
+    with pytest.raises(ValueError, match="batch_size"):
+        plain_loop(MODEL, DATA, **base)
+    with pytest.raises(ValueError, match="batch_size"):
+        ray_train_ddp(MODEL, DATA, num_workers=2, **base)
 
 
 def test_ray_train_ddp_refuses_bad_worker_settings():
-    base = {"batch_size": 16, "optimizer": SGD, "time_budget_s": 1.0}
+    base = {"batch_size": 16, "optimizer": SGD, "budget": Budget(time_budget_s=1.0)}
     for kwargs, message in [
         ({"num_workers": 0}, "num_workers"),
         ({"num_workers": 2, "cpus_per_worker": 0}, "cpus_per_worker"),
@@ -188,8 +193,8 @@ def test_bench_peers_script_runs_both_parts_and_writes_its_json(tmp_path):
 @pytest.mark.timeout(240)
 def test_ray_train_ddp_trains_in_step_and_stops_at_the_target(local_ray, tmp_path):
     result = ray_train_ddp(
-        MODEL, DATA, num_workers=2, batch_size=16, optimizer=SGD, seed=1, time_budget_s=60, eval_every_s=0.05,
-        target_accuracy=0.9, decide_every=1, return_weights=True, storage_path=str(tmp_path), name="ddp",
+        MODEL, DATA, num_workers=2, batch_size=16, optimizer=SGD, seed=1, decide_every=1, return_weights=True,
+        budget=Budget(time_budget_s=60, eval_every_s=0.05, target_accuracy=0.9), storage_path=str(tmp_path), name="ddp",
     )  # fmt: skip
     history = result.history
     accuracies = [r["test_accuracy"] for r in history]
@@ -217,7 +222,7 @@ WIDE = functools.partial(mlp, (16,), 4, hidden=640)
 def test_ray_train_ddp_compresses_gradients_with_torchs_comm_hooks(local_ray, tmp_path, hook, model):
     steps = 24
     result = ray_train_ddp(
-        model, DATA, num_workers=2, batch_size=16, optimizer=SGD, seed=1, max_steps=steps, eval_every_s=60,
+        model, DATA, num_workers=2, batch_size=16, optimizer=SGD, seed=1, budget=Budget(max_steps=steps, eval_every_s=60),
         return_weights=True, storage_path=str(tmp_path), name=hook, comm_hook=hook, powersgd_start=4,
     )  # fmt: skip
     digests = result.extra["digests"]
