@@ -83,7 +83,7 @@ def config(tmp_path, algorithm, **kw):
         max_steps=96,
         eval_every_s=1000.0,
         optimizer=OptimizerConfig(lr=0.05),
-        actor_timeout_s=30.0,  # also the gloo timeout: a survivor stuck in a collective gives up by then
+        actor_timeout_s=10.0,  # also the gloo timeout: a survivor stuck in a collective waits it out
         quiet=True,
     )
     defaults.update(kw)
