@@ -52,17 +52,10 @@ class Divergence:
 class DivergenceWatch:
     """Looks at each evaluation in turn; ``check`` returns the first sign once, then None."""
 
-    def __init__(
-        self, chance: float | None = None, constant_loss: float = math.inf, min_steps: float = math.inf
-    ) -> None:
-        self.chance, self.constant_loss, self.min_steps = chance or 0.0, constant_loss, min_steps
-        self.baseline_known = chance is not None  # else ``set_baseline`` before the first ``check``
+    def __init__(self, chance: float, constant_loss: float = math.inf, min_steps: float = math.inf) -> None:
+        self.chance, self.constant_loss, self.min_steps = chance, constant_loss, min_steps
         self.best = 0.0
         self.found: Divergence | None = None
-
-    def set_baseline(self, chance: float, constant_loss: float) -> None:
-        """What a constant answer scores on the test set (the evaluator's ``baseline``)."""
-        self.chance, self.constant_loss, self.baseline_known = chance, constant_loss, True
 
     def resume(self, history: list[dict[str, Any]], found: dict[str, Any] | None) -> None:
         """Continue from a checkpoint: its evaluations so far and the sign it had seen, if any."""
@@ -78,8 +71,6 @@ class DivergenceWatch:
     def check(self, record: dict[str, Any]) -> Divergence | None:
         """``record`` is one evaluation (``step``, ``train_s``, ``evaluated``, ``test_loss``,
         ``test_accuracy``, ``weights_finite``)."""
-        if not self.baseline_known:
-            raise RuntimeError("DivergenceWatch.check before set_baseline: chance is not known yet")
         if self.found is not None:
             return None
         evidence = self._evidence(record)

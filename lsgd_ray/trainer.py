@@ -86,7 +86,7 @@ class Trainer(Loops):
         self._events_seen = 0
         self._events_known: list[dict[str, Any]] = []
         self._step_known = 0
-        self._watch = DivergenceWatch()  # set up in start(), its baseline at the first evaluation
+        self._watch = DivergenceWatch(chance=0.0)  # set from the test set's classes in start()
 
     # ------------------------------------------------------------------ set-up
 
@@ -98,8 +98,7 @@ class Trainer(Loops):
         self.shutdown()
 
     def start(self) -> None:
-        """Connect to Ray, check the placement, create and wait for every actor (a synchronous
-        run's evaluator: at the first evaluation)."""
+        """Connect to Ray, check the placement, create and wait for every actor."""
         if self._started:
             return
         cfg, begin = self.config, time.perf_counter()
@@ -139,20 +138,18 @@ class Trainer(Loops):
         self.groups = list(topo.groups)  # the groups still in the run (a dropped one leaves)
         self.local_leaders = [self._make_local_leader(plan) for plan in self.groups]
         self.global_leader = self._make_coordinator()
-        # The evaluator is first needed at the first evaluation. A synchronous run waits for it
-        # there, so it is asked for once the workers are up, not beside them: its start (torch,
-        # the test set) would compete with theirs for the cores. An asynchronous run's workers
-        # would not wait for a late evaluation: its evaluator starts beside them, waited for here.
-        beside = cfg.mode == "async"
-        if beside:
-            self.evaluator = self._make_evaluator()
+        # Asked for beside the workers and waited for here. Tried on 2026-12-07: asking for it
+        # once the workers were up cut Trainer.start by ~1.5 s on 2 cores, but its torch import
+        # then slowed the first synchronous rounds and the main job's wall time grew 0.6-2.6 s.
+        self.evaluator = self._make_evaluator()
+        names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
         infos = get_all(
-            [ll.ready.remote() for ll in self.local_leaders] + ([self.evaluator.ready.remote()] if beside else []),
+            [ll.ready.remote() for ll in self.local_leaders] + [self.evaluator.ready.remote()],
             self.deadlines.nested_start_s,
-            [f"LocalLeader {g.group}" for g in topo.groups] + (["Evaluator"] if beside else []),
+            names,
             hint="actors could not be placed or failed to start",
         )
-        self.group_infos = infos[: len(self.local_leaders)]
+        self.group_infos = infos[:-1]
         self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
         get_all(
             [self.global_leader.setup.remote()],
@@ -167,11 +164,8 @@ class Trainer(Loops):
             limits.append(math.ceil(cfg.epochs * shard / cfg.batch_size))
         self.schedule.max_step = min(limits)
         self.steps_per_epoch = shard / cfg.batch_size
-        if not beside:
-            self.evaluator = self._make_evaluator()
-        # a model no better than a constant answer (the evaluator says what that scores, at the
-        # first evaluation) after two epochs has learned nothing
-        self._watch = DivergenceWatch(min_steps=2 * self.steps_per_epoch)
+        # a model no better than a constant answer after two epochs has learned nothing
+        self._watch = DivergenceWatch(**ray.get(self.evaluator.baseline.remote()), min_steps=2 * self.steps_per_epoch)
         if cfg.resume:
             self._resume(cfg.resume)
         self._logger = RunLogger(self.output_dir)

@@ -136,11 +136,7 @@ def main() -> int:
     where = "a local Ray" if cluster is None else f"a {args.nodes}-node Cluster"
     print(f"{train.dataset}, {workers} workers, {cores} cores, {where}; seconds from the start of ray.init")
     start = "ray.init" if cluster is None else "the Cluster and ray.init"
-    last_ready_s = max(r["ready_at_s"] for r in rows)  # a synchronous run's evaluator starts after its workers
-    print(
-        f"{start}: {ray_s:.2f}; ready to train: {total_s:.2f} (Trainer.start: {trainer.startup_s:.2f}); "
-        f"every actor ready: {last_ready_s:.2f}"
-    )
+    print(f"{start}: {ray_s:.2f}; every actor ready: {total_s:.2f} (Trainer.start: {trainer.startup_s:.2f})")
     print(f"{'actor':<22}{'asked':>7}{'waited':>8}{'loading':>9}{'init':>7}{'ready':>7}")
     for r in rows:
         print(
@@ -156,7 +152,6 @@ def main() -> int:
             "groups": groups,
             "ray_init_s": ray_s,
             "total_s": total_s,
-            "last_ready_s": last_ready_s,
         }
         with open(args.json, "w") as f:
             json.dump({**report, "startup_s": trainer.startup_s, "actors": rows}, f, indent=2)

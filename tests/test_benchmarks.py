@@ -123,16 +123,12 @@ def test_startup_breakdown_names_every_actor_and_its_phases(tmp_path, nodes):
     assert report["nodes"] == nodes and len({g["node_id"] for g in report["groups"]}) == nodes, report
     assert all(set(g["worker_nodes"]) == {g["node_id"]} for g in report["groups"]), report  # a group's node
     for row in report["actors"]:
-        assert 0 <= row["asked_s"] <= row["ready_at_s"] <= report["last_ready_s"], row
+        assert 0 <= row["asked_s"] <= row["ready_at_s"] <= report["total_s"], row
         assert row["waited_for_process_s"] >= 0 and row["loading_arguments_s"] >= 0 and row["init_s"] >= 0, row
-        if row["actor"] != "Evaluator":  # the run's start waits for all but a synchronous run's evaluator
-            assert row["ready_at_s"] <= report["total_s"], row
     workers = [row for row in report["actors"] if row["actor"] == "Worker"]
     leader = next(row for row in report["actors"] if row["actor"] == "LocalLeader")
-    evaluator = next(row for row in report["actors"] if row["actor"] == "Evaluator")
     assert all(w["asked_s"] >= leader["asked_s"] for w in workers)  # the LocalLeader asks for its workers
-    assert evaluator["asked_s"] >= max(w["ready_at_s"] for w in workers) - 0.05  # once they are up
-    assert 0 < report["ray_init_s"] < report["total_s"] and "ready to train" in done.stdout
+    assert 0 < report["ray_init_s"] < report["total_s"] and "every actor ready" in done.stdout
 
 
 @pytest.mark.parametrize("period", [4, 16, 64])

@@ -41,16 +41,6 @@ def test_a_training_run_shows_no_sign():
     assert watch.found is None and watch.best == 0.9
 
 
-def test_the_baseline_comes_before_the_first_check():
-    """The driver learns what a constant answer scores at the first evaluation (its evaluator
-    may start after the workers): a check before that is a bug, not a silent chance of 0."""
-    watch = DivergenceWatch(min_steps=20)
-    with pytest.raises(RuntimeError, match="set_baseline"):
-        watch.check(record(0, 0.1, LN10))
-    watch.set_baseline(chance=0.1, constant_loss=LN10)
-    assert watch.check(record(30, 0.1, LN10)).kind == "dead"  # at chance, at the constant loss, past min_steps
-
-
 @pytest.mark.parametrize(
     "rec, evidence",
     [

@@ -3,7 +3,6 @@ its node from the leader's weights; a worker whose loss turns NaN is reset and n
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -244,24 +243,6 @@ def test_a_killed_evaluator_is_replaced_and_the_evaluation_made(tmp_path):
         events = trainer.status()["events"]
     assert 0 <= record["test_accuracy"] <= 1 and record["leader_test_accuracy"] >= 0
     assert [e["event"] for e in events] == ["evaluator_replaced"] and "died" in events[0]["reason"], events
-
-
-def no_test_labels():
-    """``DATA`` without the test split's labels, which only the evaluator reads."""
-    return dataclasses.replace(DATA(), y_test=None)
-
-
-def test_an_evaluator_that_cannot_start_ends_the_run_with_its_error(tmp_path):
-    """A synchronous run's evaluator is asked for once the workers are up and first waited for
-    at the first evaluation: its ``__init__`` raising ends the run there, with that error and
-    no new evaluator (one would raise the same)."""
-    with Trainer(MODEL, no_test_labels, config(tmp_path, max_steps=8)) as trainer:
-        with pytest.raises(ray.exceptions.ActorDiedError, match="'NoneType' object has no attribute 'to'"):
-            trainer.fit()
-        events = trainer.status()["events"]
-    assert events == [], events
-    result = json.loads((tmp_path / "sync" / "result.json").read_text())
-    assert result["status"] == "failed" and "ActorDiedError" in result["error"], result["error"]
 
 
 def test_an_evaluator_replaced_just_before_the_coordinator_dies_is_in_the_results_events(tmp_path):

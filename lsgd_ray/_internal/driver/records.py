@@ -51,8 +51,7 @@ class Records(DriverBase):
                 return dict(zip(calls, ray.get(list(calls.values()))))
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
                 # the evaluator died, or (wrapped in RayTaskError) an input's producer or owner did
-                init_failed = isinstance(exc, ray.exceptions.ActorDiedError) and exc.actor_init_failed
-                if attempt == EVAL_ATTEMPTS or init_failed:  # a new one's __init__ would raise the same
+                if attempt == EVAL_ATTEMPTS:
                     raise
                 if not self._evaluator_alive():  # e.g. its node was removed
                     self.evaluator = self._make_evaluator()
@@ -66,10 +65,8 @@ class Records(DriverBase):
         raise AssertionError("unreachable")
 
     def _evaluator_alive(self) -> bool:
-        # before the first evaluation the evaluator may still be starting (imports, the test set)
-        timeout = self.config.actor_timeout_s if self._watch.baseline_known else self.deadlines.start_s
         try:
-            ray.get(self.evaluator.ready.remote(), timeout=timeout)
+            ray.get(self.evaluator.ready.remote(), timeout=self.config.actor_timeout_s)
             return True
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
@@ -97,8 +94,6 @@ class Records(DriverBase):
         }
         self.eval_s += result["eval_s"]
         self.history.append(record)
-        if not self._watch.baseline_known:  # the evaluator has answered: it is up
-            self._watch.set_baseline(**ray.get(self.evaluator.baseline.remote()))
         divergence = self._watch.check(record)
         if self._logger:
             self._logger.log_eval(record)
