@@ -145,7 +145,7 @@ class _Clock:
     """The training clock and the evaluate/stop schedule both contenders share."""
 
     def __init__(self, budget: Budget) -> None:
-        self.budget = math.inf if budget.time_budget_s is None else budget.time_budget_s
+        self.time_limit_s = math.inf if budget.time_budget_s is None else budget.time_budget_s
         self.max_steps = budget.max_steps or 2**62
         self.eval_every_s = budget.eval_every_s
         self.train_s = self.eval_s = 0.0
@@ -164,7 +164,7 @@ class _Clock:
     def decide(self, step: int) -> tuple[bool, bool]:
         """(evaluate now, stop after that evaluation); the final evaluation comes with the stop."""
         t = self.now()
-        stop = t >= self.budget or step >= self.max_steps
+        stop = t >= self.time_limit_s or step >= self.max_steps
         return stop or t >= self.next_eval, stop
 
 
@@ -325,8 +325,8 @@ def ray_train_ddp(
     ``decide_every``: steps between rank 0's (evaluate, stop) broadcasts. ``extra`` of the result
     holds every rank's digest of its final parameters (equal if the ranks stayed in step) and,
     with ``return_weights``, rank 0's flat final weights. ``startup_s``: ``fit()`` called until
-    the first timed step (after the budget's ``warmup_steps``). ``comm_hook``: gradient compression with one of
-    torch's DDP communication hooks (:func:`register_comm_hook`)."""
+    the first timed step (after the budget's ``warmup_steps``). ``comm_hook``: gradient
+    compression with one of torch's DDP communication hooks (:func:`register_comm_hook`)."""
     _check_batch_size(batch_size)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")

@@ -26,8 +26,8 @@ run in about a second on one CPU core. The sum is not divided by |Ω|, so learni
 units of 1/‖M‖₂ (≈ 0.05 works here).
 
 Everything is numpy, float64, and seeded: the same arguments give bit-identical runs. The update
-loops (``leader_steps``, ``elastic_steps``, on a shared ``Schedule``) take any vectorised gradient and objective over a
-(workers, dim) array, so both problems share them.
+loops (``leader_steps``, ``elastic_steps``, on a shared ``Schedule``) take any vectorised
+gradient and objective over a (workers, dim) array, so both problems share them.
 """
 
 from __future__ import annotations
