@@ -43,7 +43,7 @@ class Trainer(Loops):
     """One LSGD run on Ray.
 
     ``model_factory`` and ``dataset_factory`` are picklable zero-argument callables; they run
-    inside every worker (and the evaluator). ``optimizer_factory(params)`` overrides the
+    inside every worker (and here, for the test split). ``optimizer_factory(params)`` overrides the
     optimizer described by ``config.optimizer`` (any ``torch.optim`` optimizer).
 
     This class starts and stops a run's actors; the loops, the supervision of the coordinator,
@@ -138,18 +138,17 @@ class Trainer(Loops):
         self.groups = list(topo.groups)  # the groups still in the run (a dropped one leaves)
         self.local_leaders = [self._make_local_leader(plan) for plan in self.groups]
         self.global_leader = self._make_coordinator()
-        # Asked for beside the workers and waited for here. Tried on 2026-12-07: asking for it
-        # once the workers were up cut Trainer.start by ~1.5 s on 2 cores, but its torch import
-        # then slowed the first synchronous rounds and the main job's wall time grew 0.6-2.6 s.
-        self.evaluator = self._make_evaluator()
-        names = [f"LocalLeader {g.group}" for g in topo.groups] + ["Evaluator"]
+        # in this process, while the actors' processes start (docs/architecture.md#start-up)
+        self.evaluator = Evaluator(
+            self.model_factory, self.dataset_factory, cfg.eval_batch_size, cfg.gpus_per_worker > 0, cfg.mode == "sync"
+        )
         infos = get_all(
-            [ll.ready.remote() for ll in self.local_leaders] + [self.evaluator.ready.remote()],
+            [ll.ready.remote() for ll in self.local_leaders],
             self.deadlines.nested_start_s,
-            names,
+            [f"LocalLeader {g.group}" for g in topo.groups],
             hint="actors could not be placed or failed to start",
         )
-        self.group_infos = infos[:-1]
+        self.group_infos = infos
         self.workers = [h for g in ray.get([ll.worker_handles.remote() for ll in self.local_leaders]) for h in g]
         get_all(
             [self.global_leader.setup.remote()],
@@ -165,7 +164,7 @@ class Trainer(Loops):
         self.schedule.max_step = min(limits)
         self.steps_per_epoch = shard / cfg.batch_size
         # a model no better than a constant answer after two epochs has learned nothing
-        self._watch = DivergenceWatch(**ray.get(self.evaluator.baseline.remote()), min_steps=2 * self.steps_per_epoch)
+        self._watch = DivergenceWatch(**self.evaluator.baseline(), min_steps=2 * self.steps_per_epoch)
         if cfg.resume:
             self._resume(cfg.resume)
         self._logger = RunLogger(self.output_dir)
@@ -184,12 +183,6 @@ class Trainer(Loops):
         coordinator = ALGORITHMS[cfg.algorithm].coordinator_class()
         return actor_class(coordinator, **options).remote(
             self.local_leaders, self.groups, cfg, cfg.actor_timeout_s, self._make_local_leader
-        )
-
-    def _make_evaluator(self) -> Any:
-        cfg = self.config
-        return actor_class(Evaluator, num_cpus=0, scheduling_strategy=on_driver_node()).remote(
-            self.model_factory, self.dataset_factory, cfg.eval_batch_size, cfg.gpus_per_worker > 0, cfg.mode == "sync"
         )
 
     def worker_weights(self) -> list[np.ndarray]:
@@ -220,7 +213,7 @@ class Trainer(Loops):
             self._logger.close()
             self._logger = None
         actors = [*getattr(self, "workers", []), *getattr(self, "local_leaders", [])]
-        actors += [getattr(self, "global_leader", None), getattr(self, "evaluator", None)]
+        actors.append(getattr(self, "global_leader", None))
         for handle in actors:
             if handle is not None:
                 with contextlib.suppress(Exception):  # already gone

@@ -11,7 +11,6 @@ Failure kinds (``--kinds``; a victim is picked at random among the live ones):
 - ``local_leader``: a LocalLeader SIGKILLed (its workers die with it);
 - ``coordinator``: the GlobalLeader, or the peer's coordinator, SIGKILLed (the driver restarts it
   from the last checkpoint);
-- ``evaluator``: the evaluator SIGKILLed (the next evaluation starts a new one);
 - ``server``: EASGD's and DOWNPOUR's ParameterServer SIGKILLed on its own (its coordinator starts
   a new one from the workers' mean); struck only in their runs;
 - ``server_stop``: their ParameterServer SIGSTOPped (hung: its coordinator finds it silent for
@@ -24,7 +23,7 @@ Failure kinds (``--kinds``; a victim is picked at random among the live ones):
 The gap between two failures is exponential with mean ``--mtbf`` seconds. A failure counts as
 recovered when the run records an event after it that recovers what was struck
 (``worker_replaced`` for the struck worker's rank, ``group_replaced`` or ``group_rejoined`` for
-its group, ``coordinator_restarted``, ``server_replaced``, ``evaluator_replaced``) and the run ends without an abort; time to recover is from the strike to that event
+its group, ``coordinator_restarted``, ``server_replaced``) and the run ends without an abort; time to recover is from the strike to that event
 (a dropped group counts only once it rejoined). The killer learns which workers it struck from
 the actors' ``__repr__`` (``Worker(rank=3, group=1)``), as Ray's actor table records it.
 
@@ -77,7 +76,7 @@ from lsgd_ray.algorithms.registry import ALGORITHMS  # noqa: E402
 from lsgd_ray.data import dataset_factory, dataset_spec  # noqa: E402
 from lsgd_ray.models import model_factory  # noqa: E402
 
-KINDS = ("worker_kill", "worker_stop", "local_leader", "coordinator", "evaluator", "node", "server", "server_stop")
+KINDS = ("worker_kill", "worker_stop", "local_leader", "coordinator", "node", "server", "server_stop")
 SERVER_KINDS = ("server", "server_stop")  # struck only in the runs of SERVED
 SERVED = {"easgd", "downpour"}  # the algorithms with a ParameterServer
 # name -> (algorithm, settings): every algorithm, sync and async where it has both, and the
@@ -106,6 +105,8 @@ RECOVERED_BY = {
     "coordinator": ("coordinator_restarted",),
     "server": ("server_replaced", "coordinator_restarted"),
     "server_stop": ("server_replaced", "coordinator_restarted"),
+    # reports saved before 2026-12-07, when the evaluator was an actor of its own (now it is part
+    # of the driver, which no strike kills): ``--rematch`` still reads their strikes
     "evaluator": ("evaluator_replaced",),
 }
 STOPS = ("worker_stop", "server_stop")  # SIGSTOP (hung), not SIGKILL: SIGCONTed after the run if still there
@@ -225,7 +226,6 @@ class Killer:
             "worker_stop": "Worker",
             "local_leader": "LocalLeader",
             "coordinator": self.coordinator_class,
-            "evaluator": "Evaluator",
             "server": "ParameterServer",
             "server_stop": "ParameterServer",
         }[kind]

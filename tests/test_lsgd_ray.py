@@ -117,7 +117,7 @@ def test_the_leaders_never_load_torch_though_they_hold_worker_handles(tmp_path, 
     """Start-up: torch's import costs each process about 2 s of CPU. The LocalLeaders create
     Workers and the GlobalLeader holds their handles, which makes Ray import the Worker's module
     there; that module names torch lazily and the model and dataset factories pass through them
-    unopened, so only the Workers (and the evaluator) load torch, through a whole run. The
+    unopened, so only the Workers load torch, through a whole run (the evaluator is the driver's). The
     Workers' SGD is lsgd_ray's own, so none loads torch._dynamo (another 1.1 CPU-s each), which
     every ``torch.optim`` optimizer imports."""
     cfg = config(tmp_path, time_budget_s=3.0, eval_every_s=1.0, lsgd=LSGDConfig(mode=mode, tau=2, tau_global=4))
@@ -128,8 +128,8 @@ def test_the_leaders_never_load_torch_though_they_hold_worker_handles(tmp_path, 
         result = trainer.fit()
         assert result.status == "completed" and result.final_test_accuracy > 0.4
         assert [torch_loaded(a) for a in leaders] == [False] * 3
-        assert all(torch_loaded(w) for w in trainer.workers) and torch_loaded(trainer.evaluator)
-        assert not any(loaded(a, "torch._dynamo") for a in [*trainer.workers, trainer.evaluator, *leaders])
+        assert all(torch_loaded(w) for w in trainer.workers)
+        assert not any(loaded(a, "torch._dynamo") for a in [*trainer.workers, *leaders])
 
 
 @pytest.mark.timeout(180)
@@ -404,8 +404,8 @@ def test_every_evaluation_scores_the_leader_and_the_center(tmp_path):
         weights = trainer.worker_weights()  # the final weights, through the workers' handles
         center = ray.get(trainer.center_weights_ref())
         mean = np.stack(weights).astype(np.float64).mean(axis=0).astype(np.float32)
-        expected_center = ray.get(trainer.evaluator.evaluate.remote(mean))
-        expected_leader = ray.get(trainer.evaluator.evaluate.remote(weights[result.leader]))
+        expected_center = trainer.evaluator.evaluate(mean)
+        expected_leader = trainer.evaluator.evaluate(weights[result.leader])
     assert result.status == "completed" and len(result.history) >= 2
     np.testing.assert_allclose(center, mean, rtol=1e-6, atol=1e-7)  # group means, combined by worker count
     assert result.final_center_test_accuracy == expected_center["test_accuracy"]

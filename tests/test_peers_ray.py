@@ -90,11 +90,11 @@ def test_trains_and_moves_the_bytes_theory_says(tmp_path, name):
     cfg = config(tmp_path, algorithm, epochs=8, lsgd=LSGDConfig(tau=4, tau_global=16), **extra)
     with Trainer(MODEL, DATA, cfg) as trainer:
         result = trainer.fit()
-        # start-up: only the Workers and the evaluator import torch, and none torch._dynamo
+        # start-up: only the Workers import torch, and none torch._dynamo
         # (the Workers' SGD is lsgd_ray's own); the coordinators and LocalLeaders neither
         leaders = [trainer.global_leader, *trainer.local_leaders]
         assert [torch_loaded(a) for a in leaders] == [False] * 3
-        assert not any(loaded(a, "torch._dynamo") for a in [*trainer.workers, trainer.evaluator])
+        assert not any(loaded(a, "torch._dynamo") for a in trainer.workers)
     assert result.status == "completed" and result.algorithm == algorithm
     assert result.final_test_accuracy > 0.7, result.history  # 4 classes: chance is 0.25
     saved = json.loads((tmp_path / algorithm / "result.json").read_text())

@@ -58,7 +58,7 @@ STORE_BYTES = 128 << 20  # per node
 SAMPLE_EVERY_S = 0.5
 WARM_UP = 0.1  # fraction of the training time left out of the flatness comparison
 # After the run the GlobalLeader still holds the last global pull's snapshot, and every node that
-# read it may keep a copy (the head too: the coordinator and the evaluator live there).
+# read it may keep a copy (the head too: the coordinator and the driver's evaluator are there).
 SETTLED_OBJECTS = NODES + 1
 
 
@@ -103,7 +103,7 @@ def _soak(cluster: Cluster, nodes, tmp_path) -> None:
         assert sorted(g.node_id for g in trainer.topology.groups) == sorted(n.node_id for n in nodes)
         running = _cluster_processes(cluster)
         actor_pids = {a["Pid"] for a in _actors(job) if a["State"] == "ALIVE"}
-        assert len(actor_pids) == WORKERS + NODES + 2  # workers, LocalLeaders, GlobalLeader, Evaluator
+        assert len(actor_pids) == WORKERS + NODES + 1  # workers, LocalLeaders, GlobalLeader
         assert {w["pid"] for g in trainer.group_infos for w in g["workers"]} <= actor_pids
         sampler.start()
         result = trainer.fit()  # a deadlock never returns: pytest-timeout ends the test

@@ -1,7 +1,7 @@
 """Datasets as factories returning in-memory tensors, worker shards and the batch stream.
 
 A dataset factory is any picklable callable returning a :class:`Dataset`; it runs inside each
-worker (and the evaluator), so each node reads its own copy of the files. Named datasets:
+worker (and in the driver, for the evaluator), so each node reads its own copy of the files. Named datasets:
 
 - ``digits``: scikit-learn's bundled UCI handwritten digits (1,797 8x8 images): real and offline.
 - ``synthetic``: seeded Gaussian class clusters, for tests and benchmarks; ``random_images``:

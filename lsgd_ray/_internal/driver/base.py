@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import ray
 
+from lsgd_ray._internal.evaluator import Evaluator
 from lsgd_ray._internal.schedule import Schedule
 from lsgd_ray._internal.waiting import Deadlines, answers, replies_or_deaths
 from lsgd_ray.config import TrainConfig
@@ -52,7 +53,7 @@ class DriverBase:
     local_leaders: list[Any]
     workers: list[Any]
     global_leader: Any  # LSGD's GlobalLeader or a peer's coordinator
-    evaluator: Any
+    evaluator: Evaluator  # in this process
 
     @property
     def deadlines(self) -> Deadlines:
@@ -66,9 +67,6 @@ class DriverBase:
         raise NotImplementedError
 
     def _make_coordinator(self) -> Any:
-        raise NotImplementedError
-
-    def _make_evaluator(self) -> Any:
         raise NotImplementedError
 
     def _supervised(self, call: Callable[[], T]) -> T:

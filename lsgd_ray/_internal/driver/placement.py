@@ -73,8 +73,8 @@ def place(cfg: TrainConfig) -> Topology:
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
-    """The coordinator and the evaluator run on the driver's node, so they die only with the
-    driver, never with a node of workers. A hard affinity: with ``soft=True`` Ray places these
-    zero-CPU actors on other nodes when the driver's has no CPUs (a head node with
+    """The coordinator runs on the driver's node (the evaluator in the driver's process), so it
+    dies only with the driver, never with a node of workers. A hard affinity: with ``soft=True``
+    Ray places this zero-CPU actor on other nodes when the driver's has no CPUs (a head node with
     ``num_cpus=0``), and a coordinator that died with a group's node could not be restarted."""
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

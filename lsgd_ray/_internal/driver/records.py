@@ -19,7 +19,7 @@ from lsgd_ray.divergence import divergence_line
 from lsgd_ray.flat import load_flat
 from lsgd_ray.results import FitResult, communication_summary, summary_lines, write_json
 
-EVAL_ATTEMPTS = 3  # an evaluation whose weights were lost (or its evaluator) is made again
+EVAL_ATTEMPTS = 3  # an evaluation whose weights were lost is made again
 
 
 class Records(DriverBase):
@@ -40,36 +40,19 @@ class Records(DriverBase):
         return {"leader": self.leader_weights_ref}
 
     def _score(self) -> dict[str, dict[str, Any]]:
-        """Each evaluated model's test scores: every evaluation started, then one wait. Weights
-        lost before the evaluator read them (the worker or the coordinator that owned them
-        died) are asked for again, and a dead evaluator is replaced, up to ``EVAL_ATTEMPTS``
-        times; a dead coordinator raises here, for ``_supervised`` to restart."""
+        """Each evaluated model's test scores, read here from the object store. Weights lost
+        before they were read (the worker or the coordinator that owned them died) are asked for
+        again, up to ``EVAL_ATTEMPTS`` times; a dead coordinator raises here, for
+        ``_supervised`` to restart."""
         for attempt in range(1, EVAL_ATTEMPTS + 1):
             refs = {name: ref() for name, ref in self._evaluated_models().items()}
-            calls = {name: self.evaluator.evaluate.remote(ref) for name, ref in refs.items()}
             try:
-                return dict(zip(calls, ray.get(list(calls.values()))))
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
-                # the evaluator died, or (wrapped in RayTaskError) an input's producer or owner did
+                return {name: self.evaluator.evaluate(ray.get(ref)) for name, ref in refs.items()}
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                # the weights' producer died before it answered, or their owner (OwnerDiedError)
                 if attempt == EVAL_ATTEMPTS:
                     raise
-                if not self._evaluator_alive():  # e.g. its node was removed
-                    self.evaluator = self._make_evaluator()
-                    event = {"event": "evaluator_replaced", "reason": f"died ({type(exc).__name__})",
-                             "time": time.time()}  # fmt: skip
-                    # known here first: a coordinator that dies before the driver reads its events
-                    # again passes on what the driver knows of them (a chaos run lost 6 of 23)
-                    self._events_known = [*self._events_known, event]
-                    ray.get(self.global_leader.add_events.remote([event]))  # a dead coordinator: restarted, and again
-                    self._say("lsgd-ray: the evaluator died: a new one")
         raise AssertionError("unreachable")
-
-    def _evaluator_alive(self) -> bool:
-        try:
-            ray.get(self.evaluator.ready.remote(), timeout=self.config.actor_timeout_s)
-            return True
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
 
     def evaluate_leader(self) -> dict[str, Any]:
         """Test loss and accuracy of the evaluated model, recorded in the history. LSGD scores
