@@ -122,7 +122,9 @@ def main() -> int:
         try:
             trainer.start()
             total_s = time.time() - t0
-            rows = complete_phases(t0, expected=len(trainer.workers) + len(trainer.local_leaders) + 2)
+            expected = len(trainer.workers) + len(trainer.local_leaders) + 1  # and the coordinator
+            rows = complete_phases(t0, expected)
+            all_reported = len(rows) == expected and not any(math.isnan(r["ready_at_s"]) for r in rows)
             groups = [  # where each group's LocalLeader and workers run, as they said
                 {"group": g["group"], "node_id": g["node_id"], "worker_nodes": [w["node_id"] for w in g["workers"]]}
                 for g in trainer.group_infos
@@ -145,6 +147,8 @@ def main() -> int:
         )
     print("waited: asked for until its process ran it (Ray starts at most one process per core at once);")
     print("loading: unpickling its arguments and class (imports); init: the rest of __init__")
+    if not all_reported:
+        print(f"warning: {len(rows)} actors reported, {expected} expected (Ray's task events were late)")
     if args.json:
         report = {
             "command": " ".join([sys.executable, *sys.argv]),
@@ -152,6 +156,7 @@ def main() -> int:
             "groups": groups,
             "ray_init_s": ray_s,
             "total_s": total_s,
+            "all_reported": all_reported,
         }
         with open(args.json, "w") as f:
             json.dump({**report, "startup_s": trainer.startup_s, "actors": rows}, f, indent=2)
