@@ -120,3 +120,21 @@ def test_cifar10_files_train_cnn7_with_the_reference_augmentation(tmp_path):
     assert result["status"] == "completed" and result["steps_per_worker"] == 8
     assert result["communication"]["weight_bytes"] == 351_946 * 4  # cnn7 on 28x28 crops
     assert result["final_test_accuracy"] is not None
+
+
+def test_setup_finds_an_installed_venv_complete_and_installs_nothing():
+    """`scripts/setup.sh`, which `run.sh` and `test.sh` call first, looks each dependency up
+    without importing it; on the installed `.venv` it installs nothing, and a missing package
+    would make it reinstall (its check exits non-zero)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    venv_python = os.path.join(root, ".venv", "bin", "python")
+    if os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(root, ".venv")):
+        pytest.skip("the tests run outside the project's .venv")
+    done = subprocess.run(["bash", os.path.join(root, "scripts", "setup.sh")], capture_output=True, text=True)
+    assert done.returncode == 0 and "installing" not in done.stderr, done.stderr
+    with open(os.path.join(root, "scripts", "setup.sh")) as f:
+        script = f.read()
+    check = script.split("FIND_ALL='", 1)[1].split("'\n", 1)[0]
+    assert subprocess.run([venv_python, "-c", check]).returncode == 0
+    missing = check.replace('"lsgd_ray ', '"lsgd_ray no_such_package_here ')
+    assert missing != check and subprocess.run([venv_python, "-c", missing]).returncode == 1
