@@ -4,7 +4,8 @@ an evaluation reads from the object store.
 It is not an actor: the driver waits for every evaluation anyway (a synchronous run's rounds
 pause; an asynchronous run's workers go on training meanwhile), and the driver has already
 imported torch, so an actor would only add a process that imports Ray and torch at every start
-(about 2.5 CPU-s, ~1.2 s of a run's start on 2 cores) and a process to lose.
+(about 3 CPU-s: ``Trainer.start`` went from 6.2 to 5.5 s on 2 cores without it) and a process
+to lose (docs/architecture.md#start-up).
 """
 
 from __future__ import annotations
