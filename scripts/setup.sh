@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# Each package found, not imported: importing them all cost about 4 s at every run of run.sh.
+# Each package found, not imported: importing them all took 5-7 s at every run of run.sh.
 FIND_ALL='import importlib.util as u, sys
 names = "lsgd_ray ray torch torchvision sklearn tensorboard pytest mypy hypothesis".split()
 sys.exit(any(u.find_spec(n) is None for n in names))'

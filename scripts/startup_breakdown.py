@@ -70,14 +70,16 @@ def actor_phases(t0: float) -> list[dict]:
     return sorted(rows, key=lambda r: r["asked_s"])
 
 
-def complete_phases(t0: float, expected: int, within_s: float = 30.0) -> list[dict]:
-    """``actor_phases`` once every one of the ``expected`` actors has reported its ``__init__``
-    (task events reach Ray's state in batches, about once a second)."""
+def complete_phases(t0: float, expected: int, within_s: float = 30.0) -> tuple[list[dict], bool]:
+    """``actor_phases`` once exactly the ``expected`` actors have each reported their
+    ``__init__`` (task events reach Ray's state in batches, about once a second), and whether
+    they had by the deadline."""
     deadline = time.time() + within_s
     while True:
         rows = actor_phases(t0)
-        if (len(rows) >= expected and not any(math.isnan(r["ready_at_s"]) for r in rows)) or time.time() > deadline:
-            return rows
+        complete = len(rows) == expected and not any(math.isnan(r["ready_at_s"]) for r in rows)
+        if complete or time.time() > deadline:
+            return rows, complete
         time.sleep(0.5)
 
 
@@ -123,8 +125,7 @@ def main() -> int:
             trainer.start()
             total_s = time.time() - t0
             expected = len(trainer.workers) + len(trainer.local_leaders) + 1  # and the coordinator
-            rows = complete_phases(t0, expected)
-            all_reported = len(rows) == expected and not any(math.isnan(r["ready_at_s"]) for r in rows)
+            rows, all_reported = complete_phases(t0, expected)
             groups = [  # where each group's LocalLeader and workers run, as they said
                 {"group": g["group"], "node_id": g["node_id"], "worker_nodes": [w["node_id"] for w in g["workers"]]}
                 for g in trainer.group_infos
