@@ -5,16 +5,19 @@ Groups are recovered in synchronous and asynchronous mode alike."""
 
 import functools
 import os
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import ray
+from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
 from lsgd_ray import LSGDConfig, OptimizerConfig, TrainConfig, Trainer
 from lsgd_ray._internal.protocol import node_id
+from lsgd_ray._internal.worker import Worker
 from lsgd_ray.data import synthetic
 from lsgd_ray.models import mlp
 from lsgd_ray.topology import GroupPlan, nodes_from_ray
@@ -22,6 +25,8 @@ from tests.helpers import once_checkpointed
 
 MODEL = functools.partial(mlp, (16,), 4, hidden=32)
 DATA = functools.partial(synthetic, n_train=1024, n_test=256)
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get this module's classes
 
 
 def config(tmp_path, mode="sync", **kw):
@@ -188,7 +193,20 @@ def test_a_removed_node_drops_its_group(cluster, tmp_path, mode):
     assert len(result.communication["per_worker"]) == 2  # the surviving group's workers
 
 
-REJOIN_STEPS = 1200  # the run outlasts the removed node's death being noticed, and the rejoin
+REJOIN_STEPS = 2400  # at 0.03 s a step until the rejoin: time for the node's death and the rejoin
+
+
+def slow_until(flag):
+    """A Worker class that sleeps 0.03 s after each step until file ``flag`` exists, then trains
+    at full speed: a run long enough for a node to go and another to join, that ends soon after."""
+
+    class SlowUntil(Worker):
+        def _step(self):
+            super()._step()
+            if not os.path.exists(flag):
+                time.sleep(0.03)
+
+    return SlowUntil
 
 
 @pytest.mark.timeout(300)
@@ -201,8 +219,11 @@ def test_a_dropped_group_rejoins_when_a_node_with_room_joins(cluster, tmp_path, 
     (victim,) = add_nodes(c)
     joined = []
     try:
-        cfg = config(tmp_path, mode, num_groups=None, workers_per_group=None, max_steps=REJOIN_STEPS)
-        with Trainer(MODEL, DATA, cfg) as trainer:
+        cfg = config(
+            tmp_path, mode, num_groups=None, workers_per_group=None, max_steps=REJOIN_STEPS, straggler_delay_s={}
+        )
+        flag = tmp_path / "rejoined"
+        with Trainer(MODEL, DATA, cfg, worker_cls=slow_until(str(flag))) as trainer:
             gone = next(g.group for g in trainer.topology.groups if g.node_id == victim.node_id)
 
             box: dict = {}
@@ -225,6 +246,9 @@ def test_a_dropped_group_rejoins_when_a_node_with_room_joins(cluster, tmp_path, 
                 f"group {gone} not dropped within 60 s of its node's removal"
             )
             joined.append(c.add_node(num_cpus=2))
+            while len(ray.get(trainer.global_leader.groups_now.remote())[0]) < 2 and time.time() < deadline + 120:
+                time.sleep(0.05)
+            flag.touch()  # rejoined (or given up on): the rest of the run at full speed
             training.join(timeout=240)
             assert not training.is_alive(), "the run did not end within 240 s of the new node's joining"
             assert "result" in box, box.get("error")
