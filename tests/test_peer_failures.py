@@ -736,7 +736,8 @@ def test_a_hung_parameter_server_is_killed_and_replaced_from_the_workers_mean(tm
     """The ParameterServer stopped (SIGSTOP: hung, as a process stuck in a swap storm) while its
     coordinator lives: silent for longer than ``actor_timeout_s`` allows a busy one, it is
     killed and a new one starts from the workers' mean, and the run goes on. Before, a server
-    that did not answer was only ever taken for a busy one and left alone."""
+    that did not answer was only ever taken for a busy one and left alone; and the synchronous
+    round's workers, waiting on its center, were taken for hung and replaced."""
     extra: dict = {"easgd": EASGDConfig(mode=mode)} if algorithm == "easgd" else {}
     cfg = config(tmp_path, algorithm, actor_timeout_s=5.0, straggler_delay_s={r: 0.03 for r in range(2)}, **extra)
     with Trainer(MODEL, DATA, cfg) as trainer:
@@ -748,6 +749,8 @@ def test_a_hung_parameter_server_is_killed_and_replaced_from_the_workers_mean(tm
             gone = any(exited(pid) or time.sleep(0.5) for _ in range(60))
     (replaced,) = [e for e in result.events if e["event"] == "server_replaced"]
     assert "hung" in replaced["reason"] and replaced["from"] == "the workers' mean", replaced
+    # the workers waiting on its center are not hung themselves (synchronous EASGD replaced them)
+    assert [e["event"] for e in result.events] == ["server_replaced"], result.events
     assert gone, "the hung server was left running"
     assert result.status == "completed" and result.steps_per_worker == 96, result.error
     assert result.final_test_accuracy > 0.6, result.final_test_accuracy

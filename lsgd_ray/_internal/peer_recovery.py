@@ -44,6 +44,11 @@ class PeerRecovery(PeerGroups):
         LocalLeader, or ``None``: it cannot go on without them and is replaced."""
         return None
 
+    def _waiting_on_inputs(self, failures: list[Failure]) -> list[Failure]:
+        """``failures``, with the workers that did not answer only because an input of theirs
+        never came (its producer hung) marked ``LOST_INPUT`` rather than ``HUNG``."""
+        return failures
+
     def _call(self, method: str, args: list[tuple], num_returns: int = 1) -> tuple[list[Any], list[Any]]:
         """``method`` on every worker (``args`` by global rank) through the LocalLeaders:
         (results, wrapped second returns) by rank. Workers lost meanwhile are replaced and
@@ -64,7 +69,7 @@ class PeerRecovery(PeerGroups):
                 # a live worker that lost an input (its owner, a LocalLeader, died) goes on, if the
                 # algorithm can do without that input; the others are replaced. A replacement is
                 # replaced again: its own weights are not the ones the round's arguments mix.
-                failures = self._with_unseen_deaths(failures)
+                failures = self._with_unseen_deaths(self._waiting_on_inputs(failures))
                 kept = {
                     f.rank: self._without_lost_inputs(f.rank, args[f.rank])
                     for f in failures

@@ -134,6 +134,18 @@ class EASGD(PeerCoordinator):
         # server never read: the worker goes on with the center as it is now.
         return (*args[:2], self._current_center())
 
+    def _waiting_on_inputs(self, failures: list[Failure]) -> list[Failure]:
+        # a round's workers wait for the center before their first step: with the server hung,
+        # none answers, and each was taken for hung and replaced (then the server was, too)
+        if not any(f.kind is FailureKind.HUNG for f in failures):
+            return failures
+        server = self.server
+        self._mend_server()  # a hung server is killed, and its center is lost to the waiting workers
+        if self.server is server:
+            return failures
+        lost = "the ParameterServer was replaced"
+        return [Failure(f.rank, FailureKind.LOST_INPUT, lost) if f.kind is FailureKind.HUNG else f for f in failures]
+
     def _train(self, num_steps: int, target: int) -> list[dict[str, Any]]:
         results, diffs = self._call(
             "train_elastic", [(num_steps, self.alpha, self.center_ref)] * self.num_workers, num_returns=2
