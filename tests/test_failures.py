@@ -252,6 +252,23 @@ def test_events_a_dead_coordinator_took_reach_the_result(tmp_path):
     assert events[-1]["event"] == "coordinator_restarted"
 
 
+def test_a_coordinator_lost_right_after_a_resume_keeps_the_checkpoints_events(tmp_path):
+    """The events a resumed run takes from its checkpoint (a worker replaced before it was
+    written) are known to the driver from the start: a coordinator lost before the driver first
+    read its status took them with it, and the restarted one reported none of them."""
+    with Trainer(MODEL, DATA, config(tmp_path)) as first:
+        pid, _ = pids(first)[1]
+        os.kill(pid, signal.SIGKILL)
+        ray.get(first.global_leader.run_rounds.remote(1000.0, 8))  # worker replaced in the round
+        first.status()
+        assert first.checkpoint()
+    with Trainer(MODEL, DATA, config(tmp_path, resume=str(tmp_path / "sync"))) as trainer:
+        dead(trainer.global_leader, probe="local_leader_handles")
+        trainer._restart_coordinator("killed by the test")
+        events = trainer.status()["events"]
+    assert [e["event"] for e in events] == ["worker_replaced", "coordinator_restarted"], events
+
+
 def test_a_group_that_lost_its_only_worker_restarts_from_its_last_published_leader(tmp_path):
     """With no live worker in the group and no global pull to take (``lam_global=0``), the new
     worker starts from the group leader's weights its LocalLeader last published (those of the

@@ -92,6 +92,7 @@ class RunState(DriverBase):
         saved_ranks = [w["rank"] for w in state["workers"]]
         _check_resumable(saved.get("config", {}), self.config.to_dict(), saved_ranks, self._ranks())
         ray.get(self.global_leader.add_events.remote(self._restore(state, where)))
+        self.status()  # its events known here now: a coordinator restarted before the next read keeps them
         self.resumed_from = str(where)
         ray.get(self.global_leader.note_checkpoint.remote(self.resumed_from))
         self._say(f"lsgd-ray: resumed from {where} (step {self.schedule.checkpoint_step}, {self.train_s:.1f}s trained)")
