@@ -46,6 +46,11 @@ def config(tmp_path, mode="sync", **kw):
     return TrainConfig(**defaults)
 
 
+def groups_in_run(trainer):
+    """How many groups the run has now (a dropped one is out until it rejoins)."""
+    return len(ray.get(trainer.global_leader.groups_now.remote())[0])
+
+
 def later(after_s, action):
     timer = threading.Timer(after_s, action)
     timer.start()
@@ -239,14 +244,13 @@ def test_a_dropped_group_rejoins_when_a_node_with_room_joins(cluster, tmp_path, 
             time.sleep(1.5)  # the node goes; once the driver knows of the drop, a new one joins
             c.remove_node(victim)
             deadline = time.time() + 60
-            while len(ray.get(trainer.global_leader.groups_now.remote())[0]) > 1 and time.time() < deadline:
+            while groups_in_run(trainer) > 1 and time.time() < deadline:
                 time.sleep(0.05)
             assert "error" not in box, box["error"]
-            assert len(ray.get(trainer.global_leader.groups_now.remote())[0]) == 1, (
-                f"group {gone} not dropped within 60 s of its node's removal"
-            )
+            assert groups_in_run(trainer) == 1, f"group {gone} not dropped within 60 s of its node's removal"
             joined.append(c.add_node(num_cpus=2))
-            while len(ray.get(trainer.global_leader.groups_now.remote())[0]) < 2 and time.time() < deadline + 120:
+            deadline = time.time() + 120
+            while groups_in_run(trainer) < 2 and time.time() < deadline:
                 time.sleep(0.05)
             flag.touch()  # rejoined (or given up on): the rest of the run at full speed
             training.join(timeout=240)
@@ -333,7 +337,7 @@ def test_a_global_leader_killed_after_a_group_was_dropped_goes_on_with_the_rest(
             def strike():  # once the driver knows of the drop (the new coordinator must not re-drop the group)
                 c.remove_node(victim)
                 deadline = time.time() + 60
-                while len(ray.get(trainer.global_leader.groups_now.remote())[0]) > 1 and time.time() < deadline:
+                while groups_in_run(trainer) > 1 and time.time() < deadline:
                     time.sleep(0.05)
                 ray.kill(coordinator)
 
